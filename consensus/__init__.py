@@ -1,0 +1,1 @@
+"""consensus: lands with its own issue (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Private, compressed local learning in JAX (DESIGN.md "Learning")."""

@@ -1,0 +1,1 @@
+"""oid: lands with its own issue (see DESIGN.md)."""

@@ -1,0 +1,47 @@
+"""The one interface every transport implements.
+
+A transport moves opaque frames between authenticated peers; it knows
+nothing of envelopes. Sending never blocks the caller: each peer has a
+bounded outbound queue, and :meth:`Transport.send_nowait` returns ``False``
+(and the transport counts an ``outbound_full`` drop) when that queue is
+full or the peer cannot be reached. Dropping the newest frame rather than
+blocking keeps one slow or dead peer from stalling a node's single inbox
+loop; the protocols above are built to tolerate loss (gossip repairs by
+IHAVE/IWANT, consensus retransmits on timeouts), exactly as on a lossy link.
+
+Receiving yields ``(peer, frame)`` where ``peer`` is the key the transport
+authenticated (the simulated network knows it by construction; TCP proves
+it in the handshake). Inbound is bounded too: when a node's inbox is full a
+TCP reader stops reading, so TCP's own flow control pushes back on the peer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .identity import PeerId
+
+__all__ = ["Transport"]
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What a node needs from a network."""
+
+    @property
+    def local_id(self) -> PeerId:
+        """The key this endpoint speaks for."""
+        ...
+
+    def send_nowait(self, peer: PeerId, frame: bytes) -> bool:
+        """Queue ``frame`` for ``peer``; ``False`` if it was dropped."""
+        ...
+
+    async def receive(self) -> tuple[PeerId, bytes]:
+        """The next inbound ``(peer, frame)``; raises ``trio.EndOfChannel``
+        once the transport is closed."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters: frames and bytes sent and received, drops by reason."""
+        ...

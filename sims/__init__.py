@@ -1,0 +1,1 @@
+"""Simulations, benchmarks, dashboards and the ``fedchain`` command line."""
