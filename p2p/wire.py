@@ -296,4 +296,3 @@ class SequenceWindow:
 
     def forget(self, sender: PeerId) -> None:
         self._state.pop(sender, None)
-
