@@ -112,3 +112,25 @@ class NodeClosedError(P2PError):
     """The node was stopped or crashed; the call cannot proceed."""
 
     reason = "closed"
+
+
+class BadFrame(TransportError):
+    """A TCP record cannot come from an honest peer: a length prefix whose
+    sealed layout is impossible, or a handshake record of the wrong size.
+
+    Raised only for what a peer sent; the connection is dropped and counted
+    under ``bad_frame``. An oversize prefix raises :class:`FrameTooLarge`.
+    """
+
+    reason = "bad_frame"
+
+
+class DecryptFailed(TransportError):
+    """A sealed TCP record failed authentication: tampered, truncated,
+    replayed, reordered, or sealed under another key.
+
+    The per-direction nonce counters are then out of step, so nothing after
+    it can be trusted either: the connection is dropped, never resynced.
+    """
+
+    reason = "decrypt_failed"
