@@ -89,6 +89,16 @@ class SenderMismatch(WireError):
     reason = "sender_mismatch"
 
 
+class MalformedBody(WireError):
+    """A verified envelope whose body its layer cannot decode.
+
+    Raised by the body decoders of gossip, consensus and the other layers;
+    the node counts it like any other refused frame.
+    """
+
+    reason = "malformed_body"
+
+
 class TransportError(P2PError):
     """A transport could not carry a frame or hold a connection."""
 

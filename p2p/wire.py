@@ -27,13 +27,14 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 
 from .errors import (
     BadSignature,
     FrameTooLarge,
+    MalformedBody,
     MalformedEnvelope,
     NotMsgpack,
     ReplayedSequence,
@@ -56,7 +57,9 @@ __all__ = [
     "WireError",
     "decode",
     "encode",
+    "pack_body",
     "sign",
+    "unpack_body",
 ]
 
 PROTOCOL_VERSION = 1
@@ -103,6 +106,9 @@ class Envelope:
     seq: int
     body: bytes
     signature: bytes
+    frame: bytes = field(default=b"", compare=False, repr=False)
+    """The exact bytes this envelope was decoded from (or encoded to), so a
+    relay can forward them verbatim without re-encoding."""
 
     @property
     def message_id(self) -> bytes:
@@ -134,18 +140,17 @@ def sign(identity: Identity, msg_type: int, seq: int, body: bytes) -> Envelope:
         raise ValueError("seq must fit in 64 bits")
     signed = _header(PROTOCOL_VERSION, int(msg_type), identity.public_key, seq)
     signed += _bin_header(len(body)) + body
+    signature = identity.sign(_DOMAIN + signed)
+    frame = b"".join((_ARRAY6, signed, _SIG_TRAILER, signature))
     return Envelope(
-        PROTOCOL_VERSION,
-        int(msg_type),
-        identity.public_key,
-        seq,
-        bytes(body),
-        identity.sign(_DOMAIN + signed),
+        PROTOCOL_VERSION, int(msg_type), identity.public_key, seq, bytes(body), signature, frame
     )
 
 
 def encode(envelope: Envelope) -> bytes:
     """The frame bytes of an already signed envelope."""
+    if envelope.frame:
+        return envelope.frame
     head = _header(envelope.version, envelope.type, envelope.sender, envelope.seq)
     return b"".join(
         (
@@ -220,7 +225,7 @@ def decode(frame: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Envelope:
         raise MalformedEnvelope("non-canonical encoding")
     if not verify(sender, _DOMAIN + frame[1 : -SIGNATURE_BYTES - 2], signature):
         raise BadSignature("signature does not verify under the sender's key")
-    return Envelope(version, msg_type, sender, seq, body, signature)
+    return Envelope(version, msg_type, sender, seq, body, signature, frame)
 
 
 class FrameCache:
@@ -296,3 +301,29 @@ class SequenceWindow:
 
     def forget(self, sender: PeerId) -> None:
         self._state.pop(sender, None)
+
+
+def unpack_body(body: bytes, *, max_len: int = MAX_FRAME_BYTES) -> object:
+    """Strictly unpack a msgpack body for a layer's own decoder.
+
+    Raises :class:`MalformedBody` for anything that is not exactly one
+    msgpack value; the caller then checks the value's shape.
+    """
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_len,
+            max_str_len=max_len,
+            max_array_len=max_len,
+            max_map_len=max_len,
+            max_ext_len=0,
+        )
+    except Exception as exc:
+        raise MalformedBody(f"body is not one msgpack value: {exc.__class__.__name__}") from exc
+
+
+def pack_body(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
