@@ -86,6 +86,8 @@ class TcpConfig:
 
     max_frame_bytes: int = MAX_FRAME_BYTES
     outbound_queue_frames: int = 1024
+    outbound_queue_bytes: int = 64 * 1024 * 1024
+    """A peer's queue is full at either bound: many small frames or a few big ones."""
     inbound_queue_frames: int = 1024
     handshake_timeout: float = 5.0
     max_pending_handshakes: int = 64
@@ -215,6 +217,7 @@ class _Peer:
         self.outbound_send, self.outbound_recv = trio.open_memory_channel[bytes](queue)
         self.conn: _Connection | None = None
         self.dialing = False
+        self.queued_bytes = 0
         self._changed = trio.Event()
 
     def notify(self) -> None:
@@ -293,11 +296,15 @@ class TcpTransport:
         if not frame or len(frame) > self.config.max_frame_bytes:
             self._stats["frame_refused"] += 1
             return False
+        if state.queued_bytes + len(frame) > self.config.outbound_queue_bytes:
+            self._stats["outbound_full"] += 1
+            return False
         try:
             state.outbound_send.send_nowait(frame)
         except trio.WouldBlock:
             self._stats["outbound_full"] += 1
             return False
+        state.queued_bytes += len(frame)
         return True
 
     async def receive(self) -> tuple[PeerId, bytes]:
@@ -338,6 +345,11 @@ class TcpTransport:
         """Return once an authenticated connection to ``peer`` is up."""
         state = self._peer(peer)
         await state.wait_until(lambda: state.conn is not None)
+
+    async def wait_disconnected(self, peer: PeerId) -> None:
+        """Return once no connection to ``peer`` is up."""
+        state = self._peer(peer)
+        await state.wait_until(lambda: state.conn is None)
 
     def connections(self) -> dict[PeerId, ConnectionInfo]:
         """The live connections, by peer."""
@@ -518,7 +530,8 @@ class TcpTransport:
         conn.fail("idle")
 
     async def _write_loop(self, conn: _Connection) -> None:
-        queue = conn.peer.outbound_recv
+        peer = conn.peer
+        queue = peer.outbound_recv
         session = conn.session
         stream = conn.stream
         stats = self._stats
@@ -543,6 +556,7 @@ class TcpTransport:
                 records.append(session.seal_record(frame))
                 size += len(records[-1])
                 payload += len(frame)
+            peer.queued_bytes -= payload
             await stream.send_all(records[0] if len(records) == 1 else b"".join(records))
             stats["frames_sent"] += len(records)
             stats["bytes_sent"] += payload
