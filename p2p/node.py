@@ -107,6 +107,7 @@ class Node:
         self._wakeup_at = math.inf
         self._nursery: trio.Nursery | None = None
         self._job_scopes: set[trio.CancelScope] = set()
+        self._wait_scope: trio.CancelScope | None = None
         self._closed = False
 
     # -- identity -----------------------------------------------------------
@@ -158,6 +159,9 @@ class Node:
 
     def _push(self, timer: Timer) -> Timer:
         heapq.heappush(self._timers, (timer.deadline, next(self._timer_order), timer))
+        waiting = self._wait_scope
+        if waiting is not None and timer.deadline < waiting.deadline:
+            waiting.deadline = timer.deadline
         if self._wakeup is not None and timer.deadline < self._wakeup_at:
             self._wakeup_at = timer.deadline
             self._wakeup(timer.deadline)
@@ -224,11 +228,12 @@ class Node:
         while True:
             deadline = self._timers[0][0] if self._timers else math.inf
             item = None
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline) as self._wait_scope:
                 try:
                     item = await receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return
+            self._wait_scope = None
             self._run_due_timers()
             if item is not None:
                 self._handle(*item)

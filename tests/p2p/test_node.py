@@ -1,0 +1,141 @@
+"""The node actor: one ordered inbox, strict intake, timers, crash and restart."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import trio
+
+from fedchain.p2p import wire
+from fedchain.p2p.errors import MalformedBody, NodeClosedError
+from fedchain.p2p.node import Node, open_node
+from fedchain.p2p.simnet import Constant, LinkModel, SimNetwork
+from fedchain.p2p.wire import MessageType
+
+
+@pytest.fixture
+def net():
+    return SimNetwork(seed=1, model=LinkModel(latency=Constant(0.01)))
+
+
+async def test_messages_reach_handlers_and_garbage_is_counted_not_fatal(
+    autojump_clock, net, make_identities
+):
+    alice, bob = make_identities(2)
+    ta, tb = net.add_node(alice.public_key), net.add_node(bob.public_key)
+    got = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        async with open_node(bob, tb) as node_b, open_node(alice, ta) as node_a:
+            node_b.register(MessageType.PING, lambda peer, env: got.append(env.body))
+
+            def refuse(peer, env):
+                raise MalformedBody("no")
+
+            node_b.register(MessageType.PONG, refuse)
+            for junk in (b"", b"\xc1", b"\x96" + b"\x00" * 40, msgpack.packb([1, 2])):
+                ta.send_nowait(bob.public_key, junk)
+            node_a.send(bob.public_key, MessageType.PING, b"one")
+            node_a.send(bob.public_key, MessageType.PONG, b"bad body")
+            node_a.send(bob.public_key, MessageType.IHAVE, b"nobody listens")
+            node_a.send(bob.public_key, MessageType.PING, b"two")
+            await trio.sleep(1)
+            assert got == [b"one", b"two"]
+            counters = node_b.counters
+            assert counters["rejected.not_msgpack"] == 2
+            assert counters["rejected.trailing_bytes"] == 1
+            assert counters["rejected.malformed"] == 1
+            assert counters["rejected.malformed_body"] == 1
+            assert counters["unhandled_type"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_replays_and_third_party_relays_of_direct_messages_are_refused(
+    autojump_clock, net, make_identities
+):
+    alice, bob, mallory = make_identities(3)
+    transports = {i.public_key: net.add_node(i.public_key) for i in (alice, bob, mallory)}
+    seen = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        async with open_node(bob, transports[bob.public_key]) as node_b:
+            node_b.register(MessageType.PING, lambda peer, env: seen.append(env.seq))
+            frame = wire.sign(alice, MessageType.PING, 5, b"x").frame
+            transports[alice.public_key].send_nowait(bob.public_key, frame)
+            transports[alice.public_key].send_nowait(bob.public_key, frame)  # replay
+            transports[mallory.public_key].send_nowait(bob.public_key, frame)  # relay
+            await trio.sleep(1)
+            assert seen == [5]
+            assert node_b.counters["rejected.replayed_sequence"] == 1
+            assert node_b.counters["rejected.sender_mismatch"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_timers_run_in_order_repeat_and_cancel(autojump_clock, net, make_identities):
+    (alice,) = make_identities(1)
+    log = []
+    async with open_node(alice, net.add_node(alice.public_key)) as node:
+        start = node.now()
+        node.call_later(0.3, lambda: log.append(("b", node.now() - start)))
+        node.call_later(0.1, lambda: log.append(("a", node.now() - start)))
+        cancelled = node.call_later(0.2, lambda: log.append(("never", 0)))
+        cancelled.cancel()
+        ticks = node.call_every(1.0, lambda: log.append(("tick", node.now() - start)))
+        await trio.sleep(3.5)
+        ticks.cancel()
+        await trio.sleep(3)
+    assert [name for name, _ in log] == ["a", "b", "tick", "tick", "tick"]
+    assert [round(t, 6) for _, t in log] == [0.1, 0.3, 1.0, 2.0, 3.0]
+
+
+async def test_crash_cancels_jobs_and_a_restart_is_not_mistaken_for_a_replay(
+    autojump_clock, make_identities
+):
+    net = SimNetwork(seed=2)
+    alice, bob = make_identities(2)
+    tb = net.add_node(bob.public_key)
+    ta = net.add_node(alice.public_key)
+    received = []
+    finished = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(net.run)
+        async with open_node(bob, tb) as node_b:
+            node_b.register(MessageType.PING, lambda peer, env: received.append(env.body))
+            async with trio.open_nursery() as life:
+                node_a = Node(alice, ta, start_seq=int(trio.current_time() * 1e6) << 12)
+                await life.start(node_a.run)
+
+                async def job():
+                    await trio.sleep(100)
+                    finished.append(True)
+
+                node_a.start_soon(job)
+                node_a.send(bob.public_key, MessageType.PING, b"before")
+                await trio.sleep(1)
+                life.cancel_scope.cancel()  # crash: every task of node A dies
+            assert finished == []
+            with pytest.raises(NodeClosedError):
+                node_a.send(bob.public_key, MessageType.PING, b"ghost")
+            net.crash(alice.public_key)
+            await trio.sleep(5)
+            net.restore(alice.public_key)
+            restarted = Node(
+                alice,
+                net.reattach(alice.public_key),
+                start_seq=int(trio.current_time() * 1e6) << 12,
+            )
+            async with trio.open_nursery() as life:
+                await life.start(restarted.run)
+                restarted.send(bob.public_key, MessageType.PING, b"after")
+                await trio.sleep(1)
+                life.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+    assert received == [b"before", b"after"]
+
+
+async def test_register_twice_is_a_programming_error(net, make_identities):
+    (alice,) = make_identities(1)
+    node = Node(alice, net.add_node(alice.public_key))
+    node.register(MessageType.PING, lambda p, e: None)
+    with pytest.raises(ValueError):
+        node.register(MessageType.PING, lambda p, e: None)
