@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
@@ -22,13 +23,28 @@ def peak_rss_bytes() -> int:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """A table on stderr, so stdout's last line stays the JSON figures."""
+    """The human half of a report; the JSON line follows it on stdout."""
     table = Table(title=title)
     for column in columns:
         table.add_column(column, justify="right" if column != columns[0] else "left")
     for row in rows:
         table.add_row(*(_fmt(cell) for cell in row))
-    Console(stderr=True).print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log file should not truncate columns
+    console.print(table)
+
+
+def progress() -> Progress:
+    """A progress bar on stderr for long benchmarks and experiments."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
 
 
 def emit_json(benchmark: str, figures: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from fedchain.p2p.randomness import RandomStream
 from fedchain.p2p.simnet import SimNetwork
 
 
-def _overlay(n: int, crash_at: float | None = None, duration: float = 200.0):
+def _overlay(n: int, crash_at: float | None = None, duration: float = 100.0):
     config = CyclonConfig(view_size=8, shuffle_length=4, period=2.0)
 
     async def scenario():
@@ -78,7 +78,7 @@ def test_views_fill_up_stay_bounded_and_the_overlay_mixes():
 
 def test_a_crashed_peer_disappears_from_every_view():
     """M2: no heartbeat needed; the dead stop answering and age out."""
-    identities, samplings = _overlay(60, crash_at=20.0, duration=120.0)
+    identities, samplings = _overlay(60, crash_at=20.0, duration=100.0)
     dead = identities[0].public_key
     assert all(dead not in s.view() for s in samplings[1:])
     ids = [i.public_key for i in identities[1:]]
