@@ -41,7 +41,6 @@ module only runs it on trio streams. The trade-offs:
 
 from __future__ import annotations
 
-import math
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
@@ -52,7 +51,7 @@ import numpy as np
 import trio
 from nacl._sodium import ffi
 
-from .errors import HandshakeError, P2PError
+from .errors import HandshakeError, P2PError, TransportError
 from .handshake import (
     AUTH_BYTES,
     HELLO_BYTES,
@@ -164,20 +163,33 @@ def _reason_of(exc: BaseException) -> str:
     return "reset"
 
 
+class _IdleTimeout(TransportError):
+    """Nothing arrived for ``idle_timeout`` (internal: becomes ``idle``)."""
+
+    reason = "idle"
+
+
 class _RecordReader:
     """Reads exact byte counts from a socket through one reusable buffer.
 
     :meth:`read_exactly` returns a writable view into the buffer, valid
     until the next call; that is what lets sealed records open in place.
+    The buffer starts small (a handshake needs 200 bytes) and grows towards
+    ``cap`` only on a link that keeps it full. Every wait on the socket is
+    bounded by ``idle`` seconds; a reader blocked on a full inbox waits on
+    no socket, so backpressure never counts as idleness.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, size: int) -> None:
+    _INITIAL = 64 * 1024
+
+    def __init__(self, sock: trio.socket.SocketType, cap: int, idle: float) -> None:
         self._sock = sock
-        self._buf = bytearray(size)
+        self._cap = cap
+        self._idle = idle
+        self._buf = bytearray(min(cap, self._INITIAL))
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
-        self.received = 0
 
     async def read_exactly(self, n: int) -> memoryview:
         if self._end - self._start < n:
@@ -188,8 +200,9 @@ class _RecordReader:
 
     def _make_room(self, n: int) -> None:
         keep = self._end - self._start
-        if n > len(self._buf):
-            bigger = bytearray(max(n, 2 * len(self._buf)))
+        if n > len(self._buf) or len(self._buf) < self._cap:
+            size = max(n, min(self._cap, 4 * len(self._buf)))
+            bigger = bytearray(size)
             bigger[:keep] = self._view[self._start : self._end]
             self._buf, self._view = bigger, memoryview(bigger)
         elif keep:
@@ -201,11 +214,13 @@ class _RecordReader:
         if self._start + n > len(self._buf):
             self._make_room(n)
         while self._end - self._start < n:
-            got = await self._sock.recv_into(self._view[self._end :])
+            with trio.CancelScope(deadline=trio.current_time() + self._idle) as scope:
+                got = await self._sock.recv_into(self._view[self._end :])
+            if scope.cancelled_caught:
+                raise _IdleTimeout(f"nothing received for {self._idle} s")
             if not got:
                 raise _PeerClosed
             self._end += got
-            self.received += got
 
 
 class _Peer:
@@ -424,7 +439,9 @@ class TcpTransport:
         established = False
         try:
             self._tune(stream)
-            reader = _RecordReader(stream.socket, self.config.read_buffer_bytes)
+            reader = _RecordReader(
+                stream.socket, self.config.read_buffer_bytes, self.config.idle_timeout
+            )
             result = await self._handshake(stream, reader, limited=not dialed)
             if expected is not None and result.peer != expected:
                 raise HandshakeError("dialled one key, reached another", "wrong_peer")
@@ -510,24 +527,23 @@ class TcpTransport:
     async def _read_loop(self, conn: _Connection, reader: _RecordReader) -> None:
         session = conn.session
         max_body = session.max_body(self.config.max_frame_bytes)
-        idle = self.config.idle_timeout
         inbound = self._inbound_send
         stats = self._stats
-        with trio.CancelScope() as idle_scope:
-            while True:
-                idle_scope.deadline = trio.current_time() + idle
-                length = parse_length(await reader.read_exactly(LENGTH_BYTES), max_body)
-                session.check_body_length(length)
-                frame = session.open_body(await reader.read_exactly(length))
-                stats["wire_bytes_received"] += LENGTH_BYTES + length
-                if not frame:
-                    stats["keepalives_received"] += 1
-                    continue
-                stats["frames_received"] += 1
-                stats["bytes_received"] += len(frame)
-                idle_scope.deadline = math.inf  # a full inbox is not an idle link
-                await inbound.send((conn.peer.id, frame))
-        conn.fail("idle")
+        while True:
+            length = parse_length(await reader.read_exactly(LENGTH_BYTES), max_body)
+            session.check_body_length(length)
+            frame = session.open_body(await reader.read_exactly(length))
+            stats["wire_bytes_received"] += LENGTH_BYTES + length
+            if not frame:
+                stats["keepalives_received"] += 1
+                continue
+            stats["frames_received"] += 1
+            stats["bytes_received"] += len(frame)
+            item = (conn.peer.id, frame)
+            try:
+                inbound.send_nowait(item)
+            except trio.WouldBlock:
+                await inbound.send(item)  # backpressure: stop reading this socket
 
     async def _write_loop(self, conn: _Connection) -> None:
         peer = conn.peer
@@ -538,9 +554,12 @@ class TcpTransport:
         batch_limit = self.config.write_batch_bytes
         interval = self.config.keepalive_interval
         while True:
-            frame = None
-            with trio.move_on_after(interval):
-                frame = await queue.receive()
+            try:
+                frame = queue.receive_nowait()
+            except trio.WouldBlock:
+                frame = None
+                with trio.move_on_after(interval):
+                    frame = await queue.receive()
             if frame is None:
                 await stream.send_all(session.seal_record(b""))
                 stats["keepalives_sent"] += 1

@@ -1,0 +1,417 @@
+"""``fedchain bench transport``: encrypted TCP throughput against plain sockets.
+
+Two OS processes on loopback: this one sends, a child (this module run with
+``--serve``) receives and acknowledges. Each side opens two real
+:func:`~fedchain.p2p.tcp.open_tcp_transport` endpoints, one with the sealed
+suite and one with the plaintext suite, which runs the same code path
+(handshake, framing, queues, batching, reader) with sealing and opening left
+out. So the ratio of the two isolates what encryption costs, measured in the
+same run on the same machine.
+
+Flow control is an application window: the sender keeps at most
+``--window-mib`` of unacknowledged payload in flight and the receiver acks
+every 256 KiB, so the numbers are what a node sees end to end (bytes a peer
+has *received*, not bytes handed to a queue). MB/s counts payload bytes in
+units of 10^6. Handshakes per second are full handshakes (TCP connect,
+hello, sealed auth, signature checks) against the child's transport, a few
+in parallel.
+
+Top-level imports stay light: ``fedchain --help`` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+KIB = 1024
+MIB = 1024 * KIB
+SIZES = {"1KiB": KIB, "1MiB": MIB}
+SUITES = ("plain", "sealed")
+ACK_EVERY_BYTES = 256 * KIB
+_SEEDS = {"sender": b"\x11" * 32, "sink": b"\x22" * 32, "client": b"\x33" * 32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--seconds", type=float, default=2.0, help="seconds per measurement (default 2)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="measurements per case; the best is kept"
+    )
+    parser.add_argument(
+        "--window-mib", type=int, default=16, help="unacknowledged MiB in flight (default 16)"
+    )
+    parser.add_argument(
+        "--sizes",
+        default="1KiB,1MiB",
+        help="message sizes to measure, from 1KiB and 1MiB (default both)",
+    )
+    parser.add_argument(
+        "--handshake-concurrency",
+        type=int,
+        default=4,
+        help="handshakes in flight while measuring handshakes/s (default 4)",
+    )
+    parser.add_argument(
+        "--json-only", action="store_true", help="print only the JSON line, no table"
+    )
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    if args.serve:
+        trio.run(_serve)
+        return 0
+    figures = trio.run(_measure, args)
+    _report(figures, json_only=args.json_only)
+    return 0
+
+
+# --- shared --------------------------------------------------------------------------
+
+
+def _identities():
+    from fedchain.p2p.identity import Identity
+
+    return {name: Identity(seed) for name, seed in _SEEDS.items()}
+
+
+def _config(suite: str):
+    from fedchain.p2p.handshake import SUITE_PLAINTEXT, SUITE_SEALED
+    from fedchain.p2p.tcp import TcpConfig
+
+    return TcpConfig(
+        suite=SUITE_SEALED if suite == "sealed" else SUITE_PLAINTEXT,
+        outbound_queue_frames=1 << 20,
+        outbound_queue_bytes=256 * MIB,
+        inbound_queue_frames=4096,
+        max_frame_bytes=4 * MIB,
+        max_pending_handshakes=256,
+    )
+
+
+# --- the child: a sink that acknowledges ---------------------------------------------
+
+
+async def _serve() -> None:
+    import numpy as np
+    import trio
+
+    ids = _identities()
+    allowed = [i.public_key for i in ids.values()]
+    async with trio.open_nursery() as nursery:
+        ports = {}
+        for suite in SUITES:
+            transport = await nursery.start(
+                _sink_endpoint, suite, ids["sink"], allowed, np.random.default_rng(0)
+            )
+            ports[suite] = transport.listen_address[1]
+        print(json.dumps({"ports": ports}), flush=True)
+        stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
+        while await stdin.receive_some(1024):
+            pass
+        nursery.cancel_scope.cancel()
+
+
+async def _sink_endpoint(suite, identity, allowed, rng, task_status) -> None:
+    from fedchain.p2p.tcp import open_tcp_transport
+
+    async with open_tcp_transport(
+        identity, allowed=allowed, rng=rng, config=_config(suite)
+    ) as transport:
+        task_status.started(transport)
+        frames = 0
+        unacked = 0
+        while True:
+            peer, frame = await transport.receive()
+            kind = frame[:1]
+            if kind == b"D":
+                frames += 1
+                unacked += len(frame)
+                if unacked >= ACK_EVERY_BYTES:
+                    transport.send_nowait(peer, _ack(frames))
+                    unacked = 0
+            elif kind == b"E":
+                transport.send_nowait(peer, _ack(frames))
+            elif kind == b"R":
+                frames = unacked = 0
+                transport.send_nowait(peer, _ack(frames))
+
+
+def _ack(frames: int) -> bytes:
+    """Frames received so far, and this process's CPU time (ns) for the cost figures."""
+    return b"A" + frames.to_bytes(8, "big") + time.process_time_ns().to_bytes(8, "big")
+
+
+# --- the parent: sender and measurements ---------------------------------------------
+
+
+class _Child:
+    def __init__(self, process, ports: dict[str, int]) -> None:
+        self.process = process
+        self.ports = ports
+
+
+async def _start_child():
+    import trio
+
+    command = [sys.executable, "-m", "fedchain.sims.bench_transport", "--serve"]
+    process = await trio.lowlevel.open_process(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    line = b""
+    with trio.fail_after(30):
+        while not line.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            if not chunk:
+                raise RuntimeError("the benchmark's receiver process failed to start")
+            line += chunk
+    return _Child(process, json.loads(line)["ports"])
+
+
+class _Sender:
+    """Pushes frames to the sink within a window and waits for its acks."""
+
+    def __init__(self, transport, sink: bytes) -> None:
+        import trio
+
+        self.transport = transport
+        self.sink = sink
+        self.acked = 0
+        self.receiver_cpu_ns = 0
+        self._ack = trio.Event()
+
+    async def read_acks(self) -> None:
+        import trio
+
+        while True:
+            _, frame = await self.transport.receive()
+            self.acked = int.from_bytes(frame[1:9], "big")
+            self.receiver_cpu_ns = int.from_bytes(frame[9:17], "big")
+            self._ack.set()
+            self._ack = trio.Event()
+
+    async def measure(self, size: int, seconds: float, window: int) -> dict[str, float]:
+        """One timed run: elapsed seconds, frames delivered, CPU of both ends."""
+        import trio
+
+        with trio.fail_after(60):
+            self.transport.send_nowait(self.sink, b"R")
+            await self._ack.wait()  # the reset's ack: counters at zero
+        receiver_cpu = self.receiver_cpu_ns
+        sender_cpu = time.process_time_ns()
+        payload = b"D" + bytes(size - 1)
+        in_flight = max(1, window // size)
+        sent = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            while sent - self.acked < in_flight and self.transport.send_nowait(self.sink, payload):
+                sent += 1
+            await self._ack.wait()
+        self.transport.send_nowait(self.sink, b"E")
+        with trio.fail_after(60):
+            while self.acked < sent:
+                await self._ack.wait()
+        return {
+            "seconds": time.perf_counter() - start,
+            "frames": sent,
+            "sender_cpu_s": (time.process_time_ns() - sender_cpu) / 1e9,
+            "receiver_cpu_s": (self.receiver_cpu_ns - receiver_cpu) / 1e9,
+        }
+
+
+async def _throughput(args, child, ids) -> list[dict[str, Any]]:
+    import numpy as np
+    import trio
+
+    allowed = [i.public_key for i in ids.values()]
+    sink = ids["sink"].public_key
+    sizes = {name: SIZES[name] for name in args.sizes.split(",")}
+    results = {(s, n): None for n in sizes for s in SUITES}
+    async with trio.open_nursery() as nursery:
+        senders = {}
+        for suite in SUITES:
+            transport = await nursery.start(
+                _endpoint, ids["sender"], allowed, np.random.default_rng(1), _config(suite)
+            )
+            transport.connect(sink, ("127.0.0.1", child.ports[suite]))
+            with trio.fail_after(30):
+                await transport.wait_connected(sink)
+            senders[suite] = _Sender(transport, sink)
+            nursery.start_soon(senders[suite].read_acks)
+        for _ in range(max(1, args.rounds)):
+            for size_name, size in sizes.items():
+                for suite in SUITES:  # interleaved, so drift in load hits both
+                    run = await senders[suite].measure(size, args.seconds, args.window_mib * MIB)
+                    best = results[(suite, size_name)]
+                    if best is None or _rate(run) > _rate(best):
+                        results[(suite, size_name)] = run
+        nursery.cancel_scope.cancel()
+    rows = []
+    for (suite, size_name), run in results.items():
+        size = SIZES[size_name]
+        mib = run["frames"] * size / MIB
+        rows.append(
+            {
+                "suite": suite,
+                "size": size_name,
+                "mb_per_s": run["frames"] * size / run["seconds"] / 1e6,
+                "msgs_per_s": _rate(run),
+                "frames": run["frames"],
+                "seconds": run["seconds"],
+                "sender_cpu_ms_per_mib": 1e3 * run["sender_cpu_s"] / mib,
+                "receiver_cpu_ms_per_mib": 1e3 * run["receiver_cpu_s"] / mib,
+            }
+        )
+    return rows
+
+
+def _rate(run: dict[str, float]) -> float:
+    return run["frames"] / run["seconds"]
+
+
+async def _endpoint(identity, allowed, rng, config, task_status) -> None:
+    import trio
+
+    from fedchain.p2p.tcp import open_tcp_transport
+
+    async with open_tcp_transport(
+        identity, allowed=allowed, rng=rng, listen=None, config=config
+    ) as transport:
+        task_status.started(transport)
+        await trio.sleep_forever()
+
+
+async def _one_handshake(identity, port: int) -> None:
+    import trio
+
+    from fedchain.p2p.handshake import AUTH_BYTES, HELLO_BYTES, Handshake, sealed_length
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        reader = _Exact(stream)
+        handshake = Handshake(identity, lambda key: True)
+        await stream.send_all(handshake.hello_record)
+        hello = await reader.record(HELLO_BYTES)
+        await stream.send_all(handshake.receive_hello(hello))
+        handshake.receive_auth(await reader.record(sealed_length(AUTH_BYTES)))
+
+
+class _Exact:
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = await self.stream.receive_some(4096)
+            if not chunk:
+                raise EOFError
+            self.buffer += chunk
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    async def record(self, limit: int) -> bytes:
+        from fedchain.p2p.handshake import LENGTH_BYTES, parse_length
+
+        return await self.read(parse_length(await self.read(LENGTH_BYTES), limit))
+
+
+async def _handshakes_per_second(args, child, ids) -> float:
+    import trio
+
+    done = 0
+    deadline = time.perf_counter() + args.seconds
+    start = time.perf_counter()
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await _one_handshake(ids["client"], child.ports["sealed"])
+            done += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(max(1, args.handshake_concurrency)):
+            nursery.start_soon(client)
+    return done / (time.perf_counter() - start)
+
+
+async def _measure(args) -> dict[str, Any]:
+    import trio
+
+    ids = _identities()
+    child = await _start_child()
+    try:
+        rows = await _throughput(args, child, ids)
+        handshakes = await _handshakes_per_second(args, child, ids)
+    finally:
+        with trio.CancelScope(shield=True):
+            await child.process.stdin.aclose()
+            with trio.move_on_after(10):
+                await child.process.wait()
+            if child.process.returncode is None:
+                child.process.kill()
+                await child.process.wait()
+    return _figures(args, rows, handshakes)
+
+
+def _figures(args, rows, handshakes: float) -> dict[str, Any]:
+    by = {(r["suite"], r["size"]): r for r in rows}
+    figures: dict[str, Any] = {
+        "seconds_per_case": args.seconds,
+        "rounds": args.rounds,
+        "window_mib": args.window_mib,
+    }
+    for (suite, size), row in by.items():
+        figures[f"{suite}_{size}_MBps"] = round(row["mb_per_s"], 1)
+        figures[f"{suite}_{size}_msgs_per_s"] = round(row["msgs_per_s"], 1)
+        figures[f"{suite}_{size}_sender_cpu_ms_per_MiB"] = round(row["sender_cpu_ms_per_mib"], 3)
+        figures[f"{suite}_{size}_receiver_cpu_ms_per_MiB"] = round(
+            row["receiver_cpu_ms_per_mib"], 3
+        )
+    for size in {size for _, size in by}:
+        ratio = by[("sealed", size)]["mb_per_s"] / by[("plain", size)]["mb_per_s"]
+        figures[f"ratio_sealed_plain_{size}"] = round(ratio, 3)
+    figures["ratio_target_1MiB"] = 0.5
+    figures["handshakes_per_s"] = round(handshakes, 1)
+    figures["rows"] = rows
+    return figures
+
+
+def _report(figures: dict[str, Any], *, json_only: bool) -> None:
+    from fedchain.sims.report import emit_json, print_table
+
+    rows = figures.pop("rows")
+    if not json_only:
+        columns = ["suite", "size", "mb_per_s", "msgs_per_s", "frames"]
+        columns += ["sender_cpu_ms_per_mib", "receiver_cpu_ms_per_mib"]
+        print_table(
+            "TCP transport, two processes on loopback (MB = 10^6 payload bytes)",
+            ["suite", "message", "MB/s", "msgs/s", "frames", "send CPU ms/MiB", "recv CPU ms/MiB"],
+            [[row[c] for c in columns] for row in rows],
+        )
+        print_table(
+            "summary",
+            ["figure", "value"],
+            [
+                ("sealed/plain at 1 MiB (target >= 0.5)", figures.get("ratio_sealed_plain_1MiB")),
+                ("sealed/plain at 1 KiB", figures.get("ratio_sealed_plain_1KiB")),
+                ("handshakes/s", figures["handshakes_per_s"]),
+            ],
+        )
+    emit_json("transport", figures)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="fedchain bench transport")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
