@@ -10,7 +10,8 @@ links, a stalled handshake, backpressure).
 Invariants of ``p2p/SPEC_TCP.md`` checked here, by name:
 TCP-AUTH (only allowed, proven keys), TCP-SEAL (replays drop the link),
 TCP-BOUND (oversize prefixes, stalled handshakes, idle links, full queues),
-TCP-ONE-LINK (simultaneous dials), TCP-RECONNECT.
+TCP-ONE-LINK (simultaneous dials), TCP-RECONNECT, TCP-NO-CRASH (every hostile
+client ends only its own connection, with a counted reason).
 """
 
 from __future__ import annotations
@@ -324,6 +325,29 @@ async def test_hostile_clients_are_dropped_while_an_honest_peer_keeps_exchanging
         assert round_trips > 50, round_trips
         assert stats["connections"] == 1
         assert transport.connections()[peer.key].dialer == NODE.public_key
+
+
+async def test_random_bytes_before_or_after_a_handshake_end_only_that_connection():
+    rng = np.random.default_rng(11)
+    async with node() as transport, peer_process() as peer:
+        transport.connect(peer.key, ("127.0.0.1", peer.port))
+        port = transport.listen_address[1]
+        with trio.fail_after(20):
+            await transport.wait_connected(peer.key)
+            for trial in range(20):
+                client = await RawClient.connect(port)
+                if trial % 2:
+                    await client.handshake(ROGUE)
+                junk = rng.bytes(int(rng.integers(1, 3000)))
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await client.stream.send_all(junk)
+                    await client.stream.send_eof()
+                await client.wait_closed()
+            await exchange(transport, peer.key, [b"still here"])
+        stats = transport.stats()
+        dropped = sum(v for k, v in stats.items() if k.startswith("disconnect_"))
+        assert dropped == 20
+        assert stats["connections"] == 1
 
 
 async def test_stalled_handshakes_beyond_the_cap_are_refused_at_once():
