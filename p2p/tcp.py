@@ -554,6 +554,9 @@ class TcpTransport:
         batch_limit = self.config.write_batch_bytes
         interval = self.config.keepalive_interval
         while True:
+            # A writer whose link was just replaced must not take a frame from
+            # the queue the new link shares: taking one is not a checkpoint.
+            await trio.lowlevel.checkpoint_if_cancelled()
             try:
                 frame = queue.receive_nowait()
             except trio.WouldBlock:
