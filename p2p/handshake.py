@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,7 +105,6 @@ _PERSON = b"fedchain-tcp-v1"
 _AUTH_DOMAIN = b"fedchain/tcp-auth/v1\x00"
 _ROLE_LO = b"L"
 _ROLE_HI = b"H"
-_NONCE_PAD = bytes(NONCE_BYTES - 12)
 _SEALED_CHUNK = CHUNK_BYTES + TAG_BYTES
 
 
@@ -161,8 +161,13 @@ def max_body_bytes(max_frame_bytes: int, suite: int) -> int:
 # --- sessions ------------------------------------------------------------------------
 
 
+_NONCE = struct.Struct(">QI12x")
+"""counter (8 bytes) || body length (4 bytes) || 12 zero bytes."""
+_PREFIX = struct.Struct(">I")
+
+
 def _nonce(counter: int, body_length: int) -> bytes:
-    return counter.to_bytes(8, "big") + body_length.to_bytes(4, "big") + _NONCE_PAD
+    return _NONCE.pack(counter, body_length)
 
 
 class SealedSession:
@@ -198,24 +203,22 @@ class SealedSession:
         plain = len(frame)
         body = sealed_length(plain)
         out = bytearray(LENGTH_BYTES + body)
-        out[:LENGTH_BYTES] = encode_length(body)
-        dst = ffi.from_buffer(out)
-        src = ffi.from_buffer(frame)
+        _PREFIX.pack_into(out, 0, body)
+        dst = ffi.from_buffer(out) + LENGTH_BYTES
+        src = frame if type(frame) is bytes else ffi.from_buffer(frame)
         counter = self._send_counter
-        o = LENGTH_BYTES
-        start = 0
-        while True:
+        key = self._send_key
+        if plain <= CHUNK_BYTES:  # the common case: one chunk, no loop
+            _check(lib.crypto_secretbox_easy(dst, src, plain, _NONCE.pack(counter, body), key))
+            self._send_counter = counter + 1
+            return out
+        src = ffi.from_buffer(frame)
+        for start in range(0, plain, CHUNK_BYTES):
             size = min(CHUNK_BYTES, plain - start)
-            rc = lib.crypto_secretbox_easy(
-                dst + o, src + start, size, _nonce(counter, body), self._send_key
-            )
-            if rc != 0:  # pragma: no cover - libsodium never fails to seal
-                raise RuntimeError("crypto_secretbox_easy failed")
+            nonce = _NONCE.pack(counter, body)
+            _check(lib.crypto_secretbox_easy(dst, src + start, size, nonce, key))
             counter += 1
-            o += size + TAG_BYTES
-            start += size
-            if start >= plain:
-                break
+            dst += size + TAG_BYTES
         self._send_counter = counter
         return out
 
@@ -223,32 +226,43 @@ class SealedSession:
         """The frame a sealed record body carries; raises :class:`DecryptFailed`.
 
         ``body`` must be writable: chunks are opened in place (libsodium
-        writes each plaintext over its own tag and ciphertext).
+        writes each plaintext over its own tag and ciphertext). A record
+        that fails leaves the counter where it was.
         """
         length = len(body)
+        if not TAG_BYTES <= length <= _SEALED_CHUNK:
+            return self._open_chunks(body, length)
+        buf = ffi.from_buffer(body, require_writable=True)
+        counter = self._recv_counter
+        nonce = _NONCE.pack(counter, length)
+        if lib.crypto_secretbox_open_easy(buf, buf, length, nonce, self._recv_key) != 0:
+            raise DecryptFailed("a sealed record failed authentication")
+        self._recv_counter = counter + 1
+        return bytes(memoryview(body)[: length - TAG_BYTES])
+
+    def _open_chunks(self, body: bytearray | memoryview, length: int) -> bytes:
         try:
-            plain = plain_length(length)
+            plain_length(length)
         except BadFrame as exc:
             raise DecryptFailed(str(exc)) from exc
         buf = ffi.from_buffer(body, require_writable=True)
+        view = memoryview(body)
         counter = self._recv_counter
         pieces = []
-        view = memoryview(body)
-        o = 0
-        while o < length:
+        for o in range(0, length, _SEALED_CHUNK):
             size = min(_SEALED_CHUNK, length - o)
-            rc = lib.crypto_secretbox_open_easy(
-                buf + o, buf + o, size, _nonce(counter, length), self._recv_key
-            )
-            if rc != 0:
+            nonce = _NONCE.pack(counter, length)
+            if lib.crypto_secretbox_open_easy(buf + o, buf + o, size, nonce, self._recv_key):
                 raise DecryptFailed("a sealed chunk failed authentication")
             counter += 1
             pieces.append(view[o : o + size - TAG_BYTES])
-            o += size
         self._recv_counter = counter
-        if plain == 0:
-            return b""
-        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+        return b"".join(pieces)
+
+
+def _check(rc: int) -> None:
+    if rc != 0:  # pragma: no cover - libsodium never fails to seal
+        raise RuntimeError("crypto_secretbox_easy failed")
 
 
 class PlainSession:
