@@ -412,11 +412,10 @@ class TcpTransport:
             await state.wait_until(lambda: state.conn is None)
             assert state.address is not None
             stream = await self._dial(state.address)
-            established = False
-            if stream is not None:
-                established = await self._serve(stream, True, state.id)
-            attempt = 0 if established else attempt + 1
+            if stream is not None and await self._serve(stream, True, state.id):
+                attempt = 0  # the link was up: start again from the shortest delay
             await trio.sleep(backoff_delay(attempt, self._rng, self.config))
+            attempt += 1
 
     async def _dial(self, address: Address) -> trio.SocketStream | None:
         self._stats["dials"] += 1
