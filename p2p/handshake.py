@@ -75,6 +75,7 @@ __all__ = [
     "PlainSession",
     "SealedSession",
     "Session",
+    "auth_message",
     "encode_length",
     "max_body_bytes",
     "parse_auth",
