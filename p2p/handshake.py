@@ -6,7 +6,7 @@ only moves bytes in and out. That keeps the security-relevant code pure, so
 the unit and property tests drive it byte by byte, and a hostile test
 client can speak the real protocol with a few lines of glue.
 
-Design, after CometBFT's SecretConnection (the spec is ``p2p/SPEC_TCP.md``):
+Design, after CometBFT's SecretConnection (the spec is ``p2p/SPEC.md``):
 
 * **Symmetric handshake.** Both sides send a *hello* at once (protocol
   version, cipher suite, ephemeral X25519 key), so there are no roles and no

@@ -2,7 +2,7 @@
 
 :func:`open_tcp_transport` gives a :class:`~fedchain.p2p.transport.Transport`
 over real sockets. The protocol (handshake, sealed records) lives in
-:mod:`fedchain.p2p.handshake` and is specified in ``p2p/SPEC_TCP.md``; this
+:mod:`fedchain.p2p.handshake` and is specified in ``p2p/SPEC.md``; this
 module only runs it on trio streams. The trade-offs:
 
 * **One task tree.** Every listener, dialer and connection task lives in the

@@ -5,7 +5,7 @@ byte each side would put on a link is here to inspect, tamper with, replay
 or reorder. The property tests feed every parser arbitrary bytes and accept
 only a value or the parser's typed error.
 
-Invariants of ``p2p/SPEC_TCP.md`` checked here, by name: TCP-AUTH (a proof
+Invariants of ``p2p/SPEC.md`` checked here, by name: TCP-AUTH (a proof
 binds both ephemeral keys and the role; only allowed keys pass), TCP-SEAL
 (nonces never repeat; replayed, reordered, re-split or tampered records
 fail), TCP-BOUND (length prefixes are checked before any body is read).

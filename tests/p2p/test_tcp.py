@@ -7,7 +7,7 @@ mocked crypto). Timeouts are generous ``trio.fail_after`` bounds; every
 wait is on an event except where the property itself is about time (idle
 links, a stalled handshake, backpressure).
 
-Invariants of ``p2p/SPEC_TCP.md`` checked here, by name:
+Invariants of ``p2p/SPEC.md`` checked here, by name:
 TCP-AUTH (only allowed, proven keys), TCP-SEAL (replays drop the link),
 TCP-BOUND (oversize prefixes, stalled handshakes, idle links, full queues),
 TCP-ONE-LINK (simultaneous dials), TCP-RECONNECT, TCP-NO-CRASH (every hostile
