@@ -160,6 +160,7 @@ class GossipSimulation:
         self.restarts = [0] * n
         self._deliveries: dict[bytes, dict[int, float]] = {}
         self.wall_seconds = math.nan
+        self._t0 = 0.0
         self._ran = False
 
     # -- building and faults ----------------------------------------------------
@@ -192,7 +193,7 @@ class GossipSimulation:
         deliveries = self._deliveries
 
         def on_message(origin: PeerId, topic: str, data: bytes, envelope: Envelope) -> None:
-            deliveries.setdefault(envelope.message_id, {}).setdefault(index, trio.current_time())
+            deliveries.setdefault(envelope.message_id, {}).setdefault(index, self.network_time())
 
         return on_message
 
@@ -218,8 +219,8 @@ class GossipSimulation:
             raise ValueError(f"unknown fault {fault.kind!r}")
 
     def network_time(self) -> float:
-        """Seconds of network time (call from inside :meth:`run`)."""
-        return trio.current_time()
+        """Seconds since the run started (call from inside :meth:`run`)."""
+        return trio.current_time() - self._t0
 
     def is_up(self, index: int) -> bool:
         return self.network.is_up(self.ids[index])
@@ -249,18 +250,19 @@ class GossipSimulation:
         everyone = trio.Event()
 
         async def main() -> None:
+            t0 = self._t0 = trio.current_time()  # 0 under MockClock, not on the real clock
             async with trio.open_nursery() as nursery:
                 for index in range(len(self.ids)):
                     self._build(index, nursery)
                 for log in self.logs:
                     data = payloads.bytes(log.publication.size)
-                    self.network.schedule(log.publication.at, self._publisher(log, data))
+                    self.network.schedule(t0 + log.publication.at, self._publisher(log, data))
                 for fault in faults:
-                    self.network.schedule(fault.at, lambda f=fault: self._apply(f, nursery))
+                    self.network.schedule(t0 + fault.at, lambda f=fault: self._apply(f, nursery))
                 for k in range(1, int(duration / tick) + 1):
-                    self.network.schedule(k * tick, lambda: self._tick(on_tick, everyone))
+                    self.network.schedule(t0 + k * tick, lambda: self._tick(on_tick, everyone))
                 nursery.start_soon(self.network.run)
-                with trio.move_on_at(duration):
+                with trio.move_on_at(t0 + duration):
                     if until_delivered:
                         await everyone.wait()
                         await trio.sleep(settle)
@@ -278,7 +280,7 @@ class GossipSimulation:
         def publish() -> None:
             origin = log.publication.origin
             if self.is_up(origin):
-                log.published_at = trio.current_time()
+                log.published_at = self.network_time()
                 log.up_at_publish = frozenset(i for i in range(len(self.ids)) if self.is_up(i))
                 log.message_id = self.gossips[origin].publish(log.publication.topic, data)
                 log.delivered = self._deliveries.setdefault(log.message_id, {})

@@ -172,3 +172,26 @@ def test_same_seed_same_trace_other_seed_other_trace():
     assert first == second
     assert first[1] > 200
     assert other[0] != first[0]
+
+
+def test_region_pairs_have_their_own_latency():
+    async def scenario():
+        model = LinkModel(
+            latency=Constant(0.01),
+            region_latency={("eu", "asia"): Constant(0.2)},
+            bandwidth_bps=1e12,
+        )
+        net = SimNetwork(seed=7, model=model)
+        eu = net.add_node(b"e" * 32, region="eu")
+        eu2 = net.add_node(b"f" * 32, region="eu")
+        asia = net.add_node(b"a" * 32, region="asia")
+        got: list = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(net.run)
+            asia.send_nowait(eu.local_id, b"far")  # the pair is looked up both ways
+            eu2.send_nowait(eu.local_id, b"near")
+            await _collect(eu, got, 2)
+            nursery.cancel_scope.cancel()
+        return [(round(t, 6), f) for t, _, f in got]
+
+    assert _run(scenario) == [(0.01, b"near"), (0.2, b"far")]
