@@ -1,0 +1,158 @@
+"""The ``fedchain`` command line: every command answers ``--help``, and the
+benchmarks run end to end at a tiny scale and end with their JSON line.
+
+The command table is walked, not copied, so a command added to
+``COMMANDS`` is covered here at once. Commands whose module is not built yet
+(or would load JAX) are only asked for ``--help``, which the CLI serves
+without importing anything heavy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+from fedchain.sims import cli
+
+
+def _commands() -> list[tuple[list[str], list[str]]]:
+    """Every ``(argv prefix, texts its help must show)`` in the table: a
+    command shows its own help line, a group lists its commands'."""
+    out = []
+    for name, entry in cli.COMMANDS.items():
+        if isinstance(entry, dict):
+            out.append(([name], [*entry, *(help_ for _, help_ in entry.values())]))
+            out += [([name, sub], [help_]) for sub, (_, help_) in entry.items()]
+        else:
+            out.append(([name], [entry[1]]))
+    return out
+
+
+COMMANDS = _commands()
+
+
+def _flat(text: str) -> str:
+    """Help text with argparse's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code
+
+
+def test_version_names_the_installed_package(capsys):
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fedchain {version('fedchain')}"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fedchain")
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_no_command_prints_the_help_and_succeeds(capsys):
+    assert cli.main([]) == 0
+    assert "usage: fedchain" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "texts"), COMMANDS, ids=[" ".join(a) for a, _ in COMMANDS])
+def test_every_command_answers_help(argv, texts, capsys):
+    assert _exit_code([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fedchain " + " ".join(argv))
+    for text in texts:
+        assert _flat(text) in _flat(out)
+
+
+def test_an_unknown_command_is_a_usage_error(capsys):
+    assert _exit_code(["no-such-command"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_from_a_fresh_interpreter():
+    done = subprocess.run(
+        [sys.executable, "-m", "fedchain.sims.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: fedchain")
+    assert all(name in done.stdout for name in cli.COMMANDS)
+    # --help must stay light: neither JAX nor the learning stack is needed for it.
+    probe = (
+        "import sys, contextlib, io\n"
+        "from fedchain.sims import cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['--help'])\n"
+        "print('jax' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def _last_json_line(argv: list[str]) -> dict:
+    """Run ``fedchain ARGV`` in its own process; its last stdout line, parsed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fedchain.sims.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bench_gossip_at_tiny_scale():
+    payloads, losses = [1024, 20000], [0.0, 0.01]
+    argv = ["bench", "gossip", "--nodes", "200", "--payloads", *map(str, payloads)]
+    figures = _last_json_line([*argv, "--loss", *map(str, losses)])
+    assert figures["benchmark"] == "gossip"
+    assert figures["targets_met"] is True
+    assert figures["peak_rss_bytes"] > 0
+    runs = figures["runs"]
+    assert sorted((r["payload_bytes"], r["loss"]) for r in runs) == sorted(
+        (p, loss) for p in payloads for loss in losses
+    )
+    for run in runs:
+        assert run["nodes"] == 200
+        if run["loss"] == 0:
+            assert run["delivery_ratio"] == 1.0
+        else:
+            assert run["delivery_ratio"] >= 0.999
+        assert 0 < run["latency_p50_s"] <= run["latency_p90_s"] <= run["latency_p99_s"]
+        assert run["latency_p99_s"] <= run["latency_max_s"] <= run["virtual_s"]
+        assert run["frames_sent"] > 0
+        assert run["bytes_sent"] >= 199 * run["payload_bytes"]  # everyone got it once
+        assert run["duplicates_per_node"] >= 0
+        assert 0 < run["wall_s"] < 60
+        assert run["peak_rss_bytes"] > 0
+
+
+def test_bench_transport_at_tiny_scale():
+    argv = ["bench", "transport", "--seconds", "0.3", "--rounds", "1", "--window-mib", "4"]
+    figures = _last_json_line([*argv, "--handshake-concurrency", "2"])
+    assert figures["benchmark"] == "transport"
+    assert figures["rounds"] == 1 and figures["seconds_per_case"] == 0.3
+    for size in ("1KiB", "1MiB"):
+        ratio = figures[f"ratio_sealed_plain_{size}"]
+        assert math.isfinite(ratio) and ratio > 0
+        for suite in ("plain", "sealed"):
+            assert figures[f"{suite}_{size}_MBps"] > 0
+            assert figures[f"{suite}_{size}_msgs_per_s"] > 0
+            assert figures[f"{suite}_{size}_sender_cpu_ms_per_MiB"] >= 0
+            assert figures[f"{suite}_{size}_receiver_cpu_ms_per_MiB"] >= 0
+    assert figures["ratio_target_1MiB"] == 0.5
+    assert figures["handshakes_per_s"] > 0
+    assert figures["peak_rss_bytes"] > 0
