@@ -44,6 +44,7 @@ import trio.testing
 from .identity import PeerId
 from .node import Node
 from .randomness import RandomStream
+from .wire import MAX_FRAME_BYTES
 
 __all__ = [
     "Constant",
@@ -260,7 +261,10 @@ class SimNetwork:
         dst = self._endpoints.get(dst_peer)
         stats = src.stats
         if dst is None:
-            stats["unknown_peer"] += 1
+            stats["no_route"] += 1
+            return False
+        if not frame or len(frame) > MAX_FRAME_BYTES:
+            stats["frame_refused"] += 1
             return False
         now = trio.current_time()
         model = self.model

@@ -3,11 +3,13 @@
 A transport moves opaque frames between authenticated peers; it knows
 nothing of envelopes. Sending never blocks the caller: each peer has a
 bounded outbound queue, and :meth:`Transport.send_nowait` returns ``False``
-(and the transport counts an ``outbound_full`` drop) when that queue is
-full or the peer cannot be reached. Dropping the newest frame rather than
-blocking keeps one slow or dead peer from stalling a node's single inbox
-loop; the protocols above are built to tolerate loss (gossip repairs by
-IHAVE/IWANT, consensus retransmits on timeouts), exactly as on a lossy link.
+and counts the drop by reason: ``outbound_full`` when that queue is full,
+``no_route`` when the peer is unknown, ``frame_refused`` for a frame outside
+1..``MAX_FRAME_BYTES`` bytes (an empty TCP record is a keepalive).
+Dropping the newest frame rather than blocking keeps one slow or dead peer
+from stalling a node's single inbox loop; the protocols above are built to
+tolerate loss (gossip repairs by IHAVE/IWANT, consensus retransmits on
+timeouts), exactly as on a lossy link.
 
 Receiving yields ``(peer, frame)`` where ``peer`` is the key the transport
 authenticated (the simulated network knows it by construction; TCP proves

@@ -1,8 +1,10 @@
 """The ``fedchain`` command line: one entry point, a subcommand per job.
 
 Each command lives in its own module with ``add_arguments(parser)`` and
-``run(args) -> int``; modules are imported only when their command runs, so
-``fedchain --help`` stays fast and JAX loads only for learning commands.
+``run(args) -> int``. Every command module is imported to build the parser
+(``--help`` included), so command modules keep their top-level imports
+light and import JAX and other heavy libraries inside ``run``; a test checks
+that ``fedchain --help`` never loads JAX.
 """
 
 from __future__ import annotations

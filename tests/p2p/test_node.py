@@ -33,8 +33,9 @@ async def test_messages_reach_handlers_and_garbage_is_counted_not_fatal(
                 raise MalformedBody("no")
 
             node_b.register(MessageType.PONG, refuse)
-            for junk in (b"", b"\xc1", b"\x96" + b"\x00" * 40, msgpack.packb([1, 2])):
-                ta.send_nowait(bob.public_key, junk)
+            assert not ta.send_nowait(bob.public_key, b"")  # not a frame at all
+            for junk in (b"\xc1", b"\x92\x01", b"\x96" + b"\x00" * 40, msgpack.packb([1, 2])):
+                assert ta.send_nowait(bob.public_key, junk)
             node_a.send(bob.public_key, MessageType.PING, b"one")
             node_a.send(bob.public_key, MessageType.PONG, b"bad body")
             node_a.send(bob.public_key, MessageType.IHAVE, b"nobody listens")
