@@ -1,1 +1,1 @@
-"""consensus: lands with its own issue (see DESIGN.md)."""
+"""Ledger: transactions, blocks, RFC 6962 Merkle trees, block stores, PBFT, contracts."""
