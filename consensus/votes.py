@@ -1,0 +1,80 @@
+"""Commit votes and certificates: what makes a block final.
+
+A validator's commit vote signs ``(chain id, height, block hash)``, and
+nothing else: not the PBFT view, so every vote for the same block at the same
+height is the same statement, whichever view it was committed in. A block
+is final with a certificate of votes from a quorum (2f + 1 of n = 3f + 1)
+of distinct validators; anyone holding the validator set can check it from
+the block's bytes alone, which is what lets followers and ``fedchain chain
+verify`` trust a chain without trusting the node that served it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from fedchain.p2p.identity import Identity, PeerId, verify
+
+__all__ = [
+    "CommitCertificate",
+    "commit_vote_bytes",
+    "max_faulty",
+    "quorum",
+    "sign_commit_vote",
+]
+
+_DOMAIN = b"fedchain/commit-vote/v1\x00"
+
+
+def max_faulty(n: int) -> int:
+    """f: how many Byzantine validators n = 3f + 1 tolerate."""
+    return (n - 1) // 3
+
+
+def quorum(n: int) -> int:
+    """2f + 1: votes needed among ``n`` validators."""
+    return 2 * max_faulty(n) + 1
+
+
+def commit_vote_bytes(chain_id: str, height: int, block_hash: bytes) -> bytes:
+    if len(block_hash) != 32 or not 0 <= height < 2**63:
+        raise ValueError("a vote names a height and a 32-byte block hash")
+    chain = chain_id.encode()
+    return _DOMAIN + len(chain).to_bytes(2, "big") + chain + height.to_bytes(8, "big") + block_hash
+
+
+def sign_commit_vote(identity: Identity, chain_id: str, height: int, block_hash: bytes) -> bytes:
+    return identity.sign(commit_vote_bytes(chain_id, height, block_hash))
+
+
+@dataclass(frozen=True)
+class CommitCertificate:
+    """Votes for one block, sorted by validator key (a canonical form)."""
+
+    height: int
+    block_hash: bytes
+    votes: tuple[tuple[PeerId, bytes], ...]
+
+    @classmethod
+    def of(
+        cls, height: int, block_hash: bytes, votes: Iterable[tuple[PeerId, bytes]]
+    ) -> CommitCertificate:
+        unique = dict(votes)
+        return cls(height, block_hash, tuple(sorted(unique.items())))
+
+    def valid_signers(self, chain_id: str, validators: Sequence[PeerId]) -> set[PeerId]:
+        """The validators whose vote in this certificate verifies."""
+        members = set(validators)
+        message = commit_vote_bytes(chain_id, self.height, self.block_hash)
+        return {
+            key
+            for key, signature in self.votes
+            if key in members and verify(key, message, signature)
+        }
+
+    def is_valid(self, chain_id: str, validators: Sequence[PeerId]) -> bool:
+        """A quorum of distinct validators signed this height and hash."""
+        if len({key for key, _ in self.votes}) != len(self.votes):
+            return False
+        return len(self.valid_signers(chain_id, validators)) >= quorum(len(validators))
