@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
             "fedchain.sims.bench_learning",
             "one federated round of 40 and 400 devices against centralized DP training",
         ),
+        "recovery": (
+            "fedchain.sims.bench_recovery",
+            "SIGKILL a block-writing process hundreds of times; count blocks lost",
+        ),
     },
 }
 
