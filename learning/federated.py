@@ -1,0 +1,216 @@
+"""Federated rounds of many devices with the learning library alone.
+
+This is the learning half of the serverless round (DESIGN.md), without a
+network: every device trains locally from the global model (all devices of
+a tier in one jitted call, :mod:`fedchain.learning.local`), privatizes and
+sparsifies its update, and the ordered list of updates is aggregated in
+NumPy into the next global model. The simulator (``sims``) runs the same
+pieces with gossip and consensus in between; ``fedchain train`` runs them
+back to back.
+
+State is explicit: :meth:`Federation.init` returns a
+:class:`FederationState` (global parameters, each tier's top-k residuals,
+the round number) and :meth:`Federation.round` returns the next one. The
+privacy accountant is the one object that accumulates, because it is the
+record of what was spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedchain.learning.accountant import PrivacyAccountant
+from fedchain.learning.aggregation import (
+    AggregateResult,
+    Aggregator,
+    ClientUpdate,
+    WeightedMean,
+    apply_delta,
+)
+from fedchain.learning.data import Dataset
+from fedchain.learning.errors import ConfigError
+from fedchain.learning.local import (
+    DeviceData,
+    LocalConfig,
+    accuracy,
+    make_evaluator,
+    make_local_round,
+    pad_devices,
+    zero_residual,
+)
+from fedchain.learning.models import CnnSpec, init_params, param_shapes, tier_spec
+
+__all__ = ["Device", "Federation", "FederationState", "RoundReport"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device: its identifier, model tier and the indices of its local
+    training examples."""
+
+    id: str
+    tier: int
+    indices: np.ndarray = field(repr=False)
+
+
+class FederationState(NamedTuple):
+    """Everything that changes between rounds."""
+
+    params: dict[str, np.ndarray]
+    residuals: dict[int, dict[str, jax.Array]]
+    round: int
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one round did: the aggregation result, each device's mean local
+    loss, and how many local steps hit the Poisson capacity."""
+
+    result: AggregateResult
+    losses: dict[str, float]
+    truncated_steps: int
+
+
+class Federation:
+    """Devices, their data and their compiled local rounds, fixed at build.
+
+    The deepest tier present defines the global model; a device of tier t
+    trains the tensors of tier t (a subset, see :mod:`models`).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        devices: Sequence[Device],
+        config: LocalConfig,
+        *,
+        base: CnnSpec | None = None,
+        aggregator: Aggregator | None = None,
+    ):
+        if not devices:
+            raise ConfigError("a federation needs devices")
+        ids = [d.id for d in devices]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("device ids must be unique")
+        self.dataset = dataset
+        self.devices = tuple(devices)
+        self.config = config
+        self.aggregator = aggregator or WeightedMean()
+        self.tiers = sorted({d.tier for d in devices})
+        self.specs = {t: tier_spec(t, base) for t in self.tiers}
+        self.global_spec = self.specs[self.tiers[-1]]
+        self._members = {t: [d for d in devices if d.tier == t] for t in self.tiers}
+        self._data: dict[int, DeviceData] = {
+            t: pad_devices(dataset.train_images, dataset.train_labels, [d.indices for d in m])
+            for t, m in self._members.items()
+        }
+        self._rounds = {t: make_local_round(self.specs[t], config) for t in self.tiers}
+        self._evaluate = {t: make_evaluator(self.specs[t]) for t in self.tiers}
+
+    def members(self, tier: int) -> list[Device]:
+        return list(self._members[tier])
+
+    def init(self, key: jax.Array) -> FederationState:
+        """Fresh global parameters and zero residuals."""
+        params = {k: np.asarray(v) for k, v in init_params(key, self.global_spec).items()}
+        residuals = {t: zero_residual(self.specs[t], len(m)) for t, m in self._members.items()}
+        return FederationState(params, residuals, 0)
+
+    def tier_params(self, params: Mapping[str, np.ndarray], tier: int) -> dict[str, jax.Array]:
+        return {name: jnp.asarray(params[name]) for name in param_shapes(self.specs[tier])}
+
+    def local_updates(
+        self,
+        state: FederationState,
+        key: jax.Array,
+        *,
+        learning_rate: float,
+        noise_multipliers: Mapping[str, float] | float = 0.0,
+        accountant: PrivacyAccountant | None = None,
+    ) -> tuple[list[ClientUpdate], dict[int, dict[str, jax.Array]], dict[str, float], int]:
+        """Every device's update for this round, in device order, with the new
+        residuals, the losses and the truncated-step count. Records each
+        device's DP-SGD steps in ``accountant`` when given."""
+        updates: dict[str, ClientUpdate] = {}
+        losses: dict[str, float] = {}
+        residuals = {}
+        truncated = 0
+        tier_keys = jax.random.split(key, len(self.tiers))
+        for tier, tier_key in zip(self.tiers, tier_keys, strict=True):
+            members = self._members[tier]
+            z = np.array(
+                [
+                    noise_multipliers
+                    if isinstance(noise_multipliers, int | float)
+                    else noise_multipliers[d.id]
+                    for d in members
+                ],
+                np.float32,
+            )
+            out = self._rounds[tier](
+                self.tier_params(state.params, tier),
+                self._data[tier],
+                jax.random.split(tier_key, len(members)),
+                jnp.asarray(z),
+                learning_rate,
+                state.residuals[tier],
+            )
+            host = jax.device_get(out.updates)
+            loss = np.asarray(out.loss)
+            truncated += int(np.sum(np.asarray(out.truncated)))
+            residuals[tier] = out.residual
+            for i, device in enumerate(members):
+                delta = {name: np.asarray(v[i], np.float32) for name, v in host.items()}
+                updates[device.id] = ClientUpdate(device.id, len(device.indices), delta)
+                losses[device.id] = float(loss[i])
+                if accountant is not None and self.config.private:
+                    accountant.record(
+                        device.id, self.config.dp_steps(float(z[i]), len(device.indices))
+                    )
+        ordered = [updates[d.id] for d in self.devices]
+        return ordered, residuals, losses, truncated
+
+    def round(
+        self,
+        state: FederationState,
+        key: jax.Array,
+        *,
+        learning_rate: float,
+        noise_multipliers: Mapping[str, float] | float = 0.0,
+        accountant: PrivacyAccountant | None = None,
+        transform=None,
+    ) -> tuple[FederationState, RoundReport]:
+        """One round: local updates, then aggregation in device order.
+        ``transform(updates) -> updates`` (optional) sees the list before
+        aggregation (a scenario's malicious devices act there)."""
+        updates, residuals, losses, truncated = self.local_updates(
+            state,
+            key,
+            learning_rate=learning_rate,
+            noise_multipliers=noise_multipliers,
+            accountant=accountant,
+        )
+        if transform is not None:
+            updates = list(transform(updates))
+        result = self.aggregator.aggregate(updates)
+        params = apply_delta(state.params, result.delta)
+        return FederationState(params, residuals, state.round + 1), RoundReport(
+            result, losses, truncated
+        )
+
+    def accuracy(self, params: Mapping[str, np.ndarray], tier: int | None = None) -> float:
+        """Test accuracy of the global model as tier ``tier`` (default: the
+        deepest) sees it."""
+        tier = self.tiers[-1] if tier is None else tier
+        return accuracy(
+            self._evaluate[tier],
+            self.tier_params(params, tier),
+            self.dataset.test_images,
+            self.dataset.test_labels,
+        )
