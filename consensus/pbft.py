@@ -1,0 +1,978 @@
+"""PBFT (Castro and Liskov, OSDI'99) as a pure state machine.
+
+``Replica.step(event) -> list[Action]`` is the whole protocol: no trio, no
+clock, no I/O. Time arrives as ``TimerFired`` events, peer traffic as
+``Receive``, and everything the replica wants done comes back as actions
+(send, arm a timer, deliver a committed proposal, fetch blocks). That is
+what lets the fault tests drive a cluster in seeded virtual time and what a
+trio reactor wraps for real nodes (CometBFT's split of state machine and
+reactor).
+
+PBFT here orders opaque proposals. The application (``Application``) batches
+requests into a payload when the primary asks, checks a payload before a
+backup prepares it, and receives ``Committed(seq, digest, payload,
+certificate)`` in sequence order without gaps; the sequence number doubles as
+the block height and the certificate is the 2f+1 commit votes the COMMIT
+messages carried. ``consensus/SPEC.md`` (section PBFT) names the invariants.
+
+Two phase enums: ``Phase`` orders one sequence number's progress in a view
+(every ``_enter_*`` returns early unless the slot is exactly one phase
+behind), ``Mode`` says whether the replica runs the normal case or a view
+change. Messages that fail a guard are dropped and counted in ``refused`` by
+reason, so a test (or a dashboard) sees what a Byzantine peer tried.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from fedchain.p2p.identity import Identity, PeerId
+
+from .pbft_messages import (
+    NULL_DIGEST,
+    Checkpoint,
+    Commit,
+    Message,
+    NewView,
+    Prepare,
+    PreparedProof,
+    PrePrepare,
+    ViewChange,
+)
+from .votes import CommitCertificate, max_faulty, quorum
+
+__all__ = [
+    "GENESIS_STATE",
+    "Action",
+    "Application",
+    "BlocksFetched",
+    "CancelTimer",
+    "Committed",
+    "Event",
+    "FetchBlocks",
+    "Follower",
+    "Mode",
+    "PbftConfig",
+    "Phase",
+    "Receive",
+    "Replica",
+    "RequestsPending",
+    "Send",
+    "SetTimer",
+    "Suspect",
+    "TimerFired",
+    "advance_state",
+]
+
+GENESIS_STATE = bytes(32)
+
+
+def advance_state(state: bytes, seq: int, digest: bytes) -> bytes:
+    """The chained state digest a CHECKPOINT names: SHA-256 over the previous
+    one, the sequence number and the executed digest. Block-agnostic, and two
+    replicas agree on it exactly when they executed the same digests."""
+    return hashlib.sha256(state + seq.to_bytes(8, "big") + digest).digest()
+
+
+def _payload_matches(app: Application, seq: int, digest: bytes, payload: bytes) -> bool:
+    """A null request is empty; anything else is what the application says."""
+    if digest == NULL_DIGEST:
+        return payload == b""
+    return app.validate(seq, payload) == digest
+
+
+class Phase(enum.IntEnum):
+    """Progress of one sequence number in one view (ordered)."""
+
+    IDLE = 0
+    PRE_PREPARED = 1
+    PREPARED = 2
+    COMMITTED = 3
+
+
+class Mode(enum.IntEnum):
+    """Whether the replica runs the normal case or waits for a NEW-VIEW."""
+
+    NORMAL = 0
+    VIEW_CHANGE = 1
+
+
+# -- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Receive:
+    """``message`` arrived in an envelope signed by ``sender``."""
+
+    sender: PeerId
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    name: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestsPending:
+    """The application holds ``count`` requests not yet in any proposal."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksFetched:
+    """State transfer's answer: ``(seq, digest, payload, certificate)`` entries."""
+
+    blocks: tuple[tuple[int, bytes, bytes, CommitCertificate], ...]
+
+
+Event = Receive | TimerFired | RequestsPending | BlocksFetched
+
+
+# -- actions ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``message`` to ``to``, or to every other validator when ``to`` is None."""
+
+    to: PeerId | None
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    """Fire ``TimerFired(name, token)`` after ``delay``; a newer token for the
+    same name makes older ones stale, so cancelling is optional."""
+
+    name: str
+    delay: float
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """``payload`` (``digest``) is final at ``seq``; emitted in order, no gaps.
+
+    A null request (a gap filled by a NEW-VIEW) has ``digest == NULL_DIGEST``
+    and an empty payload; it still has a certificate and takes its height.
+    """
+
+    seq: int
+    digest: bytes
+    payload: bytes
+    certificate: CommitCertificate
+
+
+@dataclass(frozen=True, slots=True)
+class FetchBlocks:
+    """Ask ``peers`` for committed blocks ``from_seq..to_seq`` with certificates."""
+
+    from_seq: int
+    to_seq: int
+    peers: tuple[PeerId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    """``peer`` misbehaved (or the primary looks faulty): ``reason`` says how."""
+
+    peer: PeerId
+    reason: str
+
+
+Action = Send | SetTimer | CancelTimer | Committed | FetchBlocks | Suspect
+
+
+class Application(Protocol):
+    """What PBFT needs from the ledger above it. Calls are synchronous and
+    deterministic; none of them may do I/O that the replica waits on."""
+
+    def pending(self) -> int:
+        """Requests received and not yet in a live proposal or committed."""
+
+    def propose(self, seq: int) -> tuple[bytes, bytes] | None:
+        """A batch for ``seq`` as ``(payload, digest)``, or None if nothing to do."""
+
+    def validate(self, seq: int, payload: bytes) -> bytes | None:
+        """The payload's digest if it is an acceptable proposal for ``seq``."""
+
+    def abandon(self) -> None:
+        """A new view started: proposals not yet committed are void (the
+        re-issued ones are validated again right after)."""
+
+
+@dataclass(frozen=True)
+class PbftConfig:
+    checkpoint_interval: int = 16
+    """K: a CHECKPOINT every K sequence numbers; the window is L = 2K."""
+    batch_size: int = 64
+    """The primary proposes at once when this many requests are pending."""
+    batch_timeout: float = 0.02
+    """...and otherwise this long after the first pending request."""
+    view_change_timeout: float = 1.0
+    """Base timeout; doubles with each view change that fails to finish."""
+    retransmit_interval: float = 0.25
+    """Resend own messages for unfinished work (PBFT assumes fair links)."""
+    max_future_views: int = 32
+    """VIEW-CHANGEs further ahead than this are refused."""
+
+    @property
+    def window(self) -> int:
+        return 2 * self.checkpoint_interval
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One (view, seq): the PRE-PREPARE and the PREPAREs and COMMITs seen."""
+
+    view: int
+    seq: int
+    phase: Phase = Phase.IDLE
+    pre_prepare: PrePrepare | None = None
+    prepares: dict[PeerId, Prepare] = field(default_factory=dict)
+    commits: dict[PeerId, Commit] = field(default_factory=dict)
+    own: list[Message] = field(default_factory=list)
+
+
+class Replica:
+    """One PBFT validator. See the module docstring; ``step`` is the API."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        validators: Sequence[PeerId],
+        chain_id: str,
+        app: Application,
+        config: PbftConfig | None = None,
+        *,
+        executed: int = 0,
+        state: bytes = GENESIS_STATE,
+    ) -> None:
+        """``executed`` and ``state`` restore a replica restarted from its
+        store (the last height it holds and its chained state digest)."""
+        self.identity = identity
+        self.me = identity.public_key
+        self.validators = tuple(validators)
+        if self.me not in self.validators:
+            raise ValueError("a replica is one of the validators")
+        self.chain_id = chain_id
+        self.app = app
+        self.config = config or PbftConfig()
+        self.f = max_faulty(len(self.validators))
+        self.quorum = quorum(len(self.validators))
+        self.view = 0
+        self.mode = Mode.NORMAL
+        self.executed = executed
+        self.state = state
+        k = self.config.checkpoint_interval
+        self.low = executed - executed % k
+        """h: the low watermark (last stable checkpoint, or where a restore began)."""
+        self.stable_proof: tuple[Checkpoint, ...] = ()
+        self.stable_seq = 0
+        self.next_seq = executed + 1
+        self.log: dict[tuple[int, int], _Slot] = {}
+        self.prepared: dict[int, PreparedProof] = {}
+        self.committed: dict[int, Committed] = {}
+        self.checkpoints: dict[int, dict[PeerId, Checkpoint]] = {}
+        self.own_states: dict[int, bytes] = {}
+        self.view_changes: dict[PeerId, ViewChange] = {}
+        self.new_view_msg: NewView | None = None
+        self.view_change_attempts = 0
+        self.fetch_target = 0
+        self.fetch_round = 0
+        self.fetch_peers: tuple[PeerId, ...] = ()
+        self.timers: dict[str, int] = {}
+        self._token = 0
+        self.refused: Counter[str] = Counter()
+        self._out: list[Action] = []
+
+    # -- helpers --------------------------------------------------------------
+
+    def primary(self, view: int) -> PeerId:
+        return self.validators[view % len(self.validators)]
+
+    @property
+    def is_primary(self) -> bool:
+        return self.primary(self.view) == self.me
+
+    @property
+    def high(self) -> int:
+        return self.low + self.config.window
+
+    def _refuse(self, reason: str) -> None:
+        self.refused[reason] += 1
+
+    def _broadcast(self, message: Message) -> None:
+        self._out.append(Send(None, message))
+
+    def _set_timer(self, name: str, delay: float) -> None:
+        self._token += 1
+        self.timers[name] = self._token
+        self._out.append(SetTimer(name, delay, self._token))
+
+    def _cancel_timer(self, name: str) -> None:
+        if self.timers.pop(name, None) is not None:
+            self._out.append(CancelTimer(name))
+
+    def _slot(self, view: int, seq: int) -> _Slot:
+        slot = self.log.get((view, seq))
+        if slot is None:
+            slot = self.log[(view, seq)] = _Slot(view, seq)
+        return slot
+
+    # -- the one entry point --------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """Actions to run once at boot (arms the retransmission timer)."""
+        self._set_timer("retransmit", self.config.retransmit_interval)
+        return self._flush()
+
+    def step(self, event: Event) -> list[Action]:
+        """Apply one event; return what to do. The only mutator."""
+        if isinstance(event, Receive):
+            self._on_receive(event.sender, event.message)
+        elif isinstance(event, TimerFired):
+            self._on_timer(event.name, event.token)
+        elif isinstance(event, RequestsPending):
+            self._on_requests(event.count)
+        elif isinstance(event, BlocksFetched):
+            self._on_blocks(event.blocks)
+        self._update_view_timer()
+        return self._flush()
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _on_receive(self, sender: PeerId, message: Message) -> None:
+        if sender not in self.validators or message.replica != sender:
+            self._refuse("not_from_sender")
+            return
+        if isinstance(message, PrePrepare):
+            self._on_pre_prepare(message)
+        elif isinstance(message, Prepare):
+            self._on_prepare(message)
+        elif isinstance(message, Commit):
+            self._on_commit(message)
+        elif isinstance(message, Checkpoint):
+            self._on_checkpoint(message)
+        elif isinstance(message, ViewChange):
+            self._on_view_change(message)
+        elif isinstance(message, NewView):
+            self._on_new_view(message)
+
+    # -- batching (primary) ---------------------------------------------------
+
+    def _on_requests(self, count: int) -> None:
+        if count <= 0 or not self.is_primary or self.mode is not Mode.NORMAL:
+            return
+        self._propose(force=False)
+        if self.app.pending() > 0 and "batch" not in self.timers:
+            self._set_timer("batch", self.config.batch_timeout)
+
+    def _propose(self, *, force: bool) -> None:
+        """Issue PRE-PREPAREs while the window has room and batching says so."""
+        self.next_seq = max(self.next_seq, self.executed + 1, self.low + 1)
+        while self.next_seq <= self.high:
+            pending = self.app.pending()
+            if pending == 0 or (pending < self.config.batch_size and not force):
+                return
+            proposal = self.app.propose(self.next_seq)
+            if proposal is None:
+                return
+            payload, digest = proposal
+            pp = PrePrepare.create(
+                self.identity, self.chain_id, self.view, self.next_seq, digest, payload
+            )
+            self.next_seq += 1
+            self._broadcast(pp)
+            self._accept_pre_prepare(pp)
+            force = False
+
+    # -- normal case ----------------------------------------------------------
+
+    def _in_window(self, seq: int) -> bool:
+        return self.low < seq <= self.high
+
+    def _normal_guard(self, view: int, seq: int) -> bool:
+        """Stale or future view, view change in progress, or outside h..h+L."""
+        if self.mode is not Mode.NORMAL or view != self.view:
+            self._refuse("stale_view" if view < self.view else "other_view")
+            return False
+        if not self._in_window(seq):
+            self._refuse("watermark")
+            return False
+        return True
+
+    def _on_pre_prepare(self, pp: PrePrepare) -> None:
+        if not self._normal_guard(pp.view, pp.seq):
+            return
+        if pp.replica != self.primary(pp.view):
+            self._refuse("not_primary")
+            return
+        slot = self.log.get((pp.view, pp.seq))
+        if slot is not None and slot.pre_prepare is not None:
+            if slot.pre_prepare.digest != pp.digest and pp.verify(self.chain_id):
+                self._suspect_primary("equivocation")
+            else:
+                self._refuse("duplicate")
+            return
+        if not pp.verify(self.chain_id):
+            self._refuse("bad_signature")
+            return
+        if not self._payload_ok(pp):
+            self._refuse("wrong_digest")
+            self._suspect_primary("invalid_proposal")
+            return
+        self._accept_pre_prepare(pp)
+
+    def _payload_ok(self, pp: PrePrepare) -> bool:
+        return _payload_matches(self.app, pp.seq, pp.digest, pp.payload)
+
+    def _accept_pre_prepare(self, pp: PrePrepare) -> None:
+        """Enter PRE_PREPARED; a backup then PREPAREs."""
+        slot = self._slot(pp.view, pp.seq)
+        if slot.phase is not Phase.IDLE:
+            return
+        slot.pre_prepare = pp
+        slot.phase = Phase.PRE_PREPARED
+        if pp.replica == self.me:
+            slot.own.append(pp)
+        else:
+            prepare = Prepare.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
+            slot.prepares[self.me] = prepare
+            slot.own.append(prepare)
+            self._broadcast(prepare)
+        self._check_conflicts(slot)
+        self._enter_prepared(slot)
+
+    def _on_prepare(self, prepare: Prepare) -> None:
+        if not self._normal_guard(prepare.view, prepare.seq):
+            return
+        if prepare.replica == self.primary(prepare.view):
+            self._refuse("prepare_from_primary")
+            return
+        slot = self._slot(prepare.view, prepare.seq)
+        if prepare.replica in slot.prepares:
+            self._refuse("duplicate")
+            return
+        if not prepare.verify(self.chain_id):
+            self._refuse("bad_signature")
+            return
+        slot.prepares[prepare.replica] = prepare
+        self._check_conflicts(slot)
+        self._enter_prepared(slot)
+
+    def _check_conflicts(self, slot: _Slot) -> None:
+        """f+1 PREPAREs for another digest than our PRE-PREPARE: at least one
+        honest backup got a different PRE-PREPARE, so the primary equivocated."""
+        if slot.pre_prepare is None:
+            return
+        others = sum(1 for p in slot.prepares.values() if p.digest != slot.pre_prepare.digest)
+        if others > self.f:
+            self._suspect_primary("equivocation")
+
+    def _matching_prepares(self, slot: _Slot) -> list[Prepare]:
+        assert slot.pre_prepare is not None
+        digest = slot.pre_prepare.digest
+        return [p for p in slot.prepares.values() if p.digest == digest]
+
+    def _enter_prepared(self, slot: _Slot) -> None:
+        """PRE_PREPARED -> PREPARED with 2f matching PREPAREs; send COMMIT."""
+        if slot.phase is not Phase.PRE_PREPARED or slot.pre_prepare is None:
+            return
+        matching = self._matching_prepares(slot)
+        if len(matching) < 2 * self.f:
+            return
+        slot.phase = Phase.PREPARED
+        pp = slot.pre_prepare
+        proof = PreparedProof(pp, tuple(sorted(matching, key=lambda p: p.replica)[: 2 * self.f]))
+        self.prepared[pp.seq] = proof
+        commit = Commit.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
+        slot.commits[self.me] = commit
+        slot.own.append(commit)
+        self._broadcast(commit)
+        self._enter_committed(slot)
+
+    def _on_commit(self, commit: Commit) -> None:
+        """COMMITs count in any recent view: 2f+1 of them in *one* view is
+        PBFT's committed predicate, which lets a replica that is stuck in a
+        view change (or restarted at view 0) still learn what committed."""
+        if commit.seq <= self.executed or commit.seq > self.high:
+            self._refuse("watermark")
+            return
+        if commit.view > self.view + self.config.max_future_views:
+            self._refuse("future_view")
+            return
+        slot = self._slot(commit.view, commit.seq)
+        if commit.replica in slot.commits:
+            self._refuse("duplicate")
+            return
+        if not commit.verify(self.chain_id):
+            self._refuse("bad_signature")
+            return
+        slot.commits[commit.replica] = commit
+        if commit.view == self.view and self.mode is Mode.NORMAL:
+            self._enter_committed(slot)
+        else:
+            self._observe_commit_quorum(slot, commit.digest)
+
+    def _observe_commit_quorum(self, slot: _Slot, digest: bytes) -> None:
+        """2f+1 same-view COMMITs seen outside our own normal case: take the
+        payload we hold for that digest, or fetch the block."""
+        votes = [(c.replica, c.vote) for c in slot.commits.values() if c.digest == digest]
+        if len(votes) < self.quorum or slot.seq in self.committed:
+            return
+        payload = next(
+            (
+                s.pre_prepare.payload
+                for s in self.log.values()
+                if s.seq == slot.seq
+                and s.pre_prepare is not None
+                and s.pre_prepare.digest == digest
+            ),
+            None,
+        )
+        if payload is None:
+            self._fetch(slot.seq, tuple(r for r, _ in votes), now=True)
+            return
+        cert = CommitCertificate.of(slot.seq, digest, votes)
+        self.committed[slot.seq] = Committed(slot.seq, digest, payload, cert)
+        self._execute_ready()
+
+    def _enter_committed(self, slot: _Slot) -> None:
+        """PREPARED -> COMMITTED with 2f+1 matching COMMITs (own included)."""
+        if slot.phase is not Phase.PREPARED or slot.pre_prepare is None:
+            return
+        pp = slot.pre_prepare
+        votes = [(c.replica, c.vote) for c in slot.commits.values() if c.digest == pp.digest]
+        if len(votes) < self.quorum:
+            return
+        slot.phase = Phase.COMMITTED
+        if pp.seq > self.executed and pp.seq not in self.committed:
+            cert = CommitCertificate.of(pp.seq, pp.digest, votes)
+            self.committed[pp.seq] = Committed(pp.seq, pp.digest, pp.payload, cert)
+        self._execute_ready()
+
+    def _execute_ready(self) -> None:
+        """Deliver committed proposals in sequence order, without gaps."""
+        while (done := self.committed.pop(self.executed + 1, None)) is not None:
+            self._execute(done)
+
+    def _execute(self, done: Committed) -> None:
+        self.executed = done.seq
+        self.state = advance_state(self.state, done.seq, done.digest)
+        self._out.append(done)
+        self.view_change_attempts = 0
+        self._reset_view_timer()
+        if done.seq % self.config.checkpoint_interval == 0:
+            self._take_checkpoint(done.seq)
+
+    # -- checkpoints and garbage collection --------------------------------
+
+    def _take_checkpoint(self, seq: int) -> None:
+        self.own_states[seq] = self.state
+        checkpoint = Checkpoint.create(self.identity, self.chain_id, seq, self.state)
+        self.checkpoints.setdefault(seq, {})[self.me] = checkpoint
+        self._broadcast(checkpoint)
+        self._check_stable(seq)
+
+    def _on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.seq <= self.low or checkpoint.seq % self.config.checkpoint_interval:
+            self._refuse("stale_checkpoint")
+            return
+        known = self.checkpoints.get(checkpoint.seq, {})
+        if checkpoint.replica in known:
+            self._refuse("duplicate")
+            return
+        if not checkpoint.verify(self.chain_id):
+            self._refuse("bad_signature")
+            return
+        self.checkpoints.setdefault(checkpoint.seq, {})[checkpoint.replica] = checkpoint
+        self._bound_checkpoints(checkpoint.replica)
+        self._check_stable(checkpoint.seq)
+
+    def _bound_checkpoints(self, replica: PeerId) -> None:
+        """Keep at most window/K + 2 checkpoints per sender (Byzantine spam)."""
+        held = sorted(s for s, by in self.checkpoints.items() if replica in by)
+        for seq in held[
+            : max(0, len(held) - (self.config.window // self.config.checkpoint_interval + 2))
+        ]:
+            del self.checkpoints[seq][replica]
+
+    def _check_stable(self, seq: int) -> None:
+        """2f+1 matching CHECKPOINTs: stable (and GC), or fetch if we are behind."""
+        by_state: dict[bytes, list[Checkpoint]] = {}
+        for c in self.checkpoints.get(seq, {}).values():
+            by_state.setdefault(c.state, []).append(c)
+        for state, proof in by_state.items():
+            if len(proof) < self.quorum:
+                continue
+            if seq > self.executed:
+                self._fetch(seq, tuple(c.replica for c in proof))
+            elif self.own_states.get(seq) == state and seq > self.low:
+                self._make_stable(seq, tuple(sorted(proof, key=lambda c: c.replica)))
+            return
+
+    def _make_stable(self, seq: int, proof: tuple[Checkpoint, ...]) -> None:
+        self.low = seq
+        self.stable_seq = seq
+        self.stable_proof = proof[: self.quorum]
+        self.log = {key: slot for key, slot in self.log.items() if key[1] > seq}
+        self.prepared = {s: p for s, p in self.prepared.items() if s > seq}
+        self.checkpoints = {s: c for s, c in self.checkpoints.items() if s > seq}
+        self.own_states = {s: d for s, d in self.own_states.items() if s >= seq}
+        if self.is_primary and self.mode is Mode.NORMAL:
+            self._propose(force=False)
+
+    # -- state transfer -------------------------------------------------------
+
+    def _fetch(self, to_seq: int, peers: tuple[PeerId, ...], *, now: bool = False) -> None:
+        """Plan a state transfer up to ``to_seq``. A replica only a little
+        behind usually catches up by itself (its COMMITs are in flight), so
+        it waits one retransmission interval first; one beyond its window
+        fetches at once."""
+        if to_seq <= self.fetch_target:
+            return
+        self.fetch_target = to_seq
+        self.fetch_peers = tuple(p for p in peers if p != self.me)
+        if now or to_seq > self.high:
+            self._emit_fetch()
+        elif "fetch" not in self.timers:
+            self._set_timer("fetch", self.config.retransmit_interval)
+
+    def _emit_fetch(self) -> None:
+        others = self.fetch_peers or tuple(v for v in self.validators if v != self.me)
+        rotation = self.fetch_round % max(1, len(others))
+        self.fetch_round += 1
+        self._out.append(
+            FetchBlocks(self.executed + 1, self.fetch_target, others[rotation:] + others[:rotation])
+        )
+        self._set_timer("fetch", 4 * self.config.retransmit_interval)
+
+    def _on_blocks(self, blocks: tuple[tuple[int, bytes, bytes, CommitCertificate], ...]) -> None:
+        """Accept fetched blocks in order, each only with a valid certificate."""
+        for seq, digest, payload, cert in sorted(blocks, key=lambda b: b[0]):
+            if seq <= self.executed:
+                continue
+            if seq != self.executed + 1:
+                self._refuse("fetch_gap")
+                break
+            if not self._fetched_ok(seq, digest, payload, cert):
+                self._refuse("bad_certificate")
+                break
+            self.committed.pop(seq, None)
+            self._execute(Committed(seq, digest, payload, cert))
+        self._execute_ready()
+        for seq in sorted(s for s in self.checkpoints if s <= self.executed):
+            self._check_stable(seq)
+        if self.executed >= self.fetch_target:
+            self._cancel_timer("fetch")
+
+    def _fetched_ok(self, seq: int, digest: bytes, payload: bytes, cert: CommitCertificate) -> bool:
+        if cert.height != seq or cert.block_hash != digest:
+            return False
+        ok = _payload_matches(self.app, seq, digest, payload)
+        return ok and cert.is_valid(self.chain_id, self.validators)
+
+    # -- timers ---------------------------------------------------------------
+
+    def _on_timer(self, name: str, token: int) -> None:
+        if self.timers.get(name) != token:
+            return
+        del self.timers[name]
+        if name == "batch":
+            if self.is_primary and self.mode is Mode.NORMAL:
+                self._propose(force=True)
+                if self.app.pending() > 0:
+                    self._set_timer("batch", self.config.batch_timeout)
+        elif name == "view":
+            self._start_view_change(self.view + 1)
+        elif name == "retransmit":
+            self._retransmit()
+            self._set_timer("retransmit", self.config.retransmit_interval)
+        elif name == "fetch" and self.executed < self.fetch_target:
+            self._emit_fetch()
+
+    def _has_work(self) -> bool:
+        if self.app.pending() > 0:
+            return True
+        return any(
+            slot.pre_prepare is not None and slot.seq > self.executed
+            for slot in self.log.values()
+            if slot.view == self.view
+        )
+
+    def _update_view_timer(self) -> None:
+        """Normal mode: the view timer runs exactly while work is outstanding."""
+        if self.mode is not Mode.NORMAL:
+            return
+        if not self._has_work():
+            self._cancel_timer("view")
+        elif "view" not in self.timers:
+            self._set_timer("view", self.config.view_change_timeout)
+
+    def _reset_view_timer(self) -> None:
+        if self.mode is Mode.NORMAL and "view" in self.timers:
+            self._set_timer("view", self.config.view_change_timeout)
+
+    def _retransmit(self) -> None:
+        """Resend own messages for work not yet stable (links may drop)."""
+        if self.mode is Mode.VIEW_CHANGE:
+            own = self.view_changes.get(self.me)
+            if own is not None:
+                self._broadcast(own)
+            return
+        for (view, _seq), slot in sorted(self.log.items()):
+            if view == self.view:
+                for message in slot.own:
+                    self._broadcast(message)
+        for by in self.checkpoints.values():
+            if self.me in by:
+                self._broadcast(by[self.me])
+        if self.new_view_msg is not None and self.new_view_msg.view == self.view and self.log:
+            self._broadcast(self.new_view_msg)
+
+    # -- view change ----------------------------------------------------------
+
+    def _suspect_primary(self, reason: str) -> None:
+        self._out.append(Suspect(self.primary(self.view), reason))
+        if self.mode is Mode.NORMAL:
+            self._start_view_change(self.view + 1)
+
+    def _start_view_change(self, view: int) -> None:
+        """Leave the normal case for ``view``: send a VIEW-CHANGE, arm the timer."""
+        if view <= self.view and self.mode is Mode.VIEW_CHANGE:
+            return
+        self.view = view
+        self.mode = Mode.VIEW_CHANGE
+        self._cancel_timer("batch")
+        top = self.stable_seq + self.config.window
+        prepared = tuple(p for s, p in sorted(self.prepared.items()) if self.stable_seq < s <= top)
+        vc = ViewChange.create(
+            self.identity, self.chain_id, view, self.stable_seq, self.stable_proof, prepared
+        )
+        self.view_changes[self.me] = vc
+        self._broadcast(vc)
+        delay = self.config.view_change_timeout * 2 ** min(self.view_change_attempts, 6)
+        self.view_change_attempts += 1
+        self._set_timer("view", delay)
+        self._try_new_view()
+
+    def _on_view_change(self, vc: ViewChange) -> None:
+        if vc.new_view < self.view or (vc.new_view == self.view and self.mode is Mode.NORMAL):
+            self._refuse("stale_view")
+            return
+        if vc.new_view > self.view + self.config.max_future_views:
+            self._refuse("future_view")
+            return
+        held = self.view_changes.get(vc.replica)
+        if held is not None and held.new_view >= vc.new_view:
+            self._refuse("duplicate")
+            return
+        if not self._view_change_ok(vc):
+            self._refuse("bad_view_change")
+            return
+        self.view_changes[vc.replica] = vc
+        self._join_higher_view()
+        self._try_new_view()
+
+    def _join_higher_view(self) -> None:
+        """f+1 replicas want views above ours: join the smallest (PBFT's
+        liveness rule, so a replica never lags forever behind a view change)."""
+        ahead = sorted(
+            vc.new_view
+            for vc in self.view_changes.values()
+            if vc.new_view > self.view or (vc.new_view == self.view and self.mode is Mode.NORMAL)
+        )
+        if len(ahead) > self.f:
+            self._start_view_change(ahead[-(self.f + 1)])
+
+    def _view_change_ok(self, vc: ViewChange) -> bool:
+        """A VIEW-CHANGE's signature and every proof inside it check out."""
+        if not vc.verify(self.chain_id):
+            return False
+        if vc.stable_seq and not self._checkpoint_proof_ok(vc.stable_seq, vc.checkpoint_proof):
+            return False
+        if not vc.stable_seq and vc.checkpoint_proof:
+            return False
+        seqs = [p.pre_prepare.seq for p in vc.prepared]
+        if len(set(seqs)) != len(seqs):
+            return False
+        return all(self._prepared_proof_ok(p, vc) for p in vc.prepared)
+
+    def _checkpoint_proof_ok(self, seq: int, proof: tuple[Checkpoint, ...]) -> bool:
+        signers = {c.replica for c in proof}
+        if len(signers) != len(proof) or len(proof) < self.quorum:
+            return False
+        if len({c.state for c in proof}) != 1 or any(c.seq != seq for c in proof):
+            return False
+        return all(c.replica in self.validators and c.verify(self.chain_id) for c in proof)
+
+    def _prepared_proof_ok(self, proof: PreparedProof, vc: ViewChange) -> bool:
+        pp = proof.pre_prepare
+        if not vc.stable_seq < pp.seq <= vc.stable_seq + self.config.window:
+            return False
+        if pp.view >= vc.new_view or pp.replica != self.primary(pp.view):
+            return False
+        backups = {p.replica for p in proof.prepares}
+        if len(backups) != len(proof.prepares) or len(backups) < 2 * self.f:
+            return False
+        if pp.replica in backups or not backups <= set(self.validators):
+            return False
+        if any((p.view, p.seq, p.digest) != (pp.view, pp.seq, pp.digest) for p in proof.prepares):
+            return False
+        return pp.verify(self.chain_id) and all(p.verify(self.chain_id) for p in proof.prepares)
+
+    def _new_view_plan(
+        self, changes: Sequence[ViewChange]
+    ) -> tuple[int, list[tuple[int, bytes, bytes]]]:
+        """PBFT's O set: for each seq above the highest stable checkpoint, the
+        prepared proposal of the highest view, or a null request."""
+        min_s = max(vc.stable_seq for vc in changes)
+        best: dict[int, PrePrepare] = {}
+        for vc in changes:
+            for proof in vc.prepared:
+                pp = proof.pre_prepare
+                if pp.seq > min_s and (pp.seq not in best or pp.view > best[pp.seq].view):
+                    best[pp.seq] = pp
+        max_s = max(best, default=min_s)
+        plan = []
+        for seq in range(min_s + 1, max_s + 1):
+            pp = best.get(seq)
+            plan.append((seq, pp.digest, pp.payload) if pp else (seq, NULL_DIGEST, b""))
+        return min_s, plan
+
+    def _try_new_view(self) -> None:
+        """As the new primary, send NEW-VIEW once 2f+1 VIEW-CHANGEs are in."""
+        if self.mode is not Mode.VIEW_CHANGE or not self.is_primary:
+            return
+        changes = sorted(
+            (vc for vc in self.view_changes.values() if vc.new_view == self.view),
+            key=lambda vc: (vc.replica != self.me, vc.replica),
+        )[: self.quorum]
+        if len(changes) < self.quorum:
+            return
+        _, plan = self._new_view_plan(changes)
+        pre_prepares = tuple(
+            PrePrepare.create(self.identity, self.chain_id, self.view, seq, digest, payload)
+            for seq, digest, payload in plan
+        )
+        nv = NewView.create(self.identity, self.chain_id, self.view, tuple(changes), pre_prepares)
+        self._broadcast(nv)
+        self._install_new_view(nv)
+
+    def _on_new_view(self, nv: NewView) -> None:
+        if nv.view < self.view or (nv.view == self.view and self.mode is Mode.NORMAL):
+            self._refuse("stale_view")
+            return
+        if nv.replica != self.primary(nv.view):
+            self._refuse("not_primary")
+            return
+        if not nv.verify(self.chain_id) or not self._new_view_ok(nv):
+            self._refuse("bad_new_view")
+            return
+        self._install_new_view(nv)
+
+    def _new_view_ok(self, nv: NewView) -> bool:
+        senders = {vc.replica for vc in nv.view_changes}
+        if len(senders) != len(nv.view_changes) or len(senders) < self.quorum:
+            return False
+        if any(vc.new_view != nv.view for vc in nv.view_changes):
+            return False
+        if not all(self._view_change_ok(vc) for vc in nv.view_changes):
+            return False
+        _, plan = self._new_view_plan(nv.view_changes)
+        issued = [(p.seq, p.digest, p.payload) for p in nv.pre_prepares]
+        if issued != plan:
+            return False
+        return all(
+            p.view == nv.view and p.replica == nv.replica and p.verify(self.chain_id)
+            for p in nv.pre_prepares
+        )
+
+    def _install_new_view(self, nv: NewView) -> None:
+        """Enter the normal case of ``nv.view`` with its re-issued PRE-PREPAREs."""
+        self.view = nv.view
+        self.mode = Mode.NORMAL
+        self.new_view_msg = nv
+        self.view_change_attempts = 0
+        self._cancel_timer("view")
+        self.log = {key: slot for key, slot in self.log.items() if key[0] >= nv.view}
+        self.view_changes = {r: vc for r, vc in self.view_changes.items() if vc.new_view > nv.view}
+        min_s, plan = self._new_view_plan(nv.view_changes)
+        self._adopt_checkpoint(min_s, nv.view_changes)
+        self.app.abandon()
+        for pp in nv.pre_prepares:
+            if self._in_window(pp.seq) or pp.seq > self.executed:
+                self._install_pre_prepare(pp)
+        self.next_seq = max(self.executed, min_s + len(plan)) + 1
+        if self.is_primary:
+            self._propose(force=False)
+            if self.app.pending() > 0:
+                self._set_timer("batch", self.config.batch_timeout)
+
+    def _install_pre_prepare(self, pp: PrePrepare) -> None:
+        """Validate even our own re-issues: it tells the app the batch is live again."""
+        if not self._payload_ok(pp):
+            self._refuse("wrong_digest")
+            return
+        self._accept_pre_prepare(pp)
+
+    def _adopt_checkpoint(self, min_s: int, changes: Sequence[ViewChange]) -> None:
+        """The NEW-VIEW proves a stable checkpoint at ``min_s``: use it or fetch up to it."""
+        if min_s <= self.low:
+            return
+        proof = next(vc.checkpoint_proof for vc in changes if vc.stable_seq == min_s)
+        for c in proof:
+            self.checkpoints.setdefault(min_s, {})[c.replica] = c
+        if min_s > self.executed:
+            self._fetch(min_s, tuple(c.replica for c in proof))
+        else:
+            self._check_stable(min_s)
+
+
+class Follower:
+    """A non-validator that follows the chain: it accepts the next block only
+    with a valid commit certificate of the validators."""
+
+    def __init__(self, chain_id: str, validators: Sequence[PeerId], app: Application) -> None:
+        self.chain_id = chain_id
+        self.validators = tuple(validators)
+        self.app = app
+        self.height = 0
+        self.state = GENESIS_STATE
+        self.refused: Counter[str] = Counter()
+
+    def accept(
+        self, seq: int, digest: bytes, payload: bytes, certificate: CommitCertificate
+    ) -> Committed | None:
+        """The block as ``Committed`` if it is next and certified, else None (counted)."""
+        if seq != self.height + 1:
+            self.refused["not_next"] += 1
+            return None
+        if certificate.height != seq or certificate.block_hash != digest:
+            self.refused["wrong_certificate"] += 1
+            return None
+        if not _payload_matches(self.app, seq, digest, payload):
+            self.refused["wrong_digest"] += 1
+            return None
+        if not certificate.is_valid(self.chain_id, self.validators):
+            self.refused["bad_certificate"] += 1
+            return None
+        self.height = seq
+        self.state = advance_state(self.state, seq, digest)
+        return Committed(seq, digest, payload, certificate)
