@@ -1,0 +1,209 @@
+"""The state: canonical values, a deterministic two-level root, proofs of
+presence and absence that a client checks with the root alone."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedchain.consensus import merkle
+from fedchain.consensus.errors import MalformedMessage
+from fedchain.consensus.state import (
+    State,
+    StateProof,
+    _levels,
+    _path,
+    decode_value,
+    encode_value,
+    verify_state_proof,
+)
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+stored = values.filter(lambda v: v is not None)
+keys = st.text(min_size=1, max_size=12)
+
+
+def test_encoding_sorts_map_keys_and_turns_tuples_into_arrays() -> None:
+    assert encode_value({"b": 1, "a": (2, 3)}) == msgpack.packb({"a": [2, 3], "b": 1})
+    assert encode_value({"b": 1, "a": 2}) == encode_value({"a": 2, "b": 1})
+
+
+@pytest.mark.parametrize("bad", [1.5, {1: 2}, {b"k": 1}, 2**64, -(2**63) - 1, {1, 2}, object()])
+def test_encoding_refuses_what_is_not_a_state_value(bad: object) -> None:
+    with pytest.raises(ValueError):
+        encode_value(bad)
+
+
+def test_decoding_is_strict() -> None:
+    for data in (
+        msgpack.packb({"b": 1, "a": 2}),  # unsorted map
+        b"\xcf" + (1).to_bytes(8, "big"),  # wide int
+        msgpack.packb(1.5),
+        b"\x01\x02",  # trailing bytes
+        b"\xc1",  # never used
+    ):
+        with pytest.raises(MalformedMessage):
+            decode_value(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_property_value_roundtrip(value: object) -> None:
+    data = encode_value(value)
+    assert encode_value(decode_value(data)) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_property_any_bytes_decode_or_raise_malformed(data: bytes) -> None:
+    try:
+        value = decode_value(data)
+    except MalformedMessage:
+        return
+    assert encode_value(value) == data
+
+
+def test_levels_and_paths_match_rfc6962() -> None:
+    for n in range(1, 40):
+        leaves = [bytes([i]) * 3 for i in range(n)]
+        levels = _levels([merkle.leaf_hash(leaf) for leaf in leaves])
+        assert levels[-1][0] == merkle.root(leaves)
+        for i in range(n):
+            assert list(_path(levels, i)) == merkle.inclusion_proof(leaves, i)
+
+
+def test_root_in_closed_form_with_one_bucket() -> None:
+    state = State({"b": 2, "a": [1]}, buckets=1)
+    leaves = [msgpack.packb(["a", [1]]), msgpack.packb(["b", 2])]
+    commitment = (2).to_bytes(8, "big") + merkle.root(leaves)
+    top = merkle.leaf_hash(commitment)
+    assert (
+        state.root == hashlib.sha256(b"fedchain/state/v1\x00" + b"\x00\x00\x00\x01" + top).digest()
+    )
+
+
+def test_empty_state_root_matches_an_explicit_empty_tree() -> None:
+    buckets = 8
+    commitment = (0).to_bytes(8, "big") + merkle.EMPTY_ROOT
+    top = merkle.root([commitment] * buckets)
+    expected = hashlib.sha256(b"fedchain/state/v1\x00" + buckets.to_bytes(4, "big") + top)
+    assert State(buckets=buckets).root == expected.digest()
+
+
+def test_root_depends_only_on_content_not_history() -> None:
+    a = State({"x": 1, "y": 2})
+    b = State().update({"y": 2}).update({"z": 3}).update({"x": 1, "z": None})
+    assert a.root == b.root and len(a) == len(b) == 2
+    assert a.update({"x": 2}).root != a.root
+    assert State({"x": 1}, buckets=64).root != State({"x": 1}, buckets=128).root
+
+
+def test_snapshots_are_immutable() -> None:
+    parent = State({"k": [1, 2]})
+    root = parent.root
+    child = parent.update({"k": [3], "new": "v"})
+    assert parent.get("k") == [1, 2] and "new" not in parent and parent.root == root
+    assert child.get("k") == [3] and child.get("new") == "v"
+    got = child.get("k")
+    got.append(99)  # type: ignore[union-attr]
+    assert child.get("k") == [3]
+
+
+def test_keys_items_and_limits() -> None:
+    state = State({"b/2": 2, "a": 1, "b/1": 1})
+    assert state.keys() == ["a", "b/1", "b/2"]
+    assert state.items("b/") == [("b/1", 1), ("b/2", 2)]
+    for bad in ("", "k" * 513):
+        with pytest.raises(ValueError):
+            state.update({bad: 1})
+    with pytest.raises(ValueError):
+        state.apply({"k": "not encoded"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError):
+        State(buckets=3)
+
+
+def test_proofs_of_presence_and_absence() -> None:
+    state = State({f"k{i:03d}": i for i in range(200)}, buckets=4)
+    for key in ("k000", "k137", "k199"):
+        value, proof = state.prove(key)
+        assert value == int(key[1:])
+        assert verify_state_proof(key, value, proof, state.root)
+        assert not verify_state_proof(key, value + 1, proof, state.root)
+        assert not verify_state_proof(key, None, proof, state.root)
+        assert not verify_state_proof(key, value, proof, State().root)
+    for key in ("a", "k0005", "k1", "zzz"):  # before, between, after
+        value, proof = state.prove(key)
+        assert value is None
+        assert verify_state_proof(key, None, proof, state.root)
+        assert not verify_state_proof(key, 0, proof, state.root)
+    empty = State(buckets=4)
+    value, proof = empty.prove("anything")
+    assert value is None and verify_state_proof("anything", None, proof, empty.root)
+
+
+def test_absence_cannot_be_claimed_for_a_present_key() -> None:
+    state = State({f"k{i}": i for i in range(50)}, buckets=1)
+    _, before = state.prove("k10")
+    (leaf,) = before.leaves
+    _, low = state.prove(state.keys()[leaf.index - 1])
+    _, high = state.prove(state.keys()[leaf.index + 1])
+    skipping = StateProof(
+        before.buckets,
+        before.top_root,
+        before.top_path,
+        before.bucket_size,
+        before.bucket_root,
+        (low.leaves[0], high.leaves[0]),  # both genuine leaves, not neighbours
+    )
+    assert not verify_state_proof("k10", None, skipping, state.root)
+    # a neighbour's proof for another key in its gap does not transfer
+    _, gap = state.prove("k10a")
+    assert verify_state_proof("k10a", None, gap, state.root)
+    assert not verify_state_proof("k10", None, gap, state.root)
+
+
+def test_verify_never_raises_on_garbage() -> None:
+    state = State({"a": 1})
+    _, proof = state.prove("a")
+    junk = StateProof(3, b"", ("x",), -1, b"", ())  # type: ignore[arg-type]
+    assert not verify_state_proof("a", 1, junk, state.root)
+    assert not verify_state_proof("", 1, proof, state.root)
+    assert not verify_state_proof("a", 1.5, proof, state.root)
+    assert not verify_state_proof("a", 1, None, state.root)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(keys, stored, max_size=30), keys, st.sampled_from([1, 2, 8]))
+def test_property_every_key_proves(content: dict, probe: str, buckets: int) -> None:
+    state = State(content, buckets=buckets)
+    for key in [*content, probe]:
+        value, proof = state.prove(key)
+        assert value == (state.get(key))
+        assert verify_state_proof(key, value, proof, state.root)
+        if value is None:
+            assert key not in content
+            assert not verify_state_proof(key, "other", proof, state.root)
+        else:
+            assert not verify_state_proof(key, None, proof, state.root)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(keys, stored, max_size=20), st.dictionaries(keys, stored | st.none()))
+def test_property_apply_equals_building_from_scratch(base: dict, changes: dict) -> None:
+    merged = {**base, **changes}
+    merged = {k: v for k, v in merged.items() if v is not None}
+    assert State(base, buckets=4).update(changes).root == State(merged, buckets=4).root
