@@ -1,0 +1,229 @@
+"""Blocks: a header that commits to everything, the body, a certificate.
+
+The header is the msgpack array::
+
+    [height, prev_hash, timestamp, view, proposer, tx_root, results_root, state_root]
+
+and the block hash is SHA-256 of its canonical bytes. ``tx_root`` is the
+RFC 6962 root over the transactions' full encodings (signatures included,
+so nobody can swap a signature under a final block); ``results_root`` is
+the root over each transaction's encoded result (status, reason), and
+``state_root`` is the state *after* this block. A block is::
+
+    [header, [tx bytes, ...], [[status, reason], ...], votes or nil]
+
+where ``votes`` are the commit certificate's ``[validator key, signature]``
+pairs sorted by key (its height and hash are the header's, not repeated);
+nil means a proposal, not yet final. Decoding is strict and checks shape
+only; whether a block follows from its parent is :mod:`.chain`'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import msgpack
+
+from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, PeerId
+
+from . import merkle
+from .contracts import TxResult
+from .errors import InvalidBlock, MalformedMessage
+from .tx import MAX_TX_BYTES, Transaction, decode_transaction
+from .votes import CommitCertificate
+
+__all__ = [
+    "MAX_BLOCK_BYTES",
+    "Block",
+    "BlockHeader",
+    "check_body",
+    "decode_block",
+    "encode_block",
+    "results_root",
+    "tx_root",
+]
+
+MAX_BLOCK_BYTES = 32 * 1024 * 1024
+MAX_REASON_CHARS = 200
+_U63 = 2**63
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    height: int
+    prev_hash: bytes
+    timestamp: int
+    """Proposer's time in ms since the Unix epoch, at least the parent's."""
+    view: int
+    proposer: PeerId
+    tx_root: bytes
+    results_root: bytes
+    state_root: bytes
+
+    def as_list(self) -> list[object]:
+        return [
+            self.height,
+            self.prev_hash,
+            self.timestamp,
+            self.view,
+            self.proposer,
+            self.tx_root,
+            self.results_root,
+            self.state_root,
+        ]
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.as_list(), use_bin_type=True)
+
+    @property
+    def hash(self) -> bytes:
+        return hashlib.sha256(self.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    header: BlockHeader
+    txs: tuple[Transaction, ...]
+    results: tuple[TxResult, ...]
+    certificate: CommitCertificate | None = None
+
+    @property
+    def height(self) -> int:
+        return self.header.height
+
+    @property
+    def hash(self) -> bytes:
+        return self.header.hash
+
+    def with_certificate(self, certificate: CommitCertificate) -> Block:
+        if certificate.height != self.height or certificate.block_hash != self.hash:
+            raise ValueError("the certificate is for another block")
+        return replace(self, certificate=certificate)
+
+
+def tx_root(txs: Sequence[Transaction]) -> bytes:
+    return merkle.root([tx.encoded for tx in txs])
+
+
+def results_root(results: Sequence[TxResult]) -> bytes:
+    return merkle.root([r.encode() for r in results])
+
+
+def encode_block(block: Block) -> bytes:
+    votes = (
+        None if block.certificate is None else [[key, sig] for key, sig in block.certificate.votes]
+    )
+    return msgpack.packb(
+        [
+            block.header.as_list(),
+            [tx.encoded for tx in block.txs],
+            [[r.status, r.reason] for r in block.results],
+            votes,
+        ],
+        use_bin_type=True,
+    )
+
+
+def _is_u63(value: object) -> bool:
+    return type(value) is int and 0 <= value < _U63  # type: ignore[operator]
+
+
+def _is_hash(value: object) -> bool:
+    return type(value) is bytes and len(value) == 32
+
+
+def _header(fields: object) -> BlockHeader:
+    if type(fields) is not list or len(fields) != 8:
+        raise MalformedMessage("a header is an array of 8 fields")
+    height, prev, timestamp, view, proposer, txr, resr, stater = fields
+    if not (_is_u63(height) and _is_u63(timestamp) and _is_u63(view)):
+        raise MalformedMessage("height, timestamp and view are 63-bit integers")
+    if not (_is_hash(prev) and _is_hash(txr) and _is_hash(resr) and _is_hash(stater)):
+        raise MalformedMessage("hashes and roots are 32 bytes")
+    if type(proposer) is not bytes or len(proposer) != PUBLIC_KEY_BYTES:
+        raise MalformedMessage("proposer is a 32-byte key")
+    return BlockHeader(height, prev, timestamp, view, proposer, txr, resr, stater)
+
+
+def decode_block(
+    data: bytes, *, max_bytes: int = MAX_BLOCK_BYTES, max_tx_bytes: int = MAX_TX_BYTES
+) -> Block:
+    """Parse one block strictly (shape and canonical form only) or raise
+    MalformedMessage. Signatures, roots and the certificate are not checked."""
+    if type(data) is not bytes:
+        if not isinstance(data, bytearray | memoryview):
+            raise MalformedMessage(f"a block is bytes, not {type(data).__name__}")
+        data = bytes(data)
+    if len(data) > max_bytes:
+        raise MalformedMessage(f"block of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        fields = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=max_bytes,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:
+        raise MalformedMessage(f"not a block: {exc.__class__.__name__}") from exc
+    if type(fields) is not list or len(fields) != 4:
+        raise MalformedMessage("a block is an array of 4 fields")
+    header_fields, raw_txs, raw_results, raw_votes = fields
+    header = _header(header_fields)
+    if type(raw_txs) is not list or type(raw_results) is not list:
+        raise MalformedMessage("transactions and results are arrays")
+    if len(raw_txs) != len(raw_results):
+        raise MalformedMessage("one result per transaction")
+    txs = tuple(decode_transaction(t, max_bytes=max_tx_bytes) for t in raw_txs)
+    results = []
+    for r in raw_results:
+        if (
+            type(r) is not list
+            or len(r) != 2
+            or r[0] not in (0, 1)
+            or type(r[0]) is not int
+            or type(r[1]) is not str
+            or len(r[1]) > MAX_REASON_CHARS
+            or (r[0] == 0 and r[1])
+        ):
+            raise MalformedMessage("a result is [0, ''] or [1, reason]")
+        results.append(TxResult(r[0], r[1]))
+    certificate = None
+    if raw_votes is not None:
+        if type(raw_votes) is not list or any(
+            type(v) is not list
+            or len(v) != 2
+            or type(v[0]) is not bytes
+            or len(v[0]) != PUBLIC_KEY_BYTES
+            or type(v[1]) is not bytes
+            or len(v[1]) != SIGNATURE_BYTES
+            for v in raw_votes
+        ):
+            raise MalformedMessage("votes are [32-byte key, 64-byte signature] pairs")
+        keys = [v[0] for v in raw_votes]
+        if any(a >= b for a, b in itertools.pairwise(keys)):
+            raise MalformedMessage("votes are sorted by distinct keys")
+        certificate = CommitCertificate(
+            header.height, header.hash, tuple((k, s) for k, s in raw_votes)
+        )
+    block = Block(header, txs, tuple(results), certificate)
+    if encode_block(block) != data:
+        raise MalformedMessage("non-canonical block encoding")
+    return block
+
+
+def check_body(block: Block) -> None:
+    """Raise InvalidBlock unless the header's roots match the body."""
+    if len(block.txs) != len(block.results):
+        raise InvalidBlock("one result per transaction")
+    if tx_root(block.txs) != block.header.tx_root:
+        raise InvalidBlock("transaction Merkle root does not match the body")
+    if results_root(block.results) != block.header.results_root:
+        raise InvalidBlock("results root does not match the body")

@@ -1,0 +1,202 @@
+"""Contracts and execution: nonces, atomic overlays, recorded rejections,
+the kv and validators built-ins, and a registry that takes new contracts."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedchain.consensus.contracts import (
+    BlockContext,
+    ContractRegistry,
+    KvContract,
+    StateView,
+    TxResult,
+    default_registry,
+    execute_transactions,
+    kv_delete,
+    kv_key,
+    kv_set,
+    next_nonce,
+    sign_validator_change,
+    validator_change_content,
+    validator_epoch,
+    validators_of,
+)
+from fedchain.consensus.errors import ContractRejected
+from fedchain.consensus.genesis import Genesis
+from fedchain.consensus.state import State, encode_value
+from fedchain.consensus.tx import Transaction, sign_transaction
+from fedchain.p2p.identity import Identity
+
+CHAIN = "contracts-test"
+ALICE = Identity(b"a" * 32)
+BOB = Identity(b"b" * 32)
+VALIDATORS = [Identity(bytes([i + 1]) * 32) for i in range(4)]
+CONTEXT = BlockContext(CHAIN, 1, 1000, VALIDATORS[0].public_key)
+
+
+def tx(who: Identity, nonce: int, content: bytes, kind: str = "kv") -> Transaction:
+    return sign_transaction(who, CHAIN, type=kind, content=content, nonce=nonce, timestamp=0)
+
+
+def run(
+    state: State, txs: list[Transaction], registry: ContractRegistry | None = None
+) -> tuple[State, list[TxResult]]:
+    return execute_transactions(state, txs, registry or default_registry(), CONTEXT)
+
+
+def genesis_state() -> State:
+    return Genesis.create(CHAIN, 0, [v.public_key for v in VALIDATORS]).state()
+
+
+def test_kv_set_and_delete_in_the_senders_namespace() -> None:
+    state, results = run(
+        State(),
+        [
+            tx(ALICE, 0, kv_set("x", {"n": 1})),
+            tx(BOB, 0, kv_set("x", "bob's")),
+            tx(ALICE, 1, kv_delete("x")),
+        ],
+    )
+    assert results == [TxResult(0)] * 3
+    assert kv_key(ALICE.public_key, "x") not in state
+    assert state.get(kv_key(BOB.public_key, "x")) == "bob's"
+    assert next_nonce(state, ALICE.public_key) == 2 and next_nonce(state, BOB.public_key) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"\xc1", "malformed kv content"),
+        (encode_value(["put", "k", 1]), "kv content is [set, key, value] or [del, key]"),
+        (encode_value(["set", "k"]), "kv content is [set, key, value] or [del, key]"),
+        (encode_value(["set", "", 1]), "kv key is a string of 1..128 characters"),
+        (encode_value(["set", "k", None]), "kv value is not nil"),
+        (kv_delete("missing"), "no such key"),
+    ],
+)
+def test_kv_rejections_are_recorded_with_their_reason(content: bytes, reason: str) -> None:
+    state, results = run(State(), [tx(ALICE, 0, content)])
+    assert results == [TxResult(1, reason)]
+    assert state.keys() == [f"sys/nonce/{ALICE.public_key.hex()}"]  # the nonce is used
+
+
+def test_nonces_refuse_replays_and_gaps_without_consuming() -> None:
+    first = tx(ALICE, 0, kv_set("k", 1))
+    state, results = run(State(), [first, first, tx(ALICE, 5, kv_set("k", 2))])
+    assert results == [
+        TxResult(0),
+        TxResult(1, "bad nonce: expected 1"),
+        TxResult(1, "bad nonce: expected 1"),
+    ]
+    assert next_nonce(state, ALICE.public_key) == 1
+    assert state.get(kv_key(ALICE.public_key, "k")) == 1
+    _, again = run(state, [first])
+    assert again == [TxResult(1, "bad nonce: expected 1")]
+
+
+class WritesThenRefuses:
+    def apply(self, view: StateView, tx: Transaction) -> None:
+        view.set("half", "applied")
+        raise ContractRejected("changed my mind")
+
+
+class Buggy:
+    def apply(self, view: StateView, tx: Transaction) -> None:
+        view.set("half", "applied")
+        {}["missing"]  # a contract bug
+
+
+class ReadsContext:
+    def apply(self, view: StateView, tx: Transaction) -> None:
+        view.set("seen", [view.context.height, view.context.timestamp, view.get("seen", 0)])
+
+
+def test_nothing_is_half_applied() -> None:
+    registry = default_registry()
+    registry.register("refuse", WritesThenRefuses())
+    registry.register("bug", Buggy())
+    state, results = run(
+        State(),
+        [tx(ALICE, 0, b"", "refuse"), tx(ALICE, 1, b"", "bug"), tx(ALICE, 2, b"", "nope")],
+        registry,
+    )
+    assert results == [
+        TxResult(1, "changed my mind"),
+        TxResult(1, "contract error: KeyError"),
+        TxResult(1, "unknown type 'nope'"),
+    ]
+    assert "half" not in state
+    assert next_nonce(state, ALICE.public_key) == 3
+
+
+def test_a_transaction_sees_earlier_writes_of_its_block() -> None:
+    registry = ContractRegistry({"ctx": ReadsContext()})
+    state, results = run(State(), [tx(ALICE, 0, b"", "ctx"), tx(BOB, 0, b"", "ctx")], registry)
+    assert all(r.ok for r in results)
+    assert state.get("seen") == [1, 1000, [1, 1000, 0]]
+
+
+def test_registry_is_explicit() -> None:
+    registry = ContractRegistry()
+    registry.register("kv", KvContract())
+    assert "kv" in registry and registry.get("validators") is None
+    with pytest.raises(ValueError):
+        registry.register("kv", KvContract())
+    assert list(default_registry()) == ["kv", "validators"]
+
+
+def test_execution_is_deterministic() -> None:
+    txs = [tx(ALICE, i, kv_set(f"k{i}", i)) for i in range(20)]
+    a, ra = run(State(), txs)
+    b, rb = run(State(), txs)
+    assert a.root == b.root and ra == rb
+
+
+def change(new_set: list[bytes], signers: list[Identity], epoch: int = 0) -> bytes:
+    approvals = [(s.public_key, sign_validator_change(s, CHAIN, epoch, new_set)) for s in signers]
+    return validator_change_content(new_set, approvals)
+
+
+def test_validator_set_changes_with_a_quorum_of_approvals() -> None:
+    state = genesis_state()
+    assert validators_of(state) == sorted(v.public_key for v in VALIDATORS)
+    new_set = sorted([VALIDATORS[0].public_key, ALICE.public_key, BOB.public_key])
+    state, results = run(state, [tx(ALICE, 0, change(new_set, VALIDATORS[:3]), "validators")])
+    assert results == [TxResult(0)]
+    assert validators_of(state) == new_set and validator_epoch(state) == 1
+
+
+def test_validator_change_refusals() -> None:
+    state = genesis_state()
+    new_set = sorted([ALICE.public_key])
+    outsiders = [ALICE, BOB, Identity(b"c" * 32)]
+    cases = [
+        (change(new_set, VALIDATORS[:2]), "2 approvals, 3 needed"),
+        (change(new_set, outsiders), "0 approvals, 3 needed"),
+        (change(new_set, VALIDATORS[:3], epoch=1), "0 approvals, 3 needed"),
+        (encode_value([[b"x"], []]), "validators are sorted distinct 32-byte keys"),
+        (encode_value([[], []]), "validators are sorted distinct 32-byte keys"),
+        (encode_value([[ALICE.public_key] * 2, []]), "validators are sorted distinct 32-byte keys"),
+        (encode_value([new_set, [[b"k"]]]), "approvals are [key, signature] pairs"),
+        (encode_value([new_set]), "content is [validators, approvals]"),
+    ]
+    for nonce, (content, reason) in enumerate(cases):
+        state, results = run(state, [tx(BOB, nonce, content, "validators")])
+        assert results == [TxResult(1, reason)]
+    assert validator_epoch(state) == 0
+
+
+def test_validator_approvals_are_single_use() -> None:
+    state = genesis_state()
+    new_set = sorted([ALICE.public_key] + [v.public_key for v in VALIDATORS[1:]])
+    content = change(new_set, VALIDATORS[:3])
+    state, results = run(state, [tx(ALICE, 0, content, "validators")])
+    assert results[0].ok and validator_epoch(state) == 1
+    _, results = run(state, [tx(ALICE, 1, content, "validators")])
+    assert results == [TxResult(1, "0 approvals, 3 needed")]  # replayed approvals
+    back = sorted(v.public_key for v in VALIDATORS)
+    _, results = run(state, [tx(ALICE, 1, change(back, VALIDATORS[1:], epoch=1), "validators")])
+    assert results[0].ok  # the current set, signing the current epoch
+    _, results = run(state, [tx(ALICE, 1, change(back, VALIDATORS[:1], epoch=1), "validators")])
+    assert results == [TxResult(1, "0 approvals, 3 needed")]  # a removed validator
