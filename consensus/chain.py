@@ -1,0 +1,181 @@
+"""Building, validating and verifying blocks: one rule book for all roles.
+
+The proposer executes its batch to build a block (the header carries the
+state root *after* the block and the root of the per-transaction results);
+a replica re-executes the proposal on its own copy of the parent state and
+accepts it only if it gets the same roots; a follower, or ``fedchain chain
+verify``, does the same for every block from the genesis, after checking
+each block's commit certificate against the validator set in force at its
+height. Because all three run the same :meth:`Executor.validate_block`, a
+chain that verifies is exactly a chain the replicas would have built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from fedchain.p2p.identity import PeerId
+
+from .block import Block, BlockHeader, check_body, decode_block, results_root, tx_root
+from .contracts import (
+    BlockContext,
+    ContractRegistry,
+    default_registry,
+    execute_transactions,
+    validators_of,
+)
+from .errors import ConsensusError, InvalidBlock, InvalidCertificate, MalformedMessage
+from .genesis import Genesis
+from .state import State
+from .tx import Transaction
+
+__all__ = ["ChainReport", "ChainTip", "Executor", "verify_chain"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainTip:
+    """Where a chain stands: the last final block and the state after it."""
+
+    height: int
+    block_hash: bytes
+    timestamp: int
+    state: State
+
+    @classmethod
+    def of_genesis(cls, genesis: Genesis) -> ChainTip:
+        return cls(0, genesis.hash, genesis.genesis_time, genesis.state())
+
+    @property
+    def validators(self) -> list[PeerId]:
+        """The set that votes on the next block."""
+        return validators_of(self.state)
+
+
+class Executor:
+    """The deterministic rules of one chain: its genesis and its contracts."""
+
+    def __init__(self, genesis: Genesis, registry: ContractRegistry | None = None) -> None:
+        self.genesis = genesis
+        self.chain_id = genesis.chain_id
+        self.params = genesis.params
+        self.registry = registry if registry is not None else default_registry()
+
+    def build_block(
+        self,
+        tip: ChainTip,
+        txs: Sequence[Transaction],
+        *,
+        timestamp: int,
+        view: int,
+        proposer: PeerId,
+    ) -> tuple[Block, State]:
+        """Execute ``txs`` (already signature-checked) on the tip: the
+        proposal, without certificate, and the state after it."""
+        if len(txs) > self.params.max_block_txs:
+            raise ValueError("more transactions than a block may hold")
+        timestamp = max(timestamp, tip.timestamp)
+        context = BlockContext(self.chain_id, tip.height + 1, timestamp, proposer)
+        state, results = execute_transactions(tip.state, txs, self.registry, context)
+        header = BlockHeader(
+            height=tip.height + 1,
+            prev_hash=tip.block_hash,
+            timestamp=timestamp,
+            view=view,
+            proposer=proposer,
+            tx_root=tx_root(txs),
+            results_root=results_root(results),
+            state_root=state.root,
+        )
+        return Block(header, tuple(txs), tuple(results)), state
+
+    def validate_block(
+        self,
+        tip: ChainTip,
+        block: Block,
+        *,
+        verified: Callable[[Transaction], bool] | None = None,
+    ) -> State:
+        """The state after ``block`` if it follows from ``tip``, else InvalidBlock.
+
+        Checks the link, limits, roots and every signature (skipping those
+        for which ``verified(tx)`` is true: the mempool already checked
+        that exact transaction and signature), then re-executes. The
+        certificate is not checked here (a proposal has none yet)."""
+        header = block.header
+        if header.height != tip.height + 1:
+            raise InvalidBlock(f"height {header.height} does not follow {tip.height}")
+        if header.prev_hash != tip.block_hash:
+            raise InvalidBlock("previous hash does not match the parent")
+        if header.timestamp < tip.timestamp:
+            raise InvalidBlock("timestamp is before the parent's")
+        if len(block.txs) > self.params.max_block_txs:
+            raise InvalidBlock("too many transactions")
+        if sum(len(tx.encoded) for tx in block.txs) > self.params.max_block_bytes:
+            raise InvalidBlock("transactions exceed the block byte limit")
+        if any(len(tx.encoded) > self.params.max_tx_bytes for tx in block.txs):
+            raise InvalidBlock("a transaction exceeds the size limit")
+        check_body(block)
+        for tx in block.txs:
+            if (verified is None or not verified(tx)) and not tx.verify(self.chain_id):
+                raise InvalidBlock(f"transaction {tx.digest.hex()[:16]} has a bad signature")
+        context = BlockContext(self.chain_id, header.height, header.timestamp, header.proposer)
+        state, results = execute_transactions(tip.state, block.txs, self.registry, context)
+        if tuple(results) != block.results:
+            first = next(
+                i for i, (a, b) in enumerate(zip(results, block.results, strict=False)) if a != b
+            )
+            raise InvalidBlock(f"result of transaction {first} differs on re-execution")
+        if state.root != header.state_root:
+            raise InvalidBlock("state root differs on re-execution")
+        return state
+
+    def check_certificate(self, tip: ChainTip, block: Block) -> None:
+        """Raise InvalidCertificate unless a quorum of the validators in
+        force after ``tip`` signed this block's height and hash."""
+        cert = block.certificate
+        if cert is None:
+            raise InvalidCertificate("the block has no commit certificate")
+        if cert.height != block.height or cert.block_hash != block.hash:
+            raise InvalidCertificate("the certificate is for another block")
+        if not cert.is_valid(self.chain_id, tip.validators):
+            raise InvalidCertificate("the certificate lacks a quorum of validator signatures")
+
+    def apply_final(self, tip: ChainTip, block: Block) -> ChainTip:
+        """Check certificate and block; the tip after it."""
+        self.check_certificate(tip, block)
+        state = self.validate_block(tip, block)
+        return ChainTip(block.height, block.hash, block.header.timestamp, state)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """``ok`` with ``height`` the last verified block, or the first broken
+    ``height`` and why (``error``). ``tip`` is the last good tip."""
+
+    ok: bool
+    height: int
+    error: str | None
+    tip: ChainTip
+
+
+def verify_chain(
+    genesis: Genesis,
+    encoded_blocks: Iterable[bytes],
+    registry: ContractRegistry | None = None,
+) -> ChainReport:
+    """Verify a chain from block bytes alone, stopping at the first bad block."""
+    executor = Executor(genesis, registry)
+    tip = ChainTip.of_genesis(genesis)
+    for data in encoded_blocks:
+        height = tip.height + 1
+        try:
+            block = decode_block(
+                data,
+                max_bytes=genesis.params.max_block_bytes + 1024 * 1024,
+                max_tx_bytes=genesis.params.max_tx_bytes,
+            )
+            tip = executor.apply_final(tip, block)
+        except (MalformedMessage, ConsensusError) as exc:
+            return ChainReport(False, height, f"{exc.reason}: {exc}", tip)
+    return ChainReport(True, tip.height, None, tip)

@@ -1,0 +1,132 @@
+"""The mempool: bounds with an explicit busy error, dedup, one signature
+check per transaction, round-robin reaping, forgetting on commit."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedchain.consensus.contracts import kv_set
+from fedchain.consensus.errors import (
+    DuplicateTransaction,
+    InvalidSignature,
+    MalformedMessage,
+    MempoolFull,
+)
+from fedchain.consensus.mempool import Mempool
+from fedchain.consensus.tx import Transaction, decode_transaction, sign_transaction
+from fedchain.p2p.identity import Identity
+
+CHAIN = "mempool-test"
+USERS = {name: Identity(name.encode() * 32) for name in "abc"}
+
+
+def tx(who: str, nonce: int, size: int = 1) -> Transaction:
+    content = kv_set("k", "x" * size)
+    return sign_transaction(USERS[who], CHAIN, type="kv", content=content, nonce=nonce, timestamp=0)
+
+
+def test_add_from_bytes_and_objects() -> None:
+    pool = Mempool(CHAIN)
+    first = pool.add(tx("a", 0).encoded)
+    pool.add(tx("a", 1))
+    assert len(pool) == 2 and first.digest in pool and pool.get(first.digest) == first
+    assert pool.size_bytes == sum(len(t.encoded) for t in (tx("a", 0), tx("a", 1)))
+
+
+def test_duplicates_are_refused() -> None:
+    pool = Mempool(CHAIN)
+    pool.add(tx("a", 0))
+    with pytest.raises(DuplicateTransaction):
+        pool.add(tx("a", 0).encoded)
+    with pytest.raises(DuplicateTransaction):
+        pool.add(tx("a", 0, size=5))  # same sender and nonce, other content
+    assert len(pool) == 1
+
+
+def test_bad_signature_and_bad_bytes_are_refused_and_not_kept() -> None:
+    pool = Mempool(CHAIN)
+    forged = decode_transaction(tx("a", 0).encoded[:-64] + bytes(64))
+    with pytest.raises(InvalidSignature):
+        pool.add(forged)
+    other_chain = sign_transaction(
+        USERS["a"], "other", type="kv", content=b"", nonce=0, timestamp=0
+    )
+    with pytest.raises(InvalidSignature):
+        pool.add(other_chain)
+    with pytest.raises(MalformedMessage):
+        pool.add(b"\x00garbage")
+    assert len(pool) == 0 and pool.size_bytes == 0
+    pool.add(tx("a", 0))  # the honest one is still welcome
+
+
+def test_bounds_give_an_explicit_busy_error() -> None:
+    pool = Mempool(CHAIN, max_txs=3, max_per_sender=2)
+    pool.add(tx("a", 0))
+    pool.add(tx("a", 1))
+    with pytest.raises(MempoolFull, match="this sender"):
+        pool.add(tx("a", 2))
+    pool.add(tx("b", 0))
+    with pytest.raises(MempoolFull, match="full"):
+        pool.add(tx("c", 0))
+    assert len(pool) == 3
+
+    one = len(tx("a", 0).encoded)
+    by_bytes = Mempool(CHAIN, max_bytes=2 * one)
+    by_bytes.add(tx("a", 0))
+    by_bytes.add(tx("b", 0))
+    with pytest.raises(MempoolFull):
+        by_bytes.add(tx("c", 0))
+    with pytest.raises(MempoolFull):
+        Mempool(CHAIN, max_tx_bytes=10).add(tx("a", 0))
+
+
+def test_reap_is_round_robin_by_sender_in_nonce_order() -> None:
+    pool = Mempool(CHAIN)
+    for nonce in (2, 0, 1, 3):  # arrival order is not nonce order
+        pool.add(tx("a", nonce))
+    pool.add(tx("b", 0))
+    pool.add(tx("c", 1))
+    pool.add(tx("c", 0))
+    order = [(t.sender, t.nonce) for t in pool.reap(100, 10**9)]
+    a, b, c = (USERS[n].public_key for n in "abc")
+    assert order == [(a, 0), (b, 0), (c, 0), (a, 1), (c, 1), (a, 2), (a, 3)]
+    assert len(pool) == 7  # reaping removes nothing
+    assert [t.nonce for t in pool.reap(4, 10**9)] == [0, 0, 0, 1]
+
+
+def test_reap_respects_bytes_without_leaving_nonce_gaps() -> None:
+    pool = Mempool(CHAIN)
+    pool.add(tx("a", 0))
+    pool.add(tx("a", 1, size=500))
+    pool.add(tx("a", 2))
+    pool.add(tx("b", 0))
+    pool.add(tx("b", 1))
+    small = len(tx("a", 0).encoded)
+    chosen = pool.reap(100, 4 * small)
+    a, b = USERS["a"].public_key, USERS["b"].public_key
+    assert [(t.sender, t.nonce) for t in chosen] == [(a, 0), (b, 0), (b, 1)]
+    assert pool.reap(0, 10**9) == []
+
+
+def test_remove_committed_forgets_and_refuses_replays() -> None:
+    pool = Mempool(CHAIN, remember_committed=2)
+    txs = [tx("a", 0), tx("a", 1), tx("b", 0)]
+    for t in txs:
+        pool.add(t)
+    pool.remove_committed([txs[0].digest, txs[2].digest, b"\x00" * 32])
+    assert [t.digest for t in pool.reap(10, 10**9)] == [txs[1].digest]
+    assert pool.size_bytes == len(txs[1].encoded)
+    with pytest.raises(DuplicateTransaction):
+        pool.add(txs[2])
+    pool.add(tx("b", 1))  # the sender's next one is fine
+    pool.remove_committed([tx("c", 9).digest])  # the memory is bounded: oldest forgotten
+    pool.add(txs[0])
+
+
+def test_verified_names_the_exact_transaction() -> None:
+    pool = Mempool(CHAIN)
+    good = pool.add(tx("a", 0))
+    forged = decode_transaction(good.encoded[:-64] + bytes(64))
+    assert forged.digest == good.digest
+    assert pool.verified(good) and not pool.verified(forged)
+    assert not pool.verified(tx("a", 1))
