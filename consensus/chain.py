@@ -12,6 +12,7 @@ chain that verifies is exactly a chain the replicas would have built.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -53,13 +54,38 @@ class ChainTip:
 
 
 class Executor:
-    """The deterministic rules of one chain: its genesis and its contracts."""
+    """The deterministic rules of one chain: its genesis and its contracts.
 
-    def __init__(self, genesis: Genesis, registry: ContractRegistry | None = None) -> None:
+    With ``cache_blocks > 0`` it remembers the state after the last blocks
+    it built or validated, keyed by (parent state root, block hash). That is
+    sound because the parent root commits to the whole parent state and the
+    hash to the header, which commits to the transactions, results and
+    resulting root, so once the body matches the header (checked every
+    time, with the signatures) re-execution could only give the cached
+    answer. Replicas that share one executor in a simulation then execute
+    each block once instead of once per replica."""
+
+    def __init__(
+        self,
+        genesis: Genesis,
+        registry: ContractRegistry | None = None,
+        *,
+        cache_blocks: int = 0,
+    ) -> None:
         self.genesis = genesis
         self.chain_id = genesis.chain_id
         self.params = genesis.params
         self.registry = registry if registry is not None else default_registry()
+        self.cache_blocks = cache_blocks
+        self._cache: OrderedDict[tuple[bytes, bytes], State] = OrderedDict()
+        self.cache_hits = 0
+
+    def _remember(self, parent: State, block: Block, state: State) -> None:
+        if self.cache_blocks > 0:
+            self._cache[(parent.root, block.hash)] = state
+            self._cache.move_to_end((parent.root, block.hash))
+            while len(self._cache) > self.cache_blocks:
+                self._cache.popitem(last=False)
 
     def build_block(
         self,
@@ -87,7 +113,9 @@ class Executor:
             results_root=results_root(results),
             state_root=state.root,
         )
-        return Block(header, tuple(txs), tuple(results)), state
+        block = Block(header, tuple(txs), tuple(results))
+        self._remember(tip.state, block, state)
+        return block, state
 
     def validate_block(
         self,
@@ -119,6 +147,10 @@ class Executor:
         for tx in block.txs:
             if (verified is None or not verified(tx)) and not tx.verify(self.chain_id):
                 raise InvalidBlock(f"transaction {tx.digest.hex()[:16]} has a bad signature")
+        cached = self._cache.get((tip.state.root, block.hash)) if self.cache_blocks else None
+        if cached is not None:
+            self.cache_hits += 1
+            return cached
         context = BlockContext(self.chain_id, header.height, header.timestamp, header.proposer)
         state, results = execute_transactions(tip.state, block.txs, self.registry, context)
         if tuple(results) != block.results:
@@ -128,6 +160,7 @@ class Executor:
             raise InvalidBlock(f"result of transaction {first} differs on re-execution")
         if state.root != header.state_root:
             raise InvalidBlock("state root differs on re-execution")
+        self._remember(tip.state, block, state)
         return state
 
     def check_certificate(self, tip: ChainTip, block: Block) -> None:

@@ -242,3 +242,20 @@ def test_a_block_over_the_byte_limit_is_refused() -> None:
     with pytest.raises(InvalidBlock, match="byte limit"):
         executor.validate_block(tip, block)
     assert msgpack.unpackb(encode_block(block))[3] is None
+
+
+def test_a_shared_executor_executes_each_block_once_and_still_checks_the_body() -> None:
+    executor = Executor(GENESIS, cache_blocks=4)
+    tip = ChainTip.of_genesis(GENESIS)
+    block, state = executor.build_block(
+        tip, [kv(0), kv(1)], timestamp=0, view=0, proposer=VALIDATORS[0].public_key
+    )
+    for _replica in range(3):
+        assert executor.validate_block(tip, block) is state
+    assert executor.cache_hits == 3
+    forged = replace(block, txs=block.txs[::-1])  # same header, other body
+    with pytest.raises(InvalidBlock, match="Merkle root"):
+        executor.validate_block(tip, forged)
+    other_parent = replace(tip, state=tip.state.update({"hello": "there"}))
+    with pytest.raises(InvalidBlock, match="state root"):
+        executor.validate_block(other_parent, block)
