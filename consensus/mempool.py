@@ -13,7 +13,10 @@ Why these choices:
   proposal.
 - :meth:`Mempool.reap` takes one transaction per sender per pass (round
   robin in order of arrival), each sender's in nonce order, so a flood from
-  one key delays only that key.
+  one key delays only that key. Given the committed nonces, a sender's
+  run starts at its next nonce and stops at a gap (a later nonce waits in
+  the pool, bounded per sender, until the gap fills); given the digests of
+  proposals in flight, those are not proposed twice.
 - A bounded memory of recently committed digests refuses a replayed
   transaction before it costs a signature check; the state's nonces refuse
   it for good.
@@ -22,8 +25,8 @@ Why these choices:
 from __future__ import annotations
 
 from bisect import insort
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Container, Iterable, Iterator
 
 from fedchain.p2p.identity import PeerId
 
@@ -105,37 +108,82 @@ class Mempool:
         pending = self._txs.get(tx.digest)
         return pending is not None and pending.signature == tx.signature
 
-    def reap(self, max_txs: int, max_bytes: int) -> list[Transaction]:
+    def reap(
+        self,
+        max_txs: int,
+        max_bytes: int,
+        *,
+        exclude: Container[bytes] = (),
+        next_nonce: Callable[[PeerId], int] | None = None,
+    ) -> list[Transaction]:
         """Up to ``max_txs`` transactions within ``max_bytes`` for a proposal:
         one per sender per pass, each sender's in nonce order. Nothing is
-        removed (that happens on commit)."""
+        removed (that happens on commit).
+
+        ``exclude`` names digests already in proposals still in flight
+        (PBFT has several); they are skipped but count as coming first.
+        With ``next_nonce`` (the committed state's next nonce per sender) a
+        sender's run starts at that nonce and stops at the first gap, so a
+        proposal never carries a transaction bound to fail its nonce check;
+        stale ones are skipped (:meth:`drop_stale` removes them)."""
         chosen: list[Transaction] = []
         total = 0
-        depth = 0
-        active = list(self._queues.values())
-        while active and len(chosen) < max_txs:
-            still = []
-            for queue in active:
-                if depth >= len(queue):
-                    continue
-                tx = self._txs[queue[depth][1]]
-                if total + len(tx.encoded) > max_bytes:
-                    continue  # a smaller one from another sender may still fit
-                chosen.append(tx)
-                total += len(tx.encoded)
-                if len(chosen) >= max_txs:
-                    break
-                still.append(queue)
-            active = still
-            depth += 1
+        runs = deque(
+            self._run(sender, queue, exclude, next_nonce) for sender, queue in self._queues.items()
+        )
+        while runs and len(chosen) < max_txs:
+            run = runs.popleft()
+            tx = next(run, None)
+            if tx is None or total + len(tx.encoded) > max_bytes:
+                continue  # this sender is done; a smaller one from another may fit
+            chosen.append(tx)
+            total += len(tx.encoded)
+            runs.append(run)
         return chosen
+
+    def _run(
+        self,
+        sender: PeerId,
+        queue: list[tuple[int, bytes]],
+        exclude: Container[bytes],
+        next_nonce: Callable[[PeerId], int] | None,
+    ) -> Iterator[Transaction]:
+        expected = None if next_nonce is None else next_nonce(sender)
+        for nonce, digest in list(queue):
+            if expected is not None:
+                if nonce < expected:
+                    continue
+                if nonce > expected:
+                    return
+                expected += 1
+            if digest not in exclude:
+                yield self._txs[digest]
+
+    def drop_stale(self, next_nonce: Callable[[PeerId], int]) -> int:
+        """Remove pending transactions whose nonce the committed state has
+        already used (another transaction took it); how many went."""
+        stale = [
+            digest
+            for sender, queue in self._queues.items()
+            for nonce, digest in queue
+            if nonce < next_nonce(sender)
+        ]
+        self._forget(stale)
+        return len(stale)
 
     def remove_committed(self, digests: Iterable[bytes]) -> None:
         """Forget committed (or rejected-in-a-block) transactions and
         remember their digests, so a replay is refused on sight."""
+        digests = list(digests)
         for digest in digests:
             self._committed[digest] = None
             self._committed.move_to_end(digest)
+        self._forget(digests)
+        while len(self._committed) > self.remember_committed:
+            self._committed.popitem(last=False)
+
+    def _forget(self, digests: Iterable[bytes]) -> None:
+        for digest in digests:
             tx = self._txs.pop(digest, None)
             if tx is None:
                 continue
@@ -145,5 +193,3 @@ class Mempool:
             queue.remove((tx.nonce, digest))
             if not queue:
                 del self._queues[tx.sender]
-        while len(self._committed) > self.remember_committed:
-            self._committed.popitem(last=False)

@@ -130,3 +130,29 @@ def test_verified_names_the_exact_transaction() -> None:
     assert forged.digest == good.digest
     assert pool.verified(good) and not pool.verified(forged)
     assert not pool.verified(tx("a", 1))
+
+
+def test_reap_skips_transactions_in_flight() -> None:
+    pool = Mempool(CHAIN)
+    txs = [pool.add(tx("a", n)) for n in range(3)] + [pool.add(tx("b", 0))]
+    in_flight = {txs[0].digest, txs[3].digest}
+    assert [t.nonce for t in pool.reap(10, 10**9, exclude=in_flight)] == [1, 2]
+
+
+def test_reap_with_committed_nonces_proposes_no_gap_and_no_stale() -> None:
+    pool = Mempool(CHAIN)
+    for who, nonce in [("a", 3), ("a", 4), ("a", 6), ("b", 1), ("c", 0), ("a", 2)]:
+        pool.add(tx(who, nonce))
+    committed = {USERS["a"].public_key: 3, USERS["b"].public_key: 0}
+
+    def next_nonce(sender: bytes) -> int:
+        return committed.get(sender, 0)
+
+    chosen = pool.reap(10, 10**9, next_nonce=next_nonce)
+    a, c = USERS["a"].public_key, USERS["c"].public_key
+    # a: 2 is stale, 3 and 4 run, 6 waits for 5; b: 1 waits for 0; c: 0 runs
+    assert [(t.sender, t.nonce) for t in chosen] == [(a, 3), (c, 0), (a, 4)]
+    assert pool.drop_stale(next_nonce) == 1 and len(pool) == 5
+    pool.add(tx("a", 5))
+    chosen = pool.reap(10, 10**9, next_nonce=next_nonce)
+    assert [t.nonce for t in chosen if t.sender == a] == [3, 4, 5, 6]
