@@ -340,6 +340,8 @@ class ValidatorsContract:
         ):
             raise ContractRejected("approvals are [key, signature] pairs")
         epoch, current = view.get(VALIDATORS_KEY, [0, []])  # type: ignore[misc]
+        if not current:
+            raise ContractRejected("no validator set to approve a change")
         members = set(current)
         message = validator_change_bytes(view.context.chain_id, epoch, new_set)
         signers = {key for key, sig in approvals if key in members and verify(key, message, sig)}

@@ -185,6 +185,8 @@ def test_validator_change_refusals() -> None:
         state, results = run(state, [tx(BOB, nonce, content, "validators")])
         assert results == [TxResult(1, reason)]
     assert validator_epoch(state) == 0
+    _, results = run(State(), [tx(BOB, 0, change(new_set, outsiders), "validators")])
+    assert results == [TxResult(1, "no validator set to approve a change")]
 
 
 def test_validator_approvals_are_single_use() -> None:
