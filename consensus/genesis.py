@@ -67,8 +67,8 @@ class Genesis:
     ) -> Genesis:
         """Validate and canonicalize (sorted validators, encoded state)."""
         items = tuple(sorted((k, encode_value(v)) for k, v in (initial_state or {}).items()))
-        genesis = cls(chain_id, genesis_time, tuple(sorted(validators)), items,
-                      params or ConsensusParams())  # fmt: skip
+        params = params or ConsensusParams()
+        genesis = cls(chain_id, genesis_time, tuple(sorted(validators)), items, params)
         _check(genesis)
         return genesis
 

@@ -85,8 +85,9 @@ def signing_bytes(chain_id: str, unsigned: bytes) -> bytes:
     return _DOMAIN + len(chain).to_bytes(2, "big") + chain + unsigned
 
 
-def _check_fields(tx_type: object, oid: object, content: object, timestamp: object,
-                  nonce: object) -> None:  # fmt: skip
+def _check_fields(
+    tx_type: object, oid: object, content: object, timestamp: object, nonce: object
+) -> None:
     if type(tx_type) is not str or not 0 < len(tx_type) <= MAX_TYPE_CHARS:
         raise MalformedMessage("type is a string of 1..64 characters")
     if type(oid) is not str or len(oid) > MAX_OID_CHARS:

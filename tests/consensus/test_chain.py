@@ -31,15 +31,17 @@ VALIDATORS = [Identity(bytes([i + 1]) * 32) for i in range(4)]
 NEWCOMER = Identity(b"n" * 32)
 ALICE = Identity(b"a" * 32)
 GENESIS = Genesis.create(
-    CHAIN, 1_000, [v.public_key for v in VALIDATORS], {"hello": "world"}, ConsensusParams(
-        max_block_txs=50, state_buckets=16
-    )
-)  # fmt: skip
+    CHAIN,
+    1_000,
+    [v.public_key for v in VALIDATORS],
+    {"hello": "world"},
+    ConsensusParams(max_block_txs=50, state_buckets=16),
+)
 
 
 def kv(nonce: int, key: str = "k", who: Identity = ALICE) -> Transaction:
-    return sign_transaction(who, CHAIN, type="kv", content=kv_set(key, nonce), nonce=nonce,
-                            timestamp=0)  # fmt: skip
+    content = kv_set(key, nonce)
+    return sign_transaction(who, CHAIN, type="kv", content=content, nonce=nonce, timestamp=0)
 
 
 def certify(block: Block, signers: list[Identity]) -> Block:
