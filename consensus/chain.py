@@ -29,7 +29,7 @@ from .contracts import (
 from .errors import ConsensusError, InvalidBlock, InvalidCertificate, MalformedMessage
 from .genesis import Genesis
 from .state import State
-from .tx import Transaction
+from .tx import SignatureCache, Transaction
 
 __all__ = ["ChainReport", "ChainTip", "Executor", "verify_chain"]
 
@@ -63,7 +63,8 @@ class Executor:
     resulting root, so once the body matches the header (checked every
     time, with the signatures) re-execution could only give the cached
     answer. Replicas that share one executor in a simulation then execute
-    each block once instead of once per replica."""
+    each block once instead of once per replica; a shared
+    :class:`SignatureCache` likewise verifies each signature once."""
 
     def __init__(
         self,
@@ -71,7 +72,11 @@ class Executor:
         registry: ContractRegistry | None = None,
         *,
         cache_blocks: int = 0,
+        signatures: SignatureCache | None = None,
     ) -> None:
+        if signatures is not None and signatures.chain_id != genesis.chain_id:
+            raise ValueError("the signature cache is for another chain")
+        self.signatures = signatures
         self.genesis = genesis
         self.chain_id = genesis.chain_id
         self.params = genesis.params
@@ -144,8 +149,9 @@ class Executor:
         if any(len(tx.encoded) > self.params.max_tx_bytes for tx in block.txs):
             raise InvalidBlock("a transaction exceeds the size limit")
         check_body(block)
+        check = self.signatures.verify if self.signatures else self._verify
         for tx in block.txs:
-            if (verified is None or not verified(tx)) and not tx.verify(self.chain_id):
+            if (verified is None or not verified(tx)) and not check(tx):
                 raise InvalidBlock(f"transaction {tx.digest.hex()[:16]} has a bad signature")
         cached = self._cache.get((tip.state.root, block.hash)) if self.cache_blocks else None
         if cached is not None:
@@ -162,6 +168,9 @@ class Executor:
             raise InvalidBlock("state root differs on re-execution")
         self._remember(tip.state, block, state)
         return state
+
+    def _verify(self, tx: Transaction) -> bool:
+        return tx.verify(self.chain_id)
 
     def check_certificate(self, tip: ChainTip, block: Block) -> None:
         """Raise InvalidCertificate unless a quorum of the validators in

@@ -31,7 +31,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from fedchain.p2p.identity import PeerId
 
 from .errors import DuplicateTransaction, InvalidSignature, MempoolFull
-from .tx import MAX_TX_BYTES, Transaction, decode_transaction
+from .tx import MAX_TX_BYTES, SignatureCache, Transaction, decode_transaction
 
 __all__ = ["Mempool"]
 
@@ -46,8 +46,12 @@ class Mempool:
         max_per_sender: int = 1_000,
         max_tx_bytes: int = MAX_TX_BYTES,
         remember_committed: int = 100_000,
+        signatures: SignatureCache | None = None,
     ) -> None:
+        if signatures is not None and signatures.chain_id != chain_id:
+            raise ValueError("the signature cache is for another chain")
         self.chain_id = chain_id
+        self.signatures = signatures
         self.max_txs = max_txs
         self.max_bytes = max_bytes
         self.max_per_sender = max_per_sender
@@ -92,7 +96,8 @@ class Mempool:
         queue = self._queues.get(tx.sender)
         if queue is not None and len(queue) >= self.max_per_sender:
             raise MempoolFull("this sender has too many pending transactions")
-        if not tx.verify(self.chain_id):
+        ok = self.signatures.verify(tx) if self.signatures else tx.verify(self.chain_id)
+        if not ok:
             raise InvalidSignature(f"transaction {digest.hex()[:16]} has a bad signature")
         self._txs[digest] = tx
         self._nonces[(tx.sender, tx.nonce)] = digest

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_OID_CHARS",
     "MAX_TX_BYTES",
     "MAX_TYPE_CHARS",
+    "SignatureCache",
     "Transaction",
     "check_signature",
     "decode_transaction",
@@ -163,6 +164,40 @@ def decode_transaction(data: bytes, *, max_bytes: int = MAX_TX_BYTES) -> Transac
         raise MalformedMessage("non-canonical transaction encoding")
     digest = hashlib.sha256(unsigned).digest()
     return Transaction(tx_type, oid, content, timestamp, nonce, sender, signature, data, digest)
+
+
+class SignatureCache:
+    """A memo of transactions whose signature verified on one chain.
+
+    Verification is a pure function of (chain id, unsigned bytes, signature),
+    and digest + signature name exactly that, so one cache can serve every
+    replica in a process: a simulation of n validators then verifies each
+    transaction once instead of n times (the p2p FrameCache's idea). Only
+    successes are remembered; the oldest go first past ``max_entries``
+    (~150 bytes each)."""
+
+    def __init__(self, chain_id: str, max_entries: int = 200_000) -> None:
+        self.chain_id = chain_id
+        self.max_entries = max_entries
+        self._ok: dict[bytes, None] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def verify(self, tx: Transaction) -> bool:
+        key = tx.digest + tx.signature
+        if key in self._ok:
+            self.hits += 1
+            return True
+        self.misses += 1
+        if not tx.verify(self.chain_id):
+            return False
+        self._ok[key] = None
+        if len(self._ok) > self.max_entries:
+            del self._ok[next(iter(self._ok))]
+        return True
+
+    def __contains__(self, tx: Transaction) -> bool:
+        return tx.digest + tx.signature in self._ok
 
 
 def check_signature(tx: Transaction, chain_id: str) -> None:

@@ -22,7 +22,12 @@ from fedchain.consensus.contracts import (
 from fedchain.consensus.errors import InvalidBlock, InvalidCertificate
 from fedchain.consensus.genesis import ConsensusParams, Genesis
 from fedchain.consensus.mempool import Mempool
-from fedchain.consensus.tx import Transaction, decode_transaction, sign_transaction
+from fedchain.consensus.tx import (
+    SignatureCache,
+    Transaction,
+    decode_transaction,
+    sign_transaction,
+)
 from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
 from fedchain.p2p.identity import Identity
 
@@ -261,3 +266,17 @@ def test_a_shared_executor_executes_each_block_once_and_still_checks_the_body() 
     other_parent = replace(tip, state=tip.state.update({"hello": "there"}))
     with pytest.raises(InvalidBlock, match="state root"):
         executor.validate_block(other_parent, block)
+
+
+def test_a_shared_signature_cache_serves_validation() -> None:
+    cache = SignatureCache(CHAIN)
+    executor = Executor(GENESIS, signatures=cache)
+    tip = ChainTip.of_genesis(GENESIS)
+    block, _ = executor.build_block(
+        tip, [kv(0), kv(1)], timestamp=0, view=0, proposer=VALIDATORS[0].public_key
+    )
+    for _replica in range(3):
+        executor.validate_block(tip, block)
+    assert (cache.misses, cache.hits) == (2, 4)
+    with pytest.raises(ValueError):
+        Executor(GENESIS, signatures=SignatureCache("other"))

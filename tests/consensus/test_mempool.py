@@ -13,7 +13,12 @@ from fedchain.consensus.errors import (
     MempoolFull,
 )
 from fedchain.consensus.mempool import Mempool
-from fedchain.consensus.tx import Transaction, decode_transaction, sign_transaction
+from fedchain.consensus.tx import (
+    SignatureCache,
+    Transaction,
+    decode_transaction,
+    sign_transaction,
+)
 from fedchain.p2p.identity import Identity
 
 CHAIN = "mempool-test"
@@ -156,3 +161,14 @@ def test_reap_with_committed_nonces_proposes_no_gap_and_no_stale() -> None:
     pool.add(tx("a", 5))
     chosen = pool.reap(10, 10**9, next_nonce=next_nonce)
     assert [t.nonce for t in chosen if t.sender == a] == [3, 4, 5, 6]
+
+
+def test_mempools_sharing_a_signature_cache_verify_once() -> None:
+    cache = SignatureCache(CHAIN)
+    pools = [Mempool(CHAIN, signatures=cache) for _ in range(4)]
+    t = tx("a", 0)
+    for pool in pools:
+        pool.add(t.encoded)
+    assert (cache.misses, cache.hits) == (1, 3)
+    with pytest.raises(ValueError):
+        Mempool("other", signatures=cache)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fedchain.consensus.errors import InvalidSignature, MalformedMessage
 from fedchain.consensus.tx import (
     MAX_TX_BYTES,
+    SignatureCache,
     Transaction,
     check_signature,
     decode_transaction,
@@ -194,3 +195,16 @@ def test_property_any_single_byte_change_is_caught(tx: Transaction, data: st.Dat
     except MalformedMessage:
         return
     assert not decoded.verify(CHAIN)
+
+
+def test_signature_cache_verifies_each_transaction_once() -> None:
+    cache = SignatureCache(CHAIN, max_entries=2)
+    good = make()
+    forged = decode_transaction(good.encoded[:-64] + bytes(64))
+    assert cache.verify(good) and cache.verify(good) and good in cache
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert not cache.verify(forged) and forged not in cache  # failures are not kept
+    assert not SignatureCache("other").verify(good)
+    for nonce in (1, 2):
+        cache.verify(make(nonce=nonce))
+    assert good not in cache  # bounded: the oldest went
