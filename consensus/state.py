@@ -13,12 +13,16 @@ for 100k keys on this machine, i.e. ~120 µs per transaction of a 1000-tx
 block. Instead each key lives in one of ``buckets`` fixed hash buckets
 (first 4 bytes of SHA-256(key)); a bucket is an RFC 6962 tree over its
 sorted pairs, and the top is an RFC 6962 tree over the buckets'
-commitments (size, root). A block rehashes only the buckets it touched plus
-the small top tree. Both levels bind their sizes, so an inclusion proof
-fixes the leaf's index, and absence is proved by the two sorted neighbours
-in the key's bucket (or by the bucket being empty). Snapshots share
-untouched buckets (copy-on-write), so keeping the parent state while
-building a child costs only the touched buckets.
+commitments (size, root), kept level by level so a block rehashes only
+the buckets it touched and their paths to the top: for a 1000-tx block on
+100k keys (16384 buckets, ~6 keys each) that is ~14k hashes instead of
+~100k, close to the union of 1000 root paths that any Merkle structure
+must pay. Choose ``buckets`` (a genesis parameter) near keys / 8. Both
+levels bind their sizes (the bucket count is in the root, each bucket's
+size in its commitment), so an inclusion proof fixes the leaf's index, and
+absence is proved by the two sorted neighbours in the key's bucket (or by
+the bucket being empty). Snapshots share untouched buckets (copy-on-write:
+a child costs the touched buckets plus ~2 x buckets references).
 """
 
 from __future__ import annotations
