@@ -33,8 +33,14 @@ def max_faulty(n: int) -> int:
 
 
 def quorum(n: int) -> int:
-    """2f + 1: votes needed among ``n`` validators."""
-    return 2 * max_faulty(n) + 1
+    """Votes needed among ``n`` validators: 2f + 1 when n = 3f + 1.
+
+    In general ``floor((n + f) / 2) + 1``, the smallest size for which any
+    two quorums share at least f + 1 validators, so at least one honest one.
+    (Plain 2f + 1 is unsafe for other n: with n = 5, f = 1, two quorums of
+    3 may meet in the one faulty validator.)
+    """
+    return (n + max_faulty(n)) // 2 + 1
 
 
 def commit_vote_bytes(chain_id: str, height: int, block_hash: bytes) -> bytes:
