@@ -527,7 +527,7 @@ class Replica:
         slot.commits[commit.replica] = commit
         if commit.view == self.view and self.mode is Mode.NORMAL:
             self._enter_committed(slot)
-        else:
+        if slot.phase is not Phase.COMMITTED:
             self._observe_commit_quorum(slot, commit.digest)
 
     def _observe_commit_quorum(self, slot: _Slot, digest: bytes) -> None:
@@ -633,7 +633,7 @@ class Replica:
         self.stable_proof = proof[: self.quorum]
         self.log = {key: slot for key, slot in self.log.items() if key[1] > seq}
         self.prepared = {s: p for s, p in self.prepared.items() if s > seq}
-        self.checkpoints = {s: c for s, c in self.checkpoints.items() if s > seq}
+        self.checkpoints = {s: c for s, c in self.checkpoints.items() if s >= seq}
         self.own_states = {s: d for s, d in self.own_states.items() if s >= seq}
         if self.is_primary and self.mode is Mode.NORMAL:
             self._propose(force=False)
@@ -730,21 +730,32 @@ class Replica:
             self._set_timer("view", self.config.view_change_timeout)
 
     def _retransmit(self) -> None:
-        """Resend own messages for work not yet stable (links may drop)."""
+        """Resend own messages that a peer may still need (links may drop).
+
+        Own CHECKPOINTs from the stable one up always go (so a replica that
+        fell behind learns where the others are and fetches); for the
+        current view's slots, everything own until the slot commits in this
+        view (a re-issued slot we executed in an earlier view still needs our
+        PREPARE at the others) and only the COMMIT after (enough for a
+        laggard to observe the quorum).
+        """
+        for by in self.checkpoints.values():
+            if self.me in by:
+                self._broadcast(by[self.me])
         if self.mode is Mode.VIEW_CHANGE:
             own = self.view_changes.get(self.me)
             if own is not None:
                 self._broadcast(own)
             return
         for (view, _seq), slot in sorted(self.log.items()):
-            if view == self.view:
-                for message in slot.own:
+            if view != self.view:
+                continue
+            for message in slot.own:
+                if slot.phase < Phase.COMMITTED or isinstance(message, Commit):
                     self._broadcast(message)
-        for by in self.checkpoints.values():
-            if self.me in by:
-                self._broadcast(by[self.me])
-        if self.new_view_msg is not None and self.new_view_msg.view == self.view and self.log:
-            self._broadcast(self.new_view_msg)
+        nv = self.new_view_msg
+        if self.is_primary and nv is not None and nv.view == self.view and self.log:
+            self._broadcast(nv)
 
     # -- view change ----------------------------------------------------------
 

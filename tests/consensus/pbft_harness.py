@@ -450,7 +450,9 @@ class Cluster:
             self.check_liveness()
 
     def all_committed(self, requests: list[int] | None = None) -> bool:
-        wanted = set(self.submitted if requests is None else requests)
+        """Every submitted (or given) and every acknowledged request is held
+        by every live honest replica."""
+        wanted = set(self.submitted if requests is None else requests) | self.acknowledged()
         return all(wanted <= self.nodes[i].app.committed_ids for i in self.live_honest)
 
 
