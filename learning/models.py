@@ -2,8 +2,8 @@
 
 Tier 0 is the paper's model: two 3x3 convolutions, each followed by a 2x2
 max-pool, then dropout and two fully connected layers. Tier ``t`` inserts
-``t`` residual 3x3 conv blocks at the 7x7 resolution, each ``h + act(conv(h))``
-with its kernel initialized to zero. So:
+``t`` residual 3x3 conv blocks at the 7x7 resolution, each ``h + conv(act(h))``
+with its kernel and bias initialized to zero. So:
 
 * every tensor of a shallower tier exists, with the same name, shape and
   meaning, in every deeper tier, and aggregation can average each tensor over
@@ -219,7 +219,10 @@ def apply(
     h = _pool(act(_conv(x, params["conv1/w"], params["conv1/b"])))
     h = _pool(act(_conv(h, params["conv2/w"], params["conv2/b"])))
     for i in range(spec.blocks):
-        h = h + act(_conv(h, params[f"block{i + 1}/w"], params[f"block{i + 1}/b"]))
+        # pre-activation residual: identity at zero init, and its kernel still
+        # gets a gradient there whatever the activation (relu'(0) = 0 would
+        # freeze a post-activation block forever)
+        h = h + _conv(act(h), params[f"block{i + 1}/w"], params[f"block{i + 1}/b"])
     h = h.reshape(-1)
     h = act(h @ params["fc1/w"] + params["fc1/b"])
     if dropout_mask is not None:

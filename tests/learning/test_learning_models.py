@@ -44,6 +44,15 @@ def test_new_blocks_start_as_identity(base_spec):
     )
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_new_blocks_can_learn(base_spec, activation):
+    spec = CnnSpec(8, 16, 32, blocks=1, activation=activation)
+    params = init_params(jax.random.key(0), spec)
+    image = jnp.asarray(np.random.default_rng(1).integers(0, 256, (28, 28)), jnp.uint8)
+    grads = jax.grad(lambda p: -jax.nn.log_softmax(apply(p, image, spec))[3])(params)
+    assert float(jnp.abs(grads["block1/w"]).sum()) > 0
+
+
 def test_uint8_and_float_inputs_agree(base_spec):
     params = init_params(jax.random.key(1), base_spec)
     image = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
