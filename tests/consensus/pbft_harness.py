@@ -58,9 +58,7 @@ CHAIN_ID = "pbft-test"
 
 
 def payload_ids(payload: bytes) -> list[int]:
-    return [
-        int.from_bytes(payload[i : i + ID_BYTES], "big") for i in range(0, len(payload), ID_BYTES)
-    ]
+    return list(np.frombuffer(payload, dtype=">u8").tolist())
 
 
 class LogApp:
@@ -70,12 +68,12 @@ class LogApp:
         self.batch_size = batch_size
         self.waiting: dict[int, None] = {}
         self.flight: dict[int, tuple[int, ...]] = {}
+        self.flying: set[int] = set()
         self.log: list[Committed] = list(log or [])
         self.committed_ids: set[int] = {i for c in self.log for i in payload_ids(c.payload)}
 
     def submit(self, request: int) -> None:
-        live = any(request in ids for ids in self.flight.values())
-        if request not in self.committed_ids and not live:
+        if request not in self.committed_ids and request not in self.flying:
             self.waiting[request] = None
 
     def pending(self) -> int:
@@ -89,6 +87,7 @@ class LogApp:
             del self.waiting[request]
         self._release(seq)
         self.flight[seq] = ids
+        self.flying.update(ids)
         payload = b"".join(i.to_bytes(ID_BYTES, "big") for i in ids)
         return payload, hashlib.sha256(payload).digest()
 
@@ -100,12 +99,14 @@ class LogApp:
             return None
         self._release(seq)
         self.flight[seq] = tuple(ids)
+        self.flying.update(ids)
         for request in ids:
             self.waiting.pop(request, None)
         return hashlib.sha256(payload).digest()
 
     def _release(self, seq: int) -> None:
         for request in self.flight.pop(seq, ()):
+            self.flying.discard(request)
             if request not in self.committed_ids:
                 self.waiting[request] = None
 
@@ -171,6 +172,7 @@ class Cluster:
         self.submitted: list[int] = []
         self.acks: dict[int, set[int]] = {}
         self.fetches: Counter[int] = Counter()
+        self._acked: set[int] = set()
         self.nodes = [self._make_node(i, []) for i in range(n)]
         for i in range(n):
             self._apply(i, self.nodes[i].replica.start())
@@ -283,7 +285,10 @@ class Cluster:
             elif isinstance(action, Committed):
                 node.app.commit(action)
                 for request in payload_ids(action.payload):
-                    self.acks.setdefault(request, set()).add(i)
+                    by = self.acks.setdefault(request, set())
+                    by.add(i)
+                    if len(by) > self.f:
+                        self._acked.add(request)
             elif isinstance(action, FetchBlocks):
                 self._serve_fetch(i, action)
             elif isinstance(action, Suspect):
@@ -399,7 +404,7 @@ class Cluster:
 
     def acknowledged(self) -> set[int]:
         """Requests a client saw committed by f+1 replicas (so by an honest one)."""
-        return {r for r, by in self.acks.items() if len(by) > self.f}
+        return self._acked
 
     def check_agreement(self) -> None:
         """P-AGREEMENT: no two honest replicas hold different digests at a seq."""

@@ -394,3 +394,26 @@ def test_follower_accepts_only_certified_blocks_in_order() -> None:
     assert follower.accept(1, d1, b"one", _certificate(1, d1, [0, 1, 2])) is not None
     assert follower.height == 1
     assert sum(follower.refused.values()) == 4
+
+
+def cert_quorum(cluster: Cluster) -> int:
+    return 2 * cluster.f + 1
+
+
+def test_follower_follows_a_run_with_a_byzantine_primary() -> None:
+    """P-FOLLOWER: a non-validator fed an honest replica's blocks after an
+    equivocating primary was replaced accepts every one (null requests too,
+    where a view change left a gap), and refuses the same chain with one certificate weakened."""
+    cluster = Cluster(4, seed=13, byzantine={0: "equivocate"})
+    cluster.submit_stream(200, rate=300)
+    assert cluster.run_until(lambda c: c.now > 2 and c.all_committed(), 30)
+    follower = Follower(CHAIN_ID, cluster.validators, App())
+    log = cluster.log_of(1)
+    for done in log:
+        assert follower.accept(done.seq, done.digest, done.payload, done.certificate) == done
+    assert follower.height == len(log)
+    other = Follower(CHAIN_ID, cluster.validators, App())
+    first = log[0]
+    cert = first.certificate
+    weak = CommitCertificate(cert.height, cert.block_hash, cert.votes[: cert_quorum(cluster) - 1])
+    assert other.accept(first.seq, first.digest, first.payload, weak) is None
