@@ -294,6 +294,7 @@ class Replica:
         self.fetch_target = 0
         self.fetch_round = 0
         self.fetch_peers: tuple[PeerId, ...] = ()
+        self._executed_at_tick = -1
         self.timers: dict[str, int] = {}
         self._token = 0
         self.refused: Counter[str] = Counter()
@@ -663,6 +664,32 @@ class Replica:
         )
         self._set_timer("fetch", 4 * self.config.retransmit_interval)
 
+    def _fetch_if_stalled(self) -> None:
+        """No execution for a whole retransmission interval, yet f+1 others
+        (so at least one honest) say they are further: fetch from them.
+
+        This catches what neither rule above sees: the quorum that committed
+        a seq may be gone (a voter crashed and forgot its COMMIT), leaving
+        fewer than 2f+1 COMMITs or CHECKPOINTs to observe. Asking is always
+        safe: fetched blocks count only with a valid certificate.
+        """
+        stalled = self.executed == self._executed_at_tick
+        self._executed_at_tick = self.executed
+        if not stalled:
+            return
+        ahead: dict[int, set[PeerId]] = {}
+        for slot in self.log.values():
+            if slot.seq > self.executed:
+                others = {r for r in slot.commits if r != self.me}
+                ahead.setdefault(slot.seq, set()).update(others)
+        for seq, by in self.checkpoints.items():
+            if seq > self.executed:
+                ahead.setdefault(seq, set()).update(r for r in by if r != self.me)
+        known = [(seq, by) for seq, by in ahead.items() if len(by) > self.f]
+        if known:
+            seq, by = max(known, key=lambda item: item[0])
+            self._fetch(seq, tuple(sorted(by)), now=True)
+
     def _on_blocks(self, blocks: tuple[tuple[int, bytes, bytes, CommitCertificate], ...]) -> None:
         """Accept fetched blocks in order, each only with a valid certificate."""
         for seq, digest, payload, cert in sorted(blocks, key=lambda b: b[0]):
@@ -702,6 +729,7 @@ class Replica:
         elif name == "view":
             self._start_view_change(self.view + 1)
         elif name == "retransmit":
+            self._fetch_if_stalled()
             self._retransmit()
             self._set_timer("retransmit", self.config.retransmit_interval)
         elif name == "fetch" and self.executed < self.fetch_target:

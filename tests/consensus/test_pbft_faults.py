@@ -182,7 +182,7 @@ def test_state_transfer_refuses_blocks_a_byzantine_peer_corrupted() -> None:
     replica accepts only blocks whose payload matches the certified digest
     and still ends with the honest chain (P-AGREEMENT, P-DURABILITY)."""
     config = PbftConfig(checkpoint_interval=4, batch_size=16)
-    cluster = Cluster(7, seed=22, config=config, byzantine={1: "future_view"})
+    cluster = Cluster(7, seed=26, config=config, byzantine={1: "future_view"})
     cluster.submit_stream(500, rate=300)
     cluster.at(0.3, lambda c: c.crash(2))
     cluster.at(1.5, lambda c: c.restart(2))
