@@ -806,10 +806,26 @@ class Replica:
         )
         self.view_changes[self.me] = vc
         self._broadcast(vc)
+        self._cancel_timer("view")
+        self._arm_view_change_timer()
+        self._try_new_view()
+
+    def _arm_view_change_timer(self) -> None:
+        """PBFT's rule: wait for view ``v``'s NEW-VIEW only once 2f+1
+        VIEW-CHANGEs for ``v`` are in; the timeout doubles per attempt.
+
+        Arming it on entry instead lets two groups of honest replicas, one a
+        view ahead, time out in lockstep forever; with this rule the group
+        ahead waits (retransmitting) until the others catch up.
+        """
+        if self.mode is not Mode.VIEW_CHANGE or "view" in self.timers:
+            return
+        votes = sum(1 for vc in self.view_changes.values() if vc.new_view == self.view)
+        if votes < self.quorum:
+            return
         delay = self.config.view_change_timeout * 2 ** min(self.view_change_attempts, 6)
         self.view_change_attempts += 1
         self._set_timer("view", delay)
-        self._try_new_view()
 
     def _on_view_change(self, vc: ViewChange) -> None:
         if vc.new_view < self.view or (vc.new_view == self.view and self.mode is Mode.NORMAL):
@@ -827,6 +843,7 @@ class Replica:
             return
         self.view_changes[vc.replica] = vc
         self._join_higher_view()
+        self._arm_view_change_timer()
         self._try_new_view()
 
     def _join_higher_view(self) -> None:

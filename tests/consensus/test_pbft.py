@@ -331,17 +331,25 @@ def test_view_change_with_forged_prepared_proof_is_refused() -> None:
     assert r.refused["bad_view_change"] == 1
 
 
-def test_view_change_timer_backs_off() -> None:
-    """P-LIVENESS support: each view change that fails to finish doubles the timeout."""
-    r = replica(1, PbftConfig(view_change_timeout=1.0), App(pending=5))
+def test_view_change_timer_waits_for_a_quorum_and_backs_off() -> None:
+    """P-LIVENESS support: in a view change the timer runs only once 2f+1
+    VIEW-CHANGEs for the view are in (so replicas a view ahead wait for the
+    others instead of racing on), and doubles with each failed attempt."""
+    r = replica(0, PbftConfig(view_change_timeout=1.0), App(pending=5))
     actions = r.step(RequestsPending(5))
     delays = []
-    for _ in range(3):
+    for view in (1, 2, 3):
         timer = next(a for a in actions if isinstance(a, SetTimer) and a.name == "view")
         delays.append(timer.delay)
         actions = r.step(TimerFired("view", timer.token))
+        assert r.view == view and r.mode is Mode.VIEW_CHANGE
+        assert not [a for a in actions if isinstance(a, SetTimer) and a.name == "view"]
+        if view == 3:
+            break
+        for i in (2, 3):
+            vc = ViewChange.create(KEYS[i], CHAIN_ID, view, 0, (), ())
+            actions += r.step(Receive(VALIDATORS[i], vc))
     assert delays == [1.0, 1.0, 2.0]
-    assert r.view == 3 and r.mode is Mode.VIEW_CHANGE
 
 
 # -- state transfer and followers ----------------------------------------
