@@ -478,3 +478,45 @@ def _wrong_digest(identity: Identity, message: Message, digest: bytes) -> Messag
     if isinstance(message, Checkpoint):
         return Checkpoint.create(identity, CHAIN_ID, message.seq, digest)
     return message
+
+
+BEHAVIOURS = ("silent", "equivocate", "bad_signature", "wrong_digest", "future_view", None)
+
+
+def random_scenario(seed: int) -> tuple[Cluster, list[tuple[object, ...]]]:
+    """A seeded mix of faults within the model: n = 4 or 7, at most f faulty
+    at once counting Byzantine and crashed replicas, loss 0-10%, one
+    partition that heals, crashes that may restart. Returns the cluster,
+    loaded and scheduled, and the fault list (for failure messages)."""
+    rng = np.random.default_rng(seed + 1000)
+    n = 7 if rng.random() < 0.25 else 4
+    f = max_faulty(n)
+    behaviour = BEHAVIOURS[int(rng.integers(len(BEHAVIOURS)))]
+    byzantine = {int(rng.integers(n)): behaviour} if behaviour else {}
+    network = Network(loss=float(rng.choice([0.0, 0.05, 0.1])))
+    interval = int(rng.choice([2, 4, 8]))
+    config = PbftConfig(checkpoint_interval=interval, batch_size=int(rng.choice([4, 16, 64])))
+    cluster = Cluster(n, seed=seed, config=config, network=network, byzantine=byzantine)
+    cluster.submit_stream(int(rng.integers(100, 600)), rate=float(rng.choice([100, 300, 1000])))
+    faults: list[tuple[object, ...]] = [("n", n), ("byzantine", byzantine), ("loss", network.loss)]
+    if rng.random() < 0.5:
+        start = float(rng.uniform(0.2, 1.5))
+        end = start + float(rng.uniform(0.5, 3))
+        order = [int(i) for i in rng.permutation(n)]
+        cut = int(rng.integers(1, n))
+        left, right = set(order[:cut]), set(order[cut:])
+        cluster.at(start, lambda c: c.partition(left, right))
+        cluster.at(end, lambda c: c.heal())
+        faults.append(("partition", start, end, left, right))
+    honest = [i for i in range(n) if i not in byzantine]
+    budget = f - len(byzantine)
+    victims = [int(v) for v in rng.permutation(honest)][:budget] if budget > 0 else []
+    for victim in victims:
+        at = float(rng.uniform(0.1, 2))
+        cluster.at(at, lambda c, v=victim: c.crash(v))
+        faults.append(("crash", victim, at))
+        if rng.random() < 0.7:
+            back = at + float(rng.uniform(0.3, 3))
+            cluster.at(back, lambda c, v=victim: c.restart(v))
+            faults.append(("restart", victim, back))
+    return cluster, faults
