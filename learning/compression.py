@@ -33,8 +33,10 @@ __all__ = [
     "SparseUpdate",
     "TopKState",
     "decode_sparse",
+    "decode_tensors",
     "densify",
     "encode_sparse",
+    "encode_tensors",
     "sparsify",
     "top_k",
     "top_k_count",
@@ -132,3 +134,29 @@ def decode_sparse(payload: bytes) -> SparseUpdate:
     if k and (int(indices.max()) >= size or np.any(np.diff(indices.astype(np.int64)) <= 0)):
         raise PayloadError("sparse payload indices not strictly ascending or out of range")
     return SparseUpdate(indices, values, size)
+
+
+def encode_tensors(tensors) -> bytes:
+    """The sparse payload of a ``name -> array`` update: its non-zero entries
+    in the flat order of the sorted names (the order ``ravel_pytree`` uses
+    for a dict), so a top-k update costs 8 bytes per kept entry."""
+    flat = np.concatenate(
+        [np.asarray(tensors[name], np.float32).ravel() for name in sorted(tensors)]
+    )
+    indices = np.flatnonzero(flat).astype(np.uint32)
+    return encode_sparse(SparseUpdate(indices, flat[indices], flat.size))
+
+
+def decode_tensors(payload: bytes, shapes) -> dict[str, np.ndarray]:
+    """Inverse of :func:`encode_tensors` given ``name -> shape`` of the
+    sender's tier; the payload's size must match those shapes exactly."""
+    update = decode_sparse(payload)
+    sizes = {name: math.prod(shapes[name]) for name in sorted(shapes)}
+    if update.size != sum(sizes.values()):
+        raise PayloadError(f"payload holds {update.size} entries, the shapes {sum(sizes.values())}")
+    dense = densify(update)
+    out, offset = {}, 0
+    for name, size in sizes.items():
+        out[name] = dense[offset : offset + size].reshape(shapes[name])
+        offset += size
+    return out

@@ -11,8 +11,10 @@ from fedchain.learning.compression import (
     SparseUpdate,
     TopKState,
     decode_sparse,
+    decode_tensors,
     densify,
     encode_sparse,
+    encode_tensors,
     sparsify,
     top_k,
     top_k_count,
@@ -86,6 +88,21 @@ def test_payload_roundtrip():
     dense = densify(back)
     assert np.count_nonzero(dense) == 10
     np.testing.assert_array_equal(dense[np.asarray(idx)], np.asarray(values))
+
+
+def test_tensor_payload_roundtrip_in_sorted_name_order():
+    tree = _tree(4)
+    tx = top_k(0.1)
+    sent, _ = tx.update(tree, tx.init(tree))
+    sent = {k: np.asarray(v) for k, v in sent.items()}
+    payload = encode_tensors(sent)
+    k = top_k_count(7 * 9 + 13, 0.1)
+    assert len(payload) == 12 + 8 * k
+    back = decode_tensors(payload, {"a": (7, 9), "b": (13,)})
+    for name in sent:
+        np.testing.assert_array_equal(back[name], sent[name])
+    with pytest.raises(PayloadError):
+        decode_tensors(payload, {"a": (7, 9)})
 
 
 def test_payload_is_strict():
