@@ -492,15 +492,17 @@ class Replica:
         return [p for p in slot.prepares.values() if p.digest == digest]
 
     def _enter_prepared(self, slot: _Slot) -> None:
-        """PRE_PREPARED -> PREPARED with 2f matching PREPAREs; send COMMIT."""
+        """PRE_PREPARED -> PREPARED with quorum - 1 (2f when n = 3f + 1)
+        matching PREPAREs: with the PRE-PREPARE, a quorum; send COMMIT."""
         if slot.phase is not Phase.PRE_PREPARED or slot.pre_prepare is None:
             return
         matching = self._matching_prepares(slot)
-        if len(matching) < 2 * self.f:
+        if len(matching) < self.quorum - 1:
             return
         slot.phase = Phase.PREPARED
         pp = slot.pre_prepare
-        proof = PreparedProof(pp, tuple(sorted(matching, key=lambda p: p.replica)[: 2 * self.f]))
+        chosen = sorted(matching, key=lambda p: p.replica)[: self.quorum - 1]
+        proof = PreparedProof(pp, tuple(chosen))
         self.prepared[pp.seq] = proof
         commit = Commit.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
         slot.commits[self.me] = commit
@@ -885,7 +887,7 @@ class Replica:
         if pp.view >= vc.new_view or pp.replica != self.primary(pp.view):
             return False
         backups = {p.replica for p in proof.prepares}
-        if len(backups) != len(proof.prepares) or len(backups) < 2 * self.f:
+        if len(backups) != len(proof.prepares) or len(backups) < self.quorum - 1:
             return False
         if pp.replica in backups or not backups <= set(self.validators):
             return False
