@@ -10,11 +10,11 @@ so nobody can swap a signature under a final block); ``results_root`` is
 the root over each transaction's encoded result (status, reason), and
 ``state_root`` is the state *after* this block. A block is::
 
-    [header, [tx bytes, ...], [[status, reason], ...], votes or nil]
+    [header, [tx bytes, ...], [[status, reason], ...], [view, votes] or nil]
 
 where ``votes`` are the commit certificate's ``[validator key, signature]``
-pairs sorted by key (its height and hash are the header's, not repeated);
-nil means a proposal, not yet final. Decoding is strict and checks shape
+pairs sorted by key, all cast in ``view`` (its height and hash are the
+header's, not repeated); nil means a proposal, not yet final. Decoding is strict and checks shape
 only; whether a block follows from its parent is :mod:`.chain`'s job.
 """
 
@@ -113,9 +113,8 @@ def results_root(results: Sequence[TxResult]) -> bytes:
 
 
 def encode_block(block: Block) -> bytes:
-    votes = (
-        None if block.certificate is None else [[key, sig] for key, sig in block.certificate.votes]
-    )
+    cert = block.certificate
+    votes = None if cert is None else [cert.view, [[key, sig] for key, sig in cert.votes]]
     return msgpack.packb(
         [
             block.header.as_list(),
@@ -197,6 +196,14 @@ def decode_block(
         results.append(TxResult(r[0], r[1]))
     certificate = None
     if raw_votes is not None:
+        if (
+            type(raw_votes) is not list
+            or len(raw_votes) != 2
+            or type(raw_votes[0]) is not int
+            or not 0 <= raw_votes[0] < 2**63
+        ):
+            raise MalformedMessage("a certificate is [view, votes]")
+        view, raw_votes = raw_votes
         if type(raw_votes) is not list or any(
             type(v) is not list
             or len(v) != 2
@@ -211,7 +218,7 @@ def decode_block(
         if any(a >= b for a, b in itertools.pairwise(keys)):
             raise MalformedMessage("votes are sorted by distinct keys")
         certificate = CommitCertificate(
-            header.height, header.hash, tuple((k, s) for k, s in raw_votes)
+            header.height, header.hash, tuple((k, s) for k, s in raw_votes), view
         )
     block = Block(header, txs, tuple(results), certificate)
     if encode_block(block) != data:

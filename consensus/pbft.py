@@ -552,7 +552,7 @@ class Replica:
         if payload is None:
             self._fetch(slot.seq, tuple(r for r, _ in votes), now=True)
             return
-        cert = CommitCertificate.of(slot.seq, digest, votes)
+        cert = CommitCertificate.of(slot.seq, digest, votes, view=slot.view)
         self.committed[slot.seq] = Committed(slot.seq, digest, payload, cert)
         self._execute_ready()
 
@@ -566,7 +566,7 @@ class Replica:
             return
         slot.phase = Phase.COMMITTED
         if pp.seq > self.executed and pp.seq not in self.committed:
-            cert = CommitCertificate.of(pp.seq, pp.digest, votes)
+            cert = CommitCertificate.of(pp.seq, pp.digest, votes, view=slot.view)
             self.committed[pp.seq] = Committed(pp.seq, pp.digest, pp.payload, cert)
         self._execute_ready()
 

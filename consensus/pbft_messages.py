@@ -11,12 +11,11 @@ signature (never over the payload: a PRE-PREPARE signs the payload's
 digest, so a 1 MiB batch is hashed once by the application, not by us).
 
 COMMIT is the exception: its signature *is* the author's commit vote
-``sign_commit_vote(chain_id, seq, digest)``, the very signature a block's
-:class:`~fedchain.consensus.votes.CommitCertificate` collects. The vote does
-not bind the view (a certificate is valid whatever view the block committed
-in); the view of a COMMIT is authenticated by the envelope it arrives in,
-and COMMITs are never forwarded inside proofs. That saves one signature per
-replica per sequence number on the hot path.
+``sign_commit_vote(chain_id, seq, digest, view=view)``, the very signature a
+block's :class:`~fedchain.consensus.votes.CommitCertificate` collects. The
+vote binds the view, and a certificate holds votes of one view only, since
+PBFT's safety covers commit quorums of a single view. That saves one
+signature per replica per sequence number on the hot path.
 
 Decoding is strict: exact types, sizes and ranges, or ``MalformedMessage``.
 """
@@ -175,11 +174,12 @@ class Commit:
             seq,
             digest,
             identity.public_key,
-            sign_commit_vote(identity, chain_id, seq, digest),
+            sign_commit_vote(identity, chain_id, seq, digest, view=view),
         )
 
     def verify(self, chain_id: str) -> bool:
-        return verify(self.replica, commit_vote_bytes(chain_id, self.seq, self.digest), self.vote)
+        message = commit_vote_bytes(chain_id, self.seq, self.digest, view=self.view)
+        return verify(self.replica, message, self.vote)
 
     def wire(self) -> list[object]:
         return [int(Kind.COMMIT), self.view, self.seq, self.digest, self.replica, self.vote]

@@ -1,10 +1,12 @@
 """Commit votes and certificates: what makes a block final.
 
-A validator's commit vote signs ``(chain id, height, block hash)``, and
-nothing else: not the PBFT view, so every vote for the same block at the same
-height is the same statement, whichever view it was committed in. A block
-is final with a certificate of votes from a quorum (2f + 1 of n = 3f + 1)
-of distinct validators; anyone holding the validator set can check it from
+A validator's commit vote signs ``(chain id, height, view, block hash)``. A
+block is final with a certificate of votes from a quorum (2f + 1 of
+n = 3f + 1) of distinct validators *in one view*: PBFT's safety argument
+covers a quorum of COMMITs from a single view, and only that. Votes from
+different views must not be pooled: a validator may vote for a block in one
+view that a later view replaces with another, so pooled votes could certify
+a block that never committed. anyone holding the validator set can check it from
 the block's bytes alone, which is what lets followers and ``fedchain chain
 verify`` trust a chain without trusting the node that served it.
 """
@@ -43,36 +45,49 @@ def quorum(n: int) -> int:
     return (n + max_faulty(n)) // 2 + 1
 
 
-def commit_vote_bytes(chain_id: str, height: int, block_hash: bytes) -> bytes:
-    if len(block_hash) != 32 or not 0 <= height < 2**63:
-        raise ValueError("a vote names a height and a 32-byte block hash")
+def commit_vote_bytes(chain_id: str, height: int, block_hash: bytes, *, view: int) -> bytes:
+    if len(block_hash) != 32 or not 0 <= height < 2**63 or not 0 <= view < 2**63:
+        raise ValueError("a vote names a height, a view and a 32-byte block hash")
     chain = chain_id.encode()
-    return _DOMAIN + len(chain).to_bytes(2, "big") + chain + height.to_bytes(8, "big") + block_hash
+    return b"".join(
+        (
+            _DOMAIN,
+            len(chain).to_bytes(2, "big"),
+            chain,
+            height.to_bytes(8, "big"),
+            view.to_bytes(8, "big"),
+            block_hash,
+        )
+    )
 
 
-def sign_commit_vote(identity: Identity, chain_id: str, height: int, block_hash: bytes) -> bytes:
-    return identity.sign(commit_vote_bytes(chain_id, height, block_hash))
+def sign_commit_vote(
+    identity: Identity, chain_id: str, height: int, block_hash: bytes, *, view: int
+) -> bytes:
+    return identity.sign(commit_vote_bytes(chain_id, height, block_hash, view=view))
 
 
 @dataclass(frozen=True)
 class CommitCertificate:
-    """Votes for one block, sorted by validator key (a canonical form)."""
+    """Votes for one block cast in one view, sorted by validator key (a
+    canonical form)."""
 
     height: int
     block_hash: bytes
     votes: tuple[tuple[PeerId, bytes], ...]
+    view: int
 
     @classmethod
     def of(
-        cls, height: int, block_hash: bytes, votes: Iterable[tuple[PeerId, bytes]]
+        cls, height: int, block_hash: bytes, votes: Iterable[tuple[PeerId, bytes]], *, view: int
     ) -> CommitCertificate:
         unique = dict(votes)
-        return cls(height, block_hash, tuple(sorted(unique.items())))
+        return cls(height, block_hash, tuple(sorted(unique.items())), view)
 
     def valid_signers(self, chain_id: str, validators: Sequence[PeerId]) -> set[PeerId]:
         """The validators whose vote in this certificate verifies."""
         members = set(validators)
-        message = commit_vote_bytes(chain_id, self.height, self.block_hash)
+        message = commit_vote_bytes(chain_id, self.height, self.block_hash, view=self.view)
         return {
             key
             for key, signature in self.votes

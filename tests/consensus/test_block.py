@@ -49,8 +49,11 @@ def sample(n_txs: int = 3, certified: bool = True) -> Block:
     )
     block = Block(header, txs, results)
     if certified:
-        votes = [(v.public_key, sign_commit_vote(v, CHAIN, 5, header.hash)) for v in VALIDATORS[:3]]
-        block = block.with_certificate(CommitCertificate.of(5, header.hash, votes))
+        votes = [
+            (v.public_key, sign_commit_vote(v, CHAIN, 5, header.hash, view=0))
+            for v in VALIDATORS[:3]
+        ]
+        block = block.with_certificate(CommitCertificate.of(5, header.hash, votes, view=0))
     return block
 
 
@@ -86,7 +89,7 @@ def test_roundtrip(n_txs: int, certified: bool) -> None:
 def test_with_certificate_refuses_another_blocks_certificate() -> None:
     block = sample(certified=False)
     with pytest.raises(ValueError):
-        block.with_certificate(CommitCertificate.of(6, block.hash, []))
+        block.with_certificate(CommitCertificate.of(6, block.hash, [], view=0))
 
 
 def _fields(block: Block) -> list:
@@ -110,9 +113,11 @@ def test_decoder_refuses_bad_shapes() -> None:
         (2, [[0, ""], [2, "x"], [0, ""]]),
         (2, [[0, "reason on success"], [1, "no"], [0, ""]]),
         (2, [[0, ""], [1, "x" * 201], [0, ""]]),
-        (3, list(reversed(good[3]))),  # votes unsorted
-        (3, [good[3][0], good[3][0]]),  # duplicate voter
-        (3, [[good[3][0][0], b"\x00" * 63]]),
+        (3, [good[3][0], list(reversed(good[3][1]))]),  # votes unsorted
+        (3, [good[3][0], [good[3][1][0], good[3][1][0]]]),  # duplicate voter
+        (3, [good[3][0], [[good[3][1][0][0], b"\x00" * 63]]]),
+        (3, [-1, good[3][1]]),  # no such view
+        (3, good[3][1]),  # votes without their view
         (3, "votes"),
     ]:
         fields = list(good)

@@ -50,8 +50,11 @@ def kv(nonce: int, key: str = "k", who: Identity = ALICE) -> Transaction:
 
 
 def certify(block: Block, signers: list[Identity]) -> Block:
-    votes = [(s.public_key, sign_commit_vote(s, CHAIN, block.height, block.hash)) for s in signers]
-    return block.with_certificate(CommitCertificate.of(block.height, block.hash, votes))
+    votes = [
+        (s.public_key, sign_commit_vote(s, CHAIN, block.height, block.hash, view=0))
+        for s in signers
+    ]
+    return block.with_certificate(CommitCertificate.of(block.height, block.hash, votes, view=0))
 
 
 def grow(

@@ -173,8 +173,8 @@ def test_signatures_bind_fields_and_chain() -> None:
     assert pp.verify(CHAIN_ID)
     assert not PrePrepare(0, 2, pp.digest, b"a", pp.replica, pp.signature).verify(CHAIN_ID)
     c = Commit.create(KEYS[2], CHAIN_ID, 3, 7, sha(b"a"))
-    assert c.vote == sign_commit_vote(KEYS[2], CHAIN_ID, 7, sha(b"a"))
-    assert verify(c.replica, commit_vote_bytes(CHAIN_ID, 7, sha(b"a")), c.vote)
+    assert c.vote == sign_commit_vote(KEYS[2], CHAIN_ID, 7, sha(b"a"), view=c.view)
+    assert verify(c.replica, commit_vote_bytes(CHAIN_ID, 7, sha(b"a"), view=c.view), c.vote)
 
 
 # -- normal case ----------------------------------------------------------
@@ -357,7 +357,10 @@ def test_view_change_timer_waits_for_a_quorum_and_backs_off() -> None:
 
 def _certificate(seq: int, d: bytes, signers: list[int]) -> CommitCertificate:
     return CommitCertificate.of(
-        seq, d, [(VALIDATORS[i], sign_commit_vote(KEYS[i], CHAIN_ID, seq, d)) for i in signers]
+        seq,
+        d,
+        [(VALIDATORS[i], sign_commit_vote(KEYS[i], CHAIN_ID, seq, d, view=0)) for i in signers],
+        view=0,
     )
 
 
@@ -423,5 +426,7 @@ def test_follower_follows_a_run_with_a_byzantine_primary() -> None:
     other = Follower(CHAIN_ID, cluster.validators, App())
     first = log[0]
     cert = first.certificate
-    weak = CommitCertificate(cert.height, cert.block_hash, cert.votes[: cert_quorum(cluster) - 1])
+    weak = CommitCertificate(
+        cert.height, cert.block_hash, cert.votes[: cert_quorum(cluster) - 1], cert.view
+    )
     assert other.accept(first.seq, first.digest, first.payload, weak) is None
