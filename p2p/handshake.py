@@ -65,9 +65,11 @@ __all__ = [
     "HELLO_BYTES",
     "LENGTH_BYTES",
     "PROTOCOL_VERSION",
+    "SUITE_AES256GCM",
     "SUITE_PLAINTEXT",
     "SUITE_SEALED",
     "TAG_BYTES",
+    "AesGcmSession",
     "Auth",
     "Handshake",
     "HandshakeResult",
@@ -75,6 +77,7 @@ __all__ = [
     "PlainSession",
     "SealedSession",
     "Session",
+    "aes256gcm_available",
     "auth_message",
     "encode_length",
     "max_body_bytes",
@@ -89,7 +92,10 @@ PROTOCOL_VERSION = 1
 MAGIC = b"FCT"
 SUITE_PLAINTEXT = 0
 SUITE_SEALED = 1
-_SUITES = frozenset({SUITE_PLAINTEXT, SUITE_SEALED})
+"""XSalsa20-Poly1305 records: the default, constant-time everywhere."""
+SUITE_AES256GCM = 2
+"""AES-256-GCM records: opt-in, only where the CPU has AES-NI and CLMUL."""
+_SUITES = frozenset({SUITE_PLAINTEXT, SUITE_SEALED, SUITE_AES256GCM})
 
 LENGTH_BYTES = 4
 MAX_LENGTH = 2**32 - 1
@@ -181,8 +187,19 @@ class SealedSession:
     """
 
     suite = SUITE_SEALED
+    _NONCE = _NONCE
 
     __slots__ = ("_recv_counter", "_recv_key", "_send_counter", "_send_key")
+
+    @staticmethod
+    def _seal(dst: object, src: object, size: int, nonce: bytes, key: bytes) -> None:
+        """Seal ``size`` bytes at ``src`` into ``size + TAG_BYTES`` at ``dst``."""
+        _check(lib.crypto_secretbox_easy(dst, src, size, nonce, key))
+
+    @staticmethod
+    def _open(buf: object, size: int, nonce: bytes, key: bytes) -> bool:
+        """Open a sealed chunk in place: its plaintext starts at ``buf``."""
+        return lib.crypto_secretbox_open_easy(buf, buf, size, nonce, key) == 0
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
         if len(send_key) != KEY_BYTES or len(recv_key) != KEY_BYTES:
@@ -209,15 +226,15 @@ class SealedSession:
         src = frame if type(frame) is bytes else ffi.from_buffer(frame)
         counter = self._send_counter
         key = self._send_key
+        seal = self._seal
         if plain <= CHUNK_BYTES:  # the common case: one chunk, no loop
-            _check(lib.crypto_secretbox_easy(dst, src, plain, _NONCE.pack(counter, body), key))
+            seal(dst, src, plain, self._NONCE.pack(counter, body), key)
             self._send_counter = counter + 1
             return out
         src = ffi.from_buffer(frame)
         for start in range(0, plain, CHUNK_BYTES):
             size = min(CHUNK_BYTES, plain - start)
-            nonce = _NONCE.pack(counter, body)
-            _check(lib.crypto_secretbox_easy(dst, src + start, size, nonce, key))
+            seal(dst, src + start, size, self._NONCE.pack(counter, body), key)
             counter += 1
             dst += size + TAG_BYTES
         self._send_counter = counter
@@ -235,8 +252,8 @@ class SealedSession:
             return self._open_chunks(body, length)
         buf = ffi.from_buffer(body, require_writable=True)
         counter = self._recv_counter
-        nonce = _NONCE.pack(counter, length)
-        if lib.crypto_secretbox_open_easy(buf, buf, length, nonce, self._recv_key) != 0:
+        nonce = self._NONCE.pack(counter, length)
+        if not self._open(buf, length, nonce, self._recv_key):
             raise DecryptFailed("a sealed record failed authentication")
         self._recv_counter = counter + 1
         return bytes(memoryview(body)[: length - TAG_BYTES])
@@ -252,8 +269,8 @@ class SealedSession:
         pieces = []
         for o in range(0, length, _SEALED_CHUNK):
             size = min(_SEALED_CHUNK, length - o)
-            nonce = _NONCE.pack(counter, length)
-            if lib.crypto_secretbox_open_easy(buf + o, buf + o, size, nonce, self._recv_key):
+            nonce = self._NONCE.pack(counter, length)
+            if not self._open(buf + o, size, nonce, self._recv_key):
                 raise DecryptFailed("a sealed chunk failed authentication")
             counter += 1
             pieces.append(view[o : o + size - TAG_BYTES])
@@ -263,7 +280,54 @@ class SealedSession:
 
 def _check(rc: int) -> None:
     if rc != 0:  # pragma: no cover - libsodium never fails to seal
-        raise RuntimeError("crypto_secretbox_easy failed")
+        raise RuntimeError("libsodium failed to seal")
+
+
+def aes256gcm_available() -> bool:
+    """Whether this CPU runs libsodium's AES-256-GCM (AES-NI and CLMUL)."""
+    return bool(lib.crypto_aead_aes256gcm_is_available())
+
+
+class AesGcmSession(SealedSession):
+    """The same records with AES-256-GCM instead of XSalsa20-Poly1305.
+
+    Why offer it: on CPUs with AES-NI it seals about three times faster
+    (0.3 against 0.85 ms/MiB here), which is what keeps encrypted throughput
+    near the plain socket's when two processes share two cores. Why not by
+    default: without AES-NI it is slow or not constant-time, and the issue
+    names XSalsa20-Poly1305. Records, chunking, counters and the bound
+    length are identical; only the per-chunk primitive and its 12-byte nonce
+    (counter || record length) differ. GCM writes ciphertext then tag,
+    secretbox tag then ciphertext, but both open in place to a plaintext at
+    the chunk's start, so the framing code is shared.
+    """
+
+    suite = SUITE_AES256GCM
+    _NONCE = struct.Struct(">QI")
+
+    __slots__ = ()
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        if not aes256gcm_available():
+            raise ValueError("AES-256-GCM needs a CPU with AES-NI and CLMUL")
+        super().__init__(send_key, recv_key)
+
+    @staticmethod
+    def _seal(dst: object, src: object, size: int, nonce: bytes, key: bytes) -> None:
+        _check(
+            lib.crypto_aead_aes256gcm_encrypt(
+                dst, ffi.NULL, src, size, ffi.NULL, 0, ffi.NULL, nonce, key
+            )
+        )
+
+    @staticmethod
+    def _open(buf: object, size: int, nonce: bytes, key: bytes) -> bool:
+        return (
+            lib.crypto_aead_aes256gcm_decrypt(
+                buf, ffi.NULL, ffi.NULL, buf, size, ffi.NULL, 0, nonce, key
+            )
+            == 0
+        )
 
 
 class PlainSession:
@@ -289,7 +353,7 @@ class PlainSession:
         return bytes(body)
 
 
-Session = SealedSession | PlainSession
+Session = SealedSession | AesGcmSession | PlainSession
 
 
 # --- handshake messages --------------------------------------------------------------
@@ -390,6 +454,8 @@ class Handshake:
     ) -> None:
         if suite not in _SUITES:
             raise ValueError(f"unknown cipher suite {suite}")
+        if suite == SUITE_AES256GCM and not aes256gcm_available():
+            raise ValueError("AES-256-GCM needs a CPU with AES-NI and CLMUL")
         self._identity = identity
         self._allowed = allowed
         self._suite = suite
@@ -426,6 +492,9 @@ class Handshake:
         send_key, recv_key = (key_lo, key_hi) if lo_first else (key_hi, key_lo)
         if self._suite == SUITE_SEALED:
             self._session = SealedSession(send_key, recv_key)
+            self._auth_sealer = self._session
+        elif self._suite == SUITE_AES256GCM:
+            self._session = AesGcmSession(send_key, recv_key)
             self._auth_sealer = self._session
         else:
             # The auth message is sealed even in the plaintext suite, so the

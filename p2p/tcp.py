@@ -56,11 +56,13 @@ from .handshake import (
     AUTH_BYTES,
     HELLO_BYTES,
     LENGTH_BYTES,
+    SUITE_AES256GCM,
     SUITE_PLAINTEXT,
     SUITE_SEALED,
     Handshake,
     HandshakeResult,
     Session,
+    aes256gcm_available,
     parse_length,
     sealed_length,
 )
@@ -100,7 +102,9 @@ class TcpConfig:
     socket_buffer_bytes: int | None = None
     """``SO_SNDBUF``/``SO_RCVBUF``; ``None`` keeps the kernel's autotuning."""
     suite: int = SUITE_SEALED
-    """``SUITE_PLAINTEXT`` only for the benchmark's baseline; both ends must agree."""
+    """XSalsa20-Poly1305 by default; ``SUITE_AES256GCM`` opt-in where the CPU
+    has AES-NI; ``SUITE_PLAINTEXT`` only for the benchmark's baseline. Both
+    ends must agree (the suite is in the signed transcript)."""
 
     @property
     def keepalive_interval(self) -> float:
@@ -621,8 +625,10 @@ async def open_tcp_transport(
     ``trio.EndOfChannel``.
     """
     config = config or TcpConfig()
-    if config.suite not in (SUITE_SEALED, SUITE_PLAINTEXT):
+    if config.suite not in (SUITE_SEALED, SUITE_AES256GCM, SUITE_PLAINTEXT):
         raise ValueError(f"unknown cipher suite {config.suite}")
+    if config.suite == SUITE_AES256GCM and not aes256gcm_available():
+        raise ValueError("AES-256-GCM needs a CPU with AES-NI and CLMUL")
     transport = TcpTransport(identity, _allow_policy(allowed), rng, config)
     try:
         async with trio.open_nursery() as nursery:

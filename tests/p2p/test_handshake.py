@@ -26,14 +26,17 @@ from fedchain.p2p.handshake import (
     CHUNK_BYTES,
     HELLO_BYTES,
     LENGTH_BYTES,
+    SUITE_AES256GCM,
     SUITE_PLAINTEXT,
     SUITE_SEALED,
     TAG_BYTES,
+    AesGcmSession,
     Auth,
     Handshake,
     Hello,
     PlainSession,
     SealedSession,
+    aes256gcm_available,
     encode_length,
     max_body_bytes,
     parse_auth,
@@ -345,3 +348,68 @@ def test_open_body_on_any_bytes_is_a_typed_error(payload):
     _, sb = pair()
     with pytest.raises(DecryptFailed):
         sb.open_body(bytearray(payload))
+
+
+# --- the AES-256-GCM suite -------------------------------------------------------------
+
+SEALING_SUITES = [SUITE_SEALED, SUITE_AES256GCM]
+
+
+def test_aes_gcm_chunks_are_plain_aead_with_the_counter_and_length_nonce():
+    """The zero-copy GCM sealer agrees with PyNaCl's public AEAD, chunk by chunk."""
+    assert aes256gcm_available()  # the development and CI machines have AES-NI
+    key = bytes(range(32))
+    frame = os.urandom(2 * CHUNK_BYTES + 100)
+    sealer = AesGcmSession(key, bytes(32))
+    sealer.seal_record(b"one record first")  # uses counter 0
+    record = sealer.seal_record(frame)
+    size = sealed_length(len(frame))
+    expected = b"".join(
+        bindings.crypto_aead_aes256gcm_encrypt(
+            frame[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES],
+            None,
+            (1 + i).to_bytes(8, "big") + size.to_bytes(4, "big"),
+            key,
+        )
+        for i in range(3)
+    )
+    assert bytes(record) == encode_length(size) + expected
+
+
+@pytest.mark.parametrize("suite", SEALING_SUITES)
+@pytest.mark.parametrize("size", [1, CHUNK_BYTES - 1, CHUNK_BYTES, CHUNK_BYTES + 1, 1 << 20])
+def test_every_sealing_suite_round_trips_and_refuses_replays(suite, size):
+    sa, sb = pair(suite)
+    assert type(sa).suite == suite
+    frame = os.urandom(size)
+    record = body(sa.seal_record(frame))
+    assert len(record) == sealed_length(size)
+    assert sb.open_body(bytearray(record)) == frame
+    with pytest.raises(DecryptFailed):
+        sb.open_body(bytearray(record))
+
+
+@pytest.mark.parametrize("suite", SEALING_SUITES)
+def test_every_sealing_suite_refuses_reordering_resplitting_and_flips(suite):
+    sa, sb = pair(suite)
+    first, second = body(sa.seal_record(b"first")), body(sa.seal_record(b"second"))
+    with pytest.raises(DecryptFailed):
+        sb.open_body(bytearray(second))
+    assert sb.open_body(bytearray(first)) == b"first"
+    big = body(sa.seal_record(os.urandom(CHUNK_BYTES + 10)))
+    with pytest.raises(DecryptFailed):
+        sb.open_body(bytearray(big[: CHUNK_BYTES + TAG_BYTES]))
+    for bit in range(0, 8 * len(second), 37):
+        flipped = bytearray(second)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(DecryptFailed):
+            sb.open_body(flipped)
+    assert sb.open_body(bytearray(second)) == b"second"
+
+
+def test_suites_do_not_interoperate():
+    with pytest.raises(HandshakeError):
+        run(
+            Handshake(A, allow_all, suite=SUITE_SEALED),
+            Handshake(B, allow_all, suite=SUITE_AES256GCM),
+        )

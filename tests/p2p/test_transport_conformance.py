@@ -20,6 +20,7 @@ on it unchanged, counting what it refuses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from collections import Counter
@@ -32,6 +33,7 @@ import pytest
 import trio
 import trio.testing
 
+from fedchain.p2p.handshake import SUITE_AES256GCM, SUITE_SEALED
 from fedchain.p2p.identity import Identity, PeerId
 from fedchain.p2p.node import open_node
 from fedchain.p2p.simnet import Constant, LinkModel, SimNetwork
@@ -82,12 +84,15 @@ async def open_sim_mesh(n: int, *, seed: int = 3, tight: bool = False) -> AsyncI
 
 
 @asynccontextmanager
-async def open_tcp_mesh(n: int, *, seed: int = 3, tight: bool = False) -> AsyncIterator[Mesh]:
+async def open_tcp_mesh(
+    n: int, *, seed: int = 3, tight: bool = False, suite: int = SUITE_SEALED
+) -> AsyncIterator[Mesh]:
     """Loopback TCP; each endpoint dials those opened before it, then every
     pair is awaited connected. ``tight``: tiny queues and socket buffers, so
     a peer that stops reading fills its sender's queue quickly."""
     if tight:
         config = TcpConfig(
+            suite=suite,
             outbound_queue_frames=4,
             outbound_queue_bytes=256 * 1024,
             inbound_queue_frames=2,
@@ -97,7 +102,7 @@ async def open_tcp_mesh(n: int, *, seed: int = 3, tight: bool = False) -> AsyncI
             backoff_max=0.2,
         )
     else:
-        config = TcpConfig(backoff_initial=0.02, backoff_max=0.2)
+        config = TcpConfig(suite=suite, backoff_initial=0.02, backoff_max=0.2)
     identities = _identities(n, seed)
     keys = [i.public_key for i in identities]
     async with trio.open_nursery() as nursery:
@@ -130,7 +135,11 @@ async def _tcp_endpoint(identity, keys, peers, config, seed, task_status) -> Non
         await trio.sleep_forever()
 
 
-FACTORIES: dict[str, Callable[..., object]] = {"sim": open_sim_mesh, "tcp": open_tcp_mesh}
+FACTORIES: dict[str, Callable[..., object]] = {
+    "sim": open_sim_mesh,
+    "tcp": open_tcp_mesh,
+    "tcp-aes256gcm": functools.partial(open_tcp_mesh, suite=SUITE_AES256GCM),
+}
 VIRTUAL_TIME = {"sim"}
 """Implementations whose tests run under ``MockClock(autojump_threshold=0)``."""
 
