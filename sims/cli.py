@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "fedchain.sims.train",
         "federated training of many devices with the learning library alone (no network)",
     ),
+    "chain": (
+        "fedchain.sims.chain_cmd",
+        "verify a chain directory from its bytes alone (or write a sample chain)",
+    ),
     "bench": {
         "gossip": ("fedchain.sims.bench_gossip", "gossip dissemination at 1,000 and 10,000 nodes"),
         "transport": (

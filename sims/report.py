@@ -55,6 +55,8 @@ def emit_json(benchmark: str, figures: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fmt(cell: Any) -> str:
+    if isinstance(cell, bool):
+        return "yes" if cell else "no"
     if isinstance(cell, float):
         return f"{cell:,.3f}" if abs(cell) < 100 else f"{cell:,.0f}"
     if isinstance(cell, int):
