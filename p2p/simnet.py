@@ -164,8 +164,16 @@ class SimNetwork:
     """The links between every pair of nodes. ``await network.run()`` in a
     nursery delivers frames; cancel it to stop the network."""
 
-    def __init__(self, seed: int, model: LinkModel | None = None, *, trace: bool = False) -> None:
+    def __init__(
+        self,
+        seed: int,
+        model: LinkModel | None = None,
+        *,
+        trace: bool = False,
+        advance_clock: bool = False,
+    ) -> None:
         self.seed = seed
+        self.advance_clock = advance_clock
         self.model = model or LinkModel()
         self._endpoints: dict[PeerId, _Endpoint] = {}
         self._queue: list[tuple] = []
@@ -302,14 +310,23 @@ class SimNetwork:
     async def run(self) -> None:
         """Deliver frames as their time comes, until cancelled.
 
-        Under an autojumping ``MockClock``, when nothing else in the trio run
-        could act before the next event, the loop moves the clock itself
-        instead of sleeping: the same jump trio would make, without a trip
-        through the scheduler per event. Order and times are unchanged.
+        With ``advance_clock`` under an autojumping ``MockClock``, when no
+        task is runnable and no deadline comes first, the loop moves the
+        clock itself instead of sleeping: the jump trio would make, without
+        a trip through the scheduler per event. That is only sound when this
+        loop is the sole actor (every node driven, no node jobs, other tasks
+        only waiting): trio cannot tell us about a task that woke at the
+        same instant and has not run yet, and it would then act at a later
+        time than it should. Simulations built that way (``sims.gossipsim``)
+        turn it on; the default is the plain, always-exact sleep.
         """
         queue = self._queue
         clock = trio.lowlevel.current_clock()
-        can_jump = isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold == 0
+        can_jump = (
+            self.advance_clock
+            and isinstance(clock, trio.testing.MockClock)
+            and clock.autojump_threshold == 0
+        )
         jumps = 0
         while True:
             if can_jump and queue and self._jump_to(clock, queue[0][0]):

@@ -150,7 +150,9 @@ class GossipSimulation:
         key_rng, view_rng = (np.random.Generator(np.random.PCG64(s)) for s in seeds.spawn(2))
         self.identities = [Identity(key_rng.bytes(32)) for _ in range(n)]
         self.ids: list[PeerId] = [i.public_key for i in self.identities]
-        self.network = SimNetwork(config.seed, config.model, trace=config.trace)
+        # Every node is driven and the harness only waits: the network is the
+        # sole actor, so it may advance the virtual clock itself.
+        self.network = SimNetwork(config.seed, config.model, trace=config.trace, advance_clock=True)
         self.frames = FrameCache()
         self.transports = [self.network.add_node(peer) for peer in self.ids]
         self.views = _random_views(view_rng, n, min(config.cyclon.view_size, n - 1))
