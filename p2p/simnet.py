@@ -328,16 +328,23 @@ class SimNetwork:
             and clock.autojump_threshold == 0
         )
         jumps = 0
+        woke_with_others = False
         while True:
+            if can_jump and queue and woke_with_others:
+                # Tasks whose deadline woke them with us may not have run yet;
+                # trio counts them nowhere, so let them run before any jump.
+                await trio.lowlevel.checkpoint()
+                woke_with_others = False
             if can_jump and queue and self._jump_to(clock, queue[0][0]):
                 jumps += 1
-                if jumps % 32 == 0:  # stay cancellable and let other tasks in
+                if jumps % 32 == 0:  # stay cancellable
                     await trio.lowlevel.checkpoint()
             else:
                 with trio.CancelScope(deadline=queue[0][0] if queue else math.inf) as scope:
                     self._wake = scope
                     await trio.sleep_forever()
                 self._wake = None
+                woke_with_others = True
             now = trio.current_time()
             while queue and queue[0][0] <= now:
                 at, kind, _, _, payload = heapq.heappop(queue)
@@ -357,7 +364,7 @@ class SimNetwork:
         now = clock.current_time()
         if at <= now:
             return True
-        if now + statistics.seconds_to_next_deadline < at:
+        if now + statistics.seconds_to_next_deadline <= at:  # ties: sleep, exactly
             return False
         clock.jump(at - now)
         return clock.current_time() >= at
