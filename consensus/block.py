@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import msgpack
 
 from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, PeerId
+from fedchain.p2p.wire import unpack_body
 
 from . import merkle
 from .contracts import TxResult
@@ -158,20 +159,9 @@ def decode_block(
         data = bytes(data)
     if len(data) > max_bytes:
         raise MalformedMessage(f"block of {len(data)} bytes exceeds {max_bytes}")
-    try:
-        fields = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=max_bytes,
-            max_str_len=max_bytes,
-            max_array_len=max_bytes,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except Exception as exc:
-        raise MalformedMessage(f"not a block: {exc.__class__.__name__}") from exc
+    fields = unpack_body(
+        data, max_len=max_bytes, max_map_len=0, error=MalformedMessage, what="a block"
+    )
     if type(fields) is not list or len(fields) != 4:
         raise MalformedMessage("a block is an array of 4 fields")
     header_fields, raw_txs, raw_results, raw_votes = fields

@@ -54,7 +54,7 @@ import msgpack
 
 from fedchain.p2p.identity import PeerId
 from fedchain.p2p.node import Node, Timer
-from fedchain.p2p.wire import Envelope, MessageType
+from fedchain.p2p.wire import Envelope, MessageType, unpack_body
 
 from .block import Block, decode_block, encode_block
 from .chain import ChainTip, Executor
@@ -337,10 +337,7 @@ class LedgerReplica:
             self.node.send(action.peers[0], MessageType.BLOCK_SYNC, body)
 
     def _on_sync(self, peer: PeerId, envelope: Envelope) -> None:
-        try:
-            fields = msgpack.unpackb(envelope.body, use_list=True, strict_map_key=True)
-        except Exception as exc:
-            raise MalformedMessage(f"block sync body: {exc}") from exc
+        fields = unpack_body(envelope.body, error=MalformedMessage, what="a block sync body")
         if not isinstance(fields, list) or not fields or type(fields[0]) is not int:
             raise MalformedMessage("block sync body is [kind, ...]")
         if fields[0] == _SYNC_REQUEST and len(fields) == 3:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId, verify
+from fedchain.p2p.wire import unpack_body
 
 from .errors import InvalidSignature, MalformedMessage
 
@@ -133,20 +134,14 @@ def decode_transaction(data: bytes, *, max_bytes: int = MAX_TX_BYTES) -> Transac
         data = bytes(data)
     if len(data) > max_bytes:
         raise MalformedMessage(f"transaction of {len(data)} bytes exceeds {max_bytes}")
-    try:
-        fields = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=max_bytes,
-            max_str_len=max_bytes,
-            max_array_len=7,
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises a zoo of types on garbage
-        raise MalformedMessage(f"not a transaction: {exc.__class__.__name__}") from exc
+    fields = unpack_body(
+        data,
+        max_len=max_bytes,
+        max_array_len=7,
+        max_map_len=0,
+        error=MalformedMessage,
+        what="a transaction",
+    )
     if type(fields) is not list or len(fields) != 7:
         raise MalformedMessage("a transaction is an array of 7 fields")
     tx_type, oid, content, timestamp, nonce, sender, signature = fields

@@ -303,11 +303,21 @@ class SequenceWindow:
         self._state.pop(sender, None)
 
 
-def unpack_body(body: bytes, *, max_len: int = MAX_FRAME_BYTES) -> object:
-    """Strictly unpack a msgpack body for a layer's own decoder.
+def unpack_body(
+    body: bytes,
+    *,
+    max_len: int = MAX_FRAME_BYTES,
+    max_array_len: int | None = None,
+    max_map_len: int | None = None,
+    error: type[MalformedBody] = MalformedBody,
+    what: str = "body",
+) -> object:
+    """Strictly unpack exactly one msgpack value for a layer's own decoder.
 
-    Raises :class:`MalformedBody` for anything that is not exactly one
-    msgpack value; the caller then checks the value's shape.
+    Every decoder of peer bytes (bodies, transactions, blocks) comes through
+    here, so the limits that keep a hostile input from costing memory are
+    set in one place. Raises ``error`` (a :class:`MalformedBody`, so a node
+    counts it) for anything else; the caller then checks the value's shape.
     """
     try:
         return msgpack.unpackb(
@@ -317,12 +327,12 @@ def unpack_body(body: bytes, *, max_len: int = MAX_FRAME_BYTES) -> object:
             use_list=True,
             max_bin_len=max_len,
             max_str_len=max_len,
-            max_array_len=max_len,
-            max_map_len=max_len,
+            max_array_len=max_len if max_array_len is None else max_array_len,
+            max_map_len=max_len if max_map_len is None else max_map_len,
             max_ext_len=0,
         )
-    except Exception as exc:
-        raise MalformedBody(f"body is not one msgpack value: {exc.__class__.__name__}") from exc
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise error(f"{what} is not one msgpack value: {exc.__class__.__name__}") from exc
 
 
 def pack_body(value: object) -> bytes:
