@@ -17,6 +17,7 @@ record of what was spent.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -34,7 +35,7 @@ from fedchain.learning.aggregation import (
     apply_delta,
 )
 from fedchain.learning.data import Dataset
-from fedchain.learning.errors import ConfigError
+from fedchain.learning.errors import AggregationError, ConfigError
 from fedchain.learning.local import (
     DeviceData,
     LocalConfig,
@@ -198,11 +199,29 @@ class Federation:
         )
         if transform is not None:
             updates = list(transform(updates))
-        result = self.aggregator.aggregate(updates)
+        result = self._aggregate_finite(updates)
         params = apply_delta(state.params, result.delta)
         return FederationState(params, residuals, state.round + 1), RoundReport(
             result, losses, truncated
         )
+
+    def _aggregate_finite(self, updates: list[ClientUpdate]) -> AggregateResult:
+        """Aggregate, leaving out devices whose update is not finite.
+
+        A device that diverged (or lies) must not stop the round for everyone:
+        it is dropped with its reason, as a norm bound drops an implausible
+        update, and the round goes on with the rest. The aggregators
+        themselves stay strict and refuse non-finite input outright.
+        """
+        finite = [u for u in updates if all(np.all(np.isfinite(v)) for v in u.delta.values())]
+        if not finite:
+            raise AggregationError("every device's update is non-finite")
+        result = self.aggregator.aggregate(finite)
+        kept = {u.device for u in finite}
+        diverged = {u.device: "non-finite update" for u in updates if u.device not in kept}
+        if not diverged:
+            return result
+        return dataclasses.replace(result, dropped={**result.dropped, **diverged})
 
     def accuracy(self, params: Mapping[str, np.ndarray], tier: int | None = None) -> float:
         """Test accuracy of the global model as tier ``tier`` (default: the

@@ -129,13 +129,17 @@ def run(args: argparse.Namespace) -> int:
         loss = float(np.mean(list(report.losses.values())))
         elapsed = time.perf_counter() - start
         rows.append([r + 1, acc, acc_phone, loss, eps if private else "no DP", elapsed])
+        dropped = dict(report.result.dropped)
         history.append({"round": r + 1, "accuracy": acc, "accuracy_tier0": acc_phone,
-                        "loss": loss, "epsilon": eps, "seconds": round(elapsed, 2)})  # fmt: skip
+                        "loss": loss, "epsilon": eps, "seconds": round(elapsed, 2),
+                        "dropped": dropped})  # fmt: skip
         print(
             f"round {r + 1}: accuracy {acc:.4f} (phones {acc_phone:.4f}) loss {loss:.4f} "
             f"eps {eps:.3f} [{elapsed:.0f}s]",
             flush=True,
         )
+        if dropped:  # a weaker round than planned: say so loudly
+            print(f"round {r + 1}: {len(dropped)} updates left out: {dropped}", flush=True)
     print_table(
         "federated training" + (" [MNIST SUBSET]" if data.is_subset else ""),
         ["round", "accuracy", "phones' accuracy", "loss", "max eps", "seconds"],

@@ -97,6 +97,23 @@ def test_a_poisoned_update_is_dropped(run):
     assert list(report.result.dropped) == ["dev3"]
 
 
+def test_a_diverged_device_is_left_out_and_the_round_goes_on(run):
+    """A device whose update is not finite (it diverged, or lies) is dropped
+    with its reason; the others' round still lands, finite."""
+    fed, _, history = run
+    state = history[-1][0]
+
+    def diverge(updates):
+        bad = updates[4]
+        nan = {k: np.full_like(v, np.nan) for k, v in bad.delta.items()}
+        return [*updates[:4], ClientUpdate(bad.device, bad.num_samples, nan), *updates[5:]]
+
+    new_state, report = fed.round(state, jax.random.key(6), learning_rate=1.0, transform=diverge)
+    assert report.result.dropped == {"dev4": "non-finite update"}
+    assert "dev4" not in report.result.included
+    assert all(np.all(np.isfinite(v)) for v in new_state.params.values())
+
+
 def test_device_ids_must_be_unique(small_mnist):
     with pytest.raises(ConfigError):
         Federation(small_mnist, [Device("a", 0, np.arange(5))] * 2, CONFIG)
