@@ -16,8 +16,9 @@ apply both to frames being sent and to frames still in flight.
 Determinism: every draw comes from the *sending* node's own stream, seeded
 from (network seed, node index), and in-flight frames are ordered by
 (arrival time, sender index, sender's frame counter). A node's sends happen
-in an order fixed by its own inputs, so neither trio's scheduling order nor
-the order nodes were added changes a single delivery. :meth:`trace_digest`
+in an order fixed by its own inputs, so trio's scheduling order never
+changes a delivery (a node's index, its order of joining, is part of the
+seed). :meth:`trace_digest`
 hashes every delivery (time, source, destination, bytes) to prove it.
 
 Bounded queues: a node's uplink holds at most ``max_backlog`` seconds of
