@@ -18,6 +18,15 @@ def _verify(tmp_path, capsys) -> tuple[int, dict]:
     return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def _edit_row_behind_the_stores_back(directory, *, height: int) -> None:
+    """Change a block's last byte with plain SQL, leaving its checksum stale."""
+    db = sqlite3.connect(directory / CHAIN_FILE)
+    (data,) = db.execute("SELECT data FROM blocks WHERE height = ?", (height,)).fetchone()
+    with db:
+        db.execute("UPDATE blocks SET data = ? WHERE height = ?", (data[:-1] + b"\x00", height))
+    db.close()
+
+
 def test_a_sample_chain_verifies(tmp_path, capsys):
     assert main(["chain", "sample", str(tmp_path), "--blocks", "6", "--txs", "5"]) == 0
     capsys.readouterr()
@@ -30,11 +39,7 @@ def test_a_sample_chain_verifies(tmp_path, capsys):
 
 def test_a_row_edited_behind_the_stores_back_is_found(tmp_path, capsys):
     write_sample_chain(tmp_path, blocks=5, txs=3, seed=2)
-    db = sqlite3.connect(tmp_path / CHAIN_FILE)
-    (data,) = db.execute("SELECT data FROM blocks WHERE height = 3").fetchone()
-    with db:
-        db.execute("UPDATE blocks SET data = ? WHERE height = 3", (data[:-1] + b"\x00",))
-    db.close()
+    _edit_row_behind_the_stores_back(tmp_path, height=3)
     code, report = _verify(tmp_path, capsys)
     assert code == 1
     assert "height 3" in report["error"]  # the store's checksum names the row
@@ -72,11 +77,7 @@ def test_the_human_report_says_where_it_breaks(tmp_path, capsys):
 def test_a_damaged_old_row_breaks_the_chain_at_its_height(tmp_path, capsys):
     """Rows far below the tip are checked as they are read, not on open."""
     write_sample_chain(tmp_path, blocks=25, txs=1, seed=5)
-    db = sqlite3.connect(tmp_path / CHAIN_FILE)
-    (data,) = db.execute("SELECT data FROM blocks WHERE height = 3").fetchone()
-    with db:
-        db.execute("UPDATE blocks SET data = ? WHERE height = 3", (data[:-1] + b"\x00",))
-    db.close()
+    _edit_row_behind_the_stores_back(tmp_path, height=3)
     code, report = _verify(tmp_path, capsys)
     assert code == 1
     assert report["broken_at"] == 3
