@@ -16,6 +16,17 @@ where ``votes`` are the commit certificate's ``[validator key, signature]``
 pairs sorted by key, all cast in ``view`` (its height and hash are the
 header's, not repeated); nil means a proposal, not yet final. Decoding is strict and checks shape
 only; whether a block follows from its parent is :mod:`.chain`'s job.
+
+Null blocks. When a PBFT view change finds a sequence number that nothing
+prepared, the NEW-VIEW fills it with a null request, which takes a height
+like any block. Its block is canonical and carries no choice: no
+transactions, the parent's timestamp and state root, the certificate's view,
+and :data:`NULL_PROPOSER` (32 zero bytes, which no validator may hold) as
+proposer; that marker is how a decoder knows the certificate's votes sign
+:data:`NULL_DIGEST` rather than the header hash (PBFT's commit votes for a
+null request name no block). ``chain.Executor`` checks that a null block is
+exactly the canonical one for its parent, so a chain with null heights still
+verifies from its bytes alone.
 """
 
 from __future__ import annotations
@@ -33,11 +44,14 @@ from fedchain.p2p.wire import unpack_body
 from . import merkle
 from .contracts import TxResult
 from .errors import InvalidBlock, MalformedMessage
+from .pbft_messages import NULL_DIGEST
 from .tx import MAX_TX_BYTES, Transaction, decode_transaction
 from .votes import CommitCertificate
 
 __all__ = [
     "MAX_BLOCK_BYTES",
+    "NULL_DIGEST",
+    "NULL_PROPOSER",
     "Block",
     "BlockHeader",
     "check_body",
@@ -48,6 +62,9 @@ __all__ = [
 ]
 
 MAX_BLOCK_BYTES = 32 * 1024 * 1024
+NULL_PROPOSER = bytes(32)
+"""The proposer field of a null block; genesis and the validators contract
+refuse it as a validator key."""
 MAX_REASON_CHARS = 200
 _U63 = 2**63
 
@@ -99,8 +116,19 @@ class Block:
     def hash(self) -> bytes:
         return self.header.hash
 
+    @property
+    def is_null(self) -> bool:
+        """A null request's block (see the module docstring)."""
+        return self.header.proposer == NULL_PROPOSER
+
+    @property
+    def certified_digest(self) -> bytes:
+        """What the commit votes for this block sign: its hash, or
+        NULL_DIGEST for a null block."""
+        return NULL_DIGEST if self.is_null else self.hash
+
     def with_certificate(self, certificate: CommitCertificate) -> Block:
-        if certificate.height != self.height or certificate.block_hash != self.hash:
+        if certificate.height != self.height or certificate.block_hash != self.certified_digest:
             raise ValueError("the certificate is for another block")
         return replace(self, certificate=certificate)
 
@@ -207,8 +235,9 @@ def decode_block(
         keys = [v[0] for v in raw_votes]
         if any(a >= b for a, b in itertools.pairwise(keys)):
             raise MalformedMessage("votes are sorted by distinct keys")
+        certified = NULL_DIGEST if header.proposer == NULL_PROPOSER else header.hash
         certificate = CommitCertificate(
-            header.height, header.hash, tuple((k, s) for k, s in raw_votes), view
+            header.height, certified, tuple((k, s) for k, s in raw_votes), view
         )
     block = Block(header, txs, tuple(results), certificate)
     if encode_block(block) != data:

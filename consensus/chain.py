@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 from fedchain.p2p.identity import PeerId
 
-from .block import Block, BlockHeader, check_body, decode_block, results_root, tx_root
+from .block import (
+    NULL_PROPOSER,
+    Block,
+    BlockHeader,
+    check_body,
+    decode_block,
+    results_root,
+    tx_root,
+)
 from .contracts import (
     BlockContext,
     ContractRegistry,
@@ -122,6 +130,21 @@ class Executor:
         self._remember(tip.state, block, state)
         return block, state
 
+    def null_block(self, tip: ChainTip, view: int) -> Block:
+        """The canonical block of a null request at the height after ``tip``
+        (``block`` module docstring): nothing in it is anyone's choice."""
+        header = BlockHeader(
+            height=tip.height + 1,
+            prev_hash=tip.block_hash,
+            timestamp=tip.timestamp,
+            view=view,
+            proposer=NULL_PROPOSER,
+            tx_root=tx_root(()),
+            results_root=results_root(()),
+            state_root=tip.state.root,
+        )
+        return Block(header, (), ())
+
     def validate_block(
         self,
         tip: ChainTip,
@@ -136,6 +159,10 @@ class Executor:
         that exact transaction and signature), then re-executes. The
         certificate is not checked here (a proposal has none yet)."""
         header = block.header
+        if block.is_null:
+            if block.txs or block.results or header != self.null_block(tip, header.view).header:
+                raise InvalidBlock("a null block is not the canonical one for its parent")
+            return tip.state
         if header.height != tip.height + 1:
             raise InvalidBlock(f"height {header.height} does not follow {tip.height}")
         if header.prev_hash != tip.block_hash:
@@ -178,8 +205,10 @@ class Executor:
         cert = block.certificate
         if cert is None:
             raise InvalidCertificate("the block has no commit certificate")
-        if cert.height != block.height or cert.block_hash != block.hash:
+        if cert.height != block.height or cert.block_hash != block.certified_digest:
             raise InvalidCertificate("the certificate is for another block")
+        if block.is_null and cert.view != block.header.view:
+            raise InvalidCertificate("a null block's certificate is from another view")
         if not cert.is_valid(self.chain_id, tip.validators):
             raise InvalidCertificate("the certificate lacks a quorum of validator signatures")
 

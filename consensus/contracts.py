@@ -334,6 +334,8 @@ class ValidatorsContract:
             or any(a >= b for a, b in itertools.pairwise(new_set))
         ):
             raise ContractRejected("validators are sorted distinct 32-byte keys")
+        if bytes(PUBLIC_KEY_BYTES) in new_set:
+            raise ContractRejected("the zero key marks null blocks and is no validator")
         if type(approvals) is not list or any(
             type(a) is not list or len(a) != 2 or type(a[0]) is not bytes or type(a[1]) is not bytes
             for a in approvals

@@ -105,6 +105,8 @@ def _check(genesis: Genesis) -> None:
     keys = g.validators
     if not keys or any(type(k) is not bytes or len(k) != PUBLIC_KEY_BYTES for k in keys):
         raise MalformedMessage("validators are one or more 32-byte keys")
+    if bytes(PUBLIC_KEY_BYTES) in keys:
+        raise MalformedMessage("the zero key marks null blocks and is no validator")
     if any(a >= b for a, b in itertools.pairwise(keys)):
         raise MalformedMessage("validators are sorted and distinct")
     names = [k for k, _ in g.initial_state]

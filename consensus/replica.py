@@ -28,17 +28,17 @@ PRE-PREPARE until its predecessor is pre-prepared.
 
 Known gaps (documented, not hidden):
 
-* A null request (``NULL_DIGEST``, a gap a NEW-VIEW filled) must take a
-  height (``consensus/SPEC.md``). Its certificate signs ``NULL_DIGEST``,
-  which no block hashes to, so no block can carry it and ``verify_chain``
-  rejects whatever sits at that height. We store a deterministic empty
-  block (same on every replica) *without* certificate, count it in
-  ``null_blocks``, and keep going; a chain rule for null heights is needed
-  in ``chain.py`` to close this. A proposal for the seq right after a null
-  has no speculative parent until the null commits (the suspicion above).
-  Blocks without certificate are not served by BLOCK_SYNC.
-* Restart from a non-empty store is not supported (the replica would need
-  its chained PBFT state digest back).
+* A proposal for the seq right after a null request has no speculative
+  parent until the null commits (the suspicion above). Null heights
+  themselves are ordinary certified blocks (``block`` module docstring).
+
+Restart. A replica built on a store that already holds blocks replays them
+through the executor (:func:`replay_store`: certificates and execution
+checked again) and resumes PBFT at its stored height with the chained state
+digest recomputed from the stored blocks; whatever it missed meanwhile it
+fetches by state transfer. The PBFT log itself (view, prepared
+certificates) is not persisted (``consensus/SPEC.md``).
+
 * Transactions reach the other validators by one CLIENT forward from the
   validator the client chose, sent once: a forward lost (or sent while that
   validator was cut off) is never repeated, and a transaction only a backup
@@ -59,9 +59,16 @@ from fedchain.p2p.wire import Envelope, MessageType, unpack_body
 from .block import Block, decode_block, encode_block
 from .chain import ChainTip, Executor
 from .contracts import next_nonce
-from .errors import ConsensusError, DuplicateTransaction, MalformedMessage, MempoolFull
+from .errors import (
+    ConsensusError,
+    DuplicateTransaction,
+    InvalidBlock,
+    MalformedMessage,
+    MempoolFull,
+)
 from .mempool import Mempool
 from .pbft import (
+    GENESIS_STATE,
     Action,
     BlocksFetched,
     CancelTimer,
@@ -76,12 +83,13 @@ from .pbft import (
     SetTimer,
     Suspect,
     TimerFired,
+    advance_state,
 )
 from .pbft_messages import NULL_DIGEST, decode_message, encode_message
 from .store import BlockStore, StoredBlock
 from .tx import Transaction
 
-__all__ = ["LedgerReplica"]
+__all__ = ["LedgerReplica", "replay_store"]
 
 _SYNC_REQUEST = 0
 _SYNC_BLOCKS = 1
@@ -92,6 +100,30 @@ MAX_SYNC_BYTES = 32 * 1024 * 1024
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def replay_store(executor: Executor, store: BlockStore) -> tuple[ChainTip, bytes]:
+    """Re-verify a replica's stored chain: its tip and PBFT's chained state
+    digest after it (what a restarted replica resumes from).
+
+    Every block's certificate and execution is checked again, as ``fedchain
+    chain verify`` would: the store's checksums catch a torn page, not a
+    chain that was wrong when written. A block that fails raises
+    :class:`~.errors.ConsensusError` naming its height.
+    """
+    tip = ChainTip.of_genesis(executor.genesis)
+    state = GENESIS_STATE
+    for height in range(1, store.tip() + 1):
+        stored = store.get(height)
+        if stored is None:
+            raise InvalidBlock(f"the store has no block at height {height}")
+        block = decode_block(stored.data, max_bytes=executor.params.max_block_bytes + 1024 * 1024)
+        try:
+            tip = executor.apply_final(tip, block)
+        except ConsensusError as exc:
+            raise type(exc)(f"stored block {height}: {exc}") from exc
+        state = advance_state(state, height, block.certified_digest)
+    return tip, state
 
 
 class LedgerReplica:
@@ -120,17 +152,23 @@ class LedgerReplica:
         first = store.get(0)
         if first is None or first.block_hash != genesis.hash:
             raise ValueError("the store holds another chain")
-        if store.tip() != 0:
-            raise ValueError("restart from a non-empty store is not supported yet")
         self.node = node
         self.executor = executor
         self.store = store
         self.mempool = mempool
         self.timestamp_ms = timestamp_ms
         self.params = genesis.params
-        self.tip = ChainTip.of_genesis(genesis)
-        self.validators: tuple[PeerId, ...] = genesis.validators
-        self.replica = Replica(node.identity, self.validators, genesis.chain_id, self, config)
+        self.tip, pbft_state = replay_store(executor, store)
+        self.validators: tuple[PeerId, ...] = tuple(self.tip.validators)
+        self.replica = Replica(
+            node.identity,
+            self.validators,
+            genesis.chain_id,
+            self,
+            config,
+            executed=self.tip.height,
+            state=pbft_state,
+        )
         self._spec: dict[int, tuple[Block, ChainTip]] = {}
         """Uncommitted proposals built or validated, by seq, with the tip after each."""
         self._flying: set[bytes] = set()
@@ -277,7 +315,7 @@ class LedgerReplica:
                 max_bytes=self.params.max_block_bytes + 1024 * 1024,
                 max_tx_bytes=self.params.max_tx_bytes,
             )
-            if block.height != seq or block.certificate is not None:
+            if block.height != seq or block.certificate is not None or block.is_null:
                 return None
             state = self.executor.validate_block(parent, block, verified=self.mempool.verified)
         except (MalformedMessage, ConsensusError):
@@ -313,19 +351,14 @@ class LedgerReplica:
             self._forget(done.seq)
 
     def _commit_null(self, done: Committed) -> None:
-        """See the module docstring: an empty block, the same everywhere,
-        stored without certificate (no block can carry a NULL certificate)."""
+        """A null request's canonical block, certified like any other."""
         self.null_blocks += 1
-        block, state = self.executor.build_block(
-            self.tip,
-            [],
-            timestamp=self.tip.timestamp,
-            view=done.certificate.view,
-            proposer=self.replica.primary(done.certificate.view),
-        )
-        self.tip = ChainTip(done.seq, block.hash, block.header.timestamp, state)
-        self.store.append(StoredBlock(done.seq, block.hash, encode_block(block)))
-        self._spec.pop(done.seq, None)
+        block = self.executor.null_block(self.tip, done.certificate.view)
+        certified = block.with_certificate(done.certificate)
+        self.tip = self.executor.apply_final(self.tip, certified)
+        self.store.append(StoredBlock(done.seq, block.hash, encode_block(certified)))
+        if done.seq in self._spec:
+            self._forget(done.seq)
 
     # -- state transfer (BLOCK_SYNC) --------------------------------------------
 
@@ -365,8 +398,8 @@ class LedgerReplica:
 
     def _on_blocks(self, items: list[object]) -> None:
         """Hand certified blocks to PBFT, which checks each certificate and
-        calls ``validate`` before it commits them. Stops at the first block
-        without certificate (a null height: see the module docstring)."""
+        calls ``validate`` before it commits them (a null block travels as
+        PBFT's null request: NULL_DIGEST and an empty payload)."""
         blocks = []
         for data in items:
             if type(data) is not bytes:
@@ -378,9 +411,12 @@ class LedgerReplica:
             )
             cert = block.certificate
             if cert is None:
-                break
-            bare = Block(block.header, block.txs, block.results)
-            blocks.append((block.height, block.hash, encode_block(bare), cert))
+                raise MalformedMessage("a synced block carries its commit certificate")
+            if block.is_null:
+                blocks.append((block.height, NULL_DIGEST, b"", cert))
+            else:
+                bare = Block(block.header, block.txs, block.results)
+                blocks.append((block.height, block.hash, encode_block(bare), cert))
         if blocks:
             self.node.counters["sync.blocks_received"] += len(blocks)
             self._step(BlocksFetched(tuple(blocks)))

@@ -8,7 +8,14 @@ from dataclasses import replace
 import msgpack
 import pytest
 
-from fedchain.consensus.block import Block, decode_block, encode_block, results_root, tx_root
+from fedchain.consensus.block import (
+    NULL_DIGEST,
+    Block,
+    decode_block,
+    encode_block,
+    results_root,
+    tx_root,
+)
 from fedchain.consensus.chain import ChainTip, Executor, verify_chain
 from fedchain.consensus.contracts import (
     ContractRegistry,
@@ -19,7 +26,7 @@ from fedchain.consensus.contracts import (
     sign_validator_change,
     validator_change_content,
 )
-from fedchain.consensus.errors import InvalidBlock, InvalidCertificate
+from fedchain.consensus.errors import InvalidBlock, InvalidCertificate, MalformedMessage
 from fedchain.consensus.genesis import ConsensusParams, Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.tx import (
@@ -283,3 +290,71 @@ def test_a_shared_signature_cache_serves_validation() -> None:
     assert (cache.misses, cache.hits) == (2, 4)
     with pytest.raises(ValueError):
         Executor(GENESIS, signatures=SignatureCache("other"))
+
+
+def certify_null(block: Block, signers: list[Identity], view: int) -> Block:
+    votes = [
+        (s.public_key, sign_commit_vote(s, CHAIN, block.height, NULL_DIGEST, view=view))
+        for s in signers
+    ]
+    return block.with_certificate(CommitCertificate.of(block.height, NULL_DIGEST, votes, view=view))
+
+
+def test_a_null_height_verifies_as_the_canonical_empty_block() -> None:
+    """A NEW-VIEW's null request takes a height: its certificate signs
+    NULL_DIGEST, and the block is the one canonical empty block for its
+    parent, so the chain still verifies from its bytes alone."""
+    executor = Executor(GENESIS)
+    blocks, tip = three_blocks()
+    null = certify_null(executor.null_block(tip, view=2), VALIDATORS[:3], view=2)
+    assert null.is_null and null.hash != NULL_DIGEST
+    decoded = decode_block(encode_block(null))
+    assert decoded == null and decoded.certificate.block_hash == NULL_DIGEST
+    after = executor.apply_final(tip, decoded)
+    assert after.state.root == tip.state.root and after.height == tip.height + 1
+    more, _ = grow(executor, after, [[kv(4)]])
+    chain = [encode_block(b) for b in [*blocks, null, *more]]
+    report = verify_chain(GENESIS, chain)
+    assert report.ok, report.error
+    assert report.height == 5
+
+
+def test_a_null_block_that_is_not_canonical_or_not_null_certified_breaks_the_chain() -> None:
+    executor = Executor(GENESIS)
+    blocks, tip = three_blocks()
+    canonical = executor.null_block(tip, view=1)
+    variants = {
+        "state root": replace(canonical.header, state_root=bytes(range(32))),
+        "timestamp": replace(canonical.header, timestamp=tip.timestamp + 1),
+        "view": replace(canonical.header, view=2),  # certificate from view 1
+    }
+    for what, header in variants.items():
+        bad = certify_null(Block(header, (), ()), VALIDATORS[:3], view=1)
+        report = verify_chain(GENESIS, [encode_block(b) for b in [*blocks, bad]])
+        assert not report.ok and report.height == 4, what
+    # With a transaction in it, a "null" block is not canonical either.
+    tx = kv(4)
+    body = Block(
+        replace(
+            canonical.header, tx_root=tx_root([tx]), results_root=results_root([TxResult(0, "")])
+        ),
+        (tx,),
+        (TxResult(0, ""),),
+    )
+    report = verify_chain(
+        GENESIS, [encode_block(b) for b in [*blocks, certify_null(body, VALIDATORS[:3], 1)]]
+    )
+    assert not report.ok and report.height == 4
+    # Votes for the header hash do not certify a null block: they sign NULL_DIGEST.
+    with pytest.raises(ValueError):
+        certify(canonical, VALIDATORS[:3])
+    # Too few null votes.
+    report = verify_chain(
+        GENESIS, [encode_block(b) for b in [*blocks, certify_null(canonical, VALIDATORS[:2], 1)]]
+    )
+    assert not report.ok and "quorum" in report.error
+
+
+def test_the_null_marker_is_no_validator_key() -> None:
+    with pytest.raises(MalformedMessage):
+        Genesis.create(CHAIN, 0, [bytes(32), VALIDATORS[0].public_key])

@@ -8,18 +8,21 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 
-from fedchain.consensus.block import decode_block
-from fedchain.consensus.chain import Executor, verify_chain
+from fedchain.consensus.block import decode_block, encode_block
+from fedchain.consensus.chain import ChainTip, Executor, verify_chain
 from fedchain.consensus.contracts import kv_set
+from fedchain.consensus.errors import InvalidCertificate
 from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.pbft import PbftConfig
-from fedchain.consensus.replica import LedgerReplica
-from fedchain.consensus.store import MemoryBlockStore
+from fedchain.consensus.replica import LedgerReplica, replay_store
+from fedchain.consensus.store import MemoryBlockStore, StoredBlock
 from fedchain.consensus.tx import SignatureCache, sign_transaction
+from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.node import Node
 from fedchain.p2p.simnet import Constant, LinkModel, SimNetwork
@@ -36,6 +39,7 @@ def _run_cluster(
     seed: int = 7,
     duration: float = 5.0,
     cut_off: tuple[int, float] | None = None,
+    restart: tuple[int, float, float] | None = None,
 ):
     rng = np.random.Generator(np.random.PCG64(seed))
     identities = [Identity(rng.bytes(32)) for _ in range(4)]
@@ -56,38 +60,44 @@ def _run_cluster(
     transports = [net.add_node(peer) for peer in ids]
     frames = FrameCache()
     ledgers: list[LedgerReplica] = []
+    restarted_at: list[int] = []
     config = PbftConfig(batch_size=64, batch_timeout=0.02)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            for index, identity in enumerate(identities):
+
+            def boot(index: int, transport, store) -> LedgerReplica:
                 node = Node(
-                    identity,
-                    transports[index],
+                    identities[index],
+                    transport,
                     frame_cache=frames,
-                    start_seq=0,
+                    start_seq=int(trio.current_time() * 1e6),
                     wakeup=net.wakeup_for(ids[index]),
                 )
                 node.bind(nursery)
                 net.drive(node)
-                ledger = LedgerReplica(
+                return LedgerReplica(
                     node,
                     Executor(genesis, cache_blocks=64, signatures=signatures),
-                    MemoryBlockStore(),
+                    store,
                     Mempool(CHAIN, signatures=signatures),
                     config,
                     timestamp_ms=lambda: genesis.genesis_time + int(trio.current_time() * 1000),
                 )
+
+            for index in range(4):
+                ledger = boot(index, transports[index], MemoryBlockStore())
                 ledgers.append(ledger)
                 if index in crashed:
                     net.crash(ids[index])
                     net.detach(ids[index])
-                    node.crash()
+                    ledger.node.crash()
                 else:
                     ledger.start()
             # Clients use validators that can reach the others: a cut-off
-            # one could not forward (and nothing re-forwards later).
-            targets = [i for i in range(4) if i not in crashed and (cut_off or (-1,))[0] != i]
+            # or crashing one could not forward (nothing re-forwards later).
+            away = {(cut_off or (-1,))[0], (restart or (-1,))[0]}
+            targets = [i for i in range(4) if i not in crashed and i not in away]
 
             # Each client sends its transactions, in nonce order, to one
             # live validator, 10 ms apart: a steady stream over 2 s.
@@ -97,6 +107,23 @@ def _run_cluster(
             for k in range(len(txs)):
                 at = (k % PER_CLIENT) * 0.1 + (k // PER_CLIENT) * 0.01
                 net.schedule(at, lambda k=k: submit(k))
+            if restart is not None:  # crash, then a new process on the same store
+
+                def crash(index: int) -> None:
+                    net.crash(ids[index])
+                    net.detach(ids[index])
+                    ledgers[index].node.crash()
+
+                def reboot(index: int) -> None:
+                    net.restore(ids[index])
+                    stored = ledgers[index].store
+                    restarted_at.append(stored.tip())
+                    ledgers[index] = boot(index, net.reattach(ids[index]), stored)
+                    ledgers[index].start()
+
+                index, down_at, up_at = restart
+                net.schedule(down_at, lambda: crash(index))
+                net.schedule(up_at, lambda: reboot(index))
             if cut_off is not None:  # frames to and from it vanish, then flow again
                 index, until = cut_off
                 net.crash(ids[index])
@@ -109,6 +136,9 @@ def _run_cluster(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     wall = time.perf_counter() - wall
     live = [ledgers[i] for i in range(4) if i not in crashed]
+    if restart is not None:
+        assert restarted_at, "the restart never happened"
+        live[restart[0]].restarted_from = restarted_at[0]
     return genesis, txs, live, wall
 
 
@@ -160,3 +190,37 @@ def test_a_cut_off_validator_catches_up_by_block_sync() -> None:
     assert live[3].node.counters["accepted"] > 0
     assert live[3].replica.fetch_round > 0
     assert live[3].node.counters["sync.blocks_received"] > 0
+
+
+def test_a_validator_restarted_on_its_store_resumes_and_catches_up() -> None:
+    """Validator 2 crashes at 0.7 s (its store keeps what it committed) and
+    a new node restarts on that store at 2.5 s: it replays the stored chain,
+    resumes PBFT at its stored height and fetches the rest."""
+    genesis, txs, live, wall = _run_cluster(crashed=set(), restart=(2, 0.7, 2.5), duration=6.0)
+    _check(genesis, txs, live, wall)
+    restarted = live[2]
+    assert restarted.restarted_from > 0, "the store was not empty at restart"
+    assert restarted.replica.executed == restarted.store.tip()
+    assert restarted.node.counters["sync.blocks_received"] > 0
+
+
+def test_replay_refuses_a_stored_block_without_a_quorum() -> None:
+    """A restart re-checks what it stored; a bad block is named, not trusted."""
+    rng = np.random.Generator(np.random.PCG64(3))
+    validators = sorted((Identity(rng.bytes(32)) for _ in range(4)), key=lambda i: i.public_key)
+    genesis = Genesis.create(CHAIN, 1_000, [v.public_key for v in validators])
+    executor = Executor(genesis)
+    tip = ChainTip.of_genesis(genesis)
+    block, _ = executor.build_block(
+        tip, [], timestamp=2_000, view=0, proposer=validators[0].public_key
+    )
+    votes = [
+        (v.public_key, sign_commit_vote(v, CHAIN, 1, block.hash, view=0)) for v in validators[:2]
+    ]
+    weak = block.with_certificate(CommitCertificate.of(1, block.hash, votes, view=0))
+    store = MemoryBlockStore()
+    store.append(StoredBlock(0, genesis.hash, genesis.encode()))
+    store.append(StoredBlock(1, block.hash, encode_block(weak)))
+    with pytest.raises(InvalidCertificate, match="stored block 1"):
+        replay_store(executor, store)
+    assert store.tip() == 1, "replay never writes"
