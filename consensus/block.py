@@ -56,6 +56,7 @@ __all__ = [
     "BlockHeader",
     "check_body",
     "decode_block",
+    "decode_header",
     "encode_block",
     "results_root",
     "tx_root",
@@ -163,7 +164,8 @@ def _is_hash(value: object) -> bool:
     return type(value) is bytes and len(value) == 32
 
 
-def _header(fields: object) -> BlockHeader:
+def decode_header(fields: object) -> BlockHeader:
+    """A header from its msgpack array (shape and types only)."""
     if type(fields) is not list or len(fields) != 8:
         raise MalformedMessage("a header is an array of 8 fields")
     height, prev, timestamp, view, proposer, txr, resr, stater = fields
@@ -193,7 +195,7 @@ def decode_block(
     if type(fields) is not list or len(fields) != 4:
         raise MalformedMessage("a block is an array of 4 fields")
     header_fields, raw_txs, raw_results, raw_votes = fields
-    header = _header(header_fields)
+    header = decode_header(header_fields)
     if type(raw_txs) is not list or type(raw_results) is not list:
         raise MalformedMessage("transactions and results are arrays")
     if len(raw_txs) != len(raw_results):

@@ -71,9 +71,14 @@ class MempoolFull(ConsensusError):
 
 
 class DuplicateTransaction(ConsensusError):
-    """The transaction (by digest) is already pending or committed."""
+    """The transaction (by digest) is already pending or committed, or
+    another one holds its sender's nonce (``digest`` is None then)."""
 
     reason = "duplicate"
+
+    def __init__(self, message: str, digest: bytes | None = None) -> None:
+        super().__init__(message)
+        self.digest = digest
 
 
 class StoreError(ConsensusError):

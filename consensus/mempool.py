@@ -87,7 +87,7 @@ class Mempool:
             raise MempoolFull("transaction larger than this mempool admits")
         digest = tx.digest
         if digest in self._txs or digest in self._committed:
-            raise DuplicateTransaction(f"transaction {digest.hex()[:16]} already seen")
+            raise DuplicateTransaction(f"transaction {digest.hex()[:16]} already seen", digest)
         if (tx.sender, tx.nonce) in self._nonces:
             raise DuplicateTransaction(f"nonce {tx.nonce} already pending for this sender")
         size = len(tx.encoded)

@@ -39,16 +39,17 @@ digest recomputed from the stored blocks; whatever it missed meanwhile it
 fetches by state transfer. The PBFT log itself (view, prepared
 certificates) is not persisted (``consensus/SPEC.md``).
 
-* Transactions reach the other validators by one CLIENT forward from the
-  validator the client chose, sent once: a forward lost (or sent while that
-  validator was cut off) is never repeated, and a transaction only a backup
-  holds keeps its view timer running.
+* Transactions reach the other validators by one forward from the
+  validator the client chose (:class:`~.service.LedgerService`, batched),
+  sent once: a forward lost (or sent while that validator was cut off) is
+  never repeated, and a transaction only a backup holds keeps its view
+  timer running.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import msgpack
 
@@ -61,10 +62,8 @@ from .chain import ChainTip, Executor
 from .contracts import next_nonce
 from .errors import (
     ConsensusError,
-    DuplicateTransaction,
     InvalidBlock,
     MalformedMessage,
-    MempoolFull,
 )
 from .mempool import Mempool
 from .pbft import (
@@ -89,7 +88,7 @@ from .pbft_messages import NULL_DIGEST, decode_message, encode_message
 from .store import BlockStore, StoredBlock
 from .tx import Transaction
 
-__all__ = ["LedgerReplica", "replay_store"]
+__all__ = ["LedgerReplica", "Refusal", "replay_store"]
 
 _SYNC_REQUEST = 0
 _SYNC_BLOCKS = 1
@@ -100,6 +99,10 @@ MAX_SYNC_BYTES = 32 * 1024 * 1024
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+Refusal = ConsensusError | MalformedMessage
+"""Why a transaction was not admitted (its ``reason`` names it)."""
 
 
 def replay_store(executor: Executor, store: BlockStore) -> tuple[ChainTip, bytes]:
@@ -178,7 +181,8 @@ class LedgerReplica:
         self.suspects: dict[str, int] = {}
         node.register(MessageType.CONSENSUS, self._on_consensus)
         node.register(MessageType.BLOCK_SYNC, self._on_sync)
-        node.register(MessageType.CLIENT, self._on_client)
+        self.on_commit: list[Callable[[Block], None]] = []
+        """Called with each certified block once it is stored."""
 
     @property
     def me(self) -> PeerId:
@@ -187,35 +191,31 @@ class LedgerReplica:
     def start(self) -> None:
         self._run(self.replica.start())
 
-    # -- clients ----------------------------------------------------------------
+    # -- what the client service uses -----------------------------------------
 
-    def submit(self, tx_bytes: bytes) -> Transaction:
-        """Admit a client transaction and forward it to the other validators.
+    def admit(self, tx: bytes | Transaction) -> Transaction:
+        """Admit a transaction to the mempool and tell PBFT.
 
         Raises what :meth:`Mempool.add` raises: MempoolFull is the explicit
         "busy" answer, DuplicateTransaction / InvalidSignature /
-        MalformedMessage a refusal."""
-        tx = self.mempool.add(tx_bytes)
-        frame = self.node.sign(MessageType.CLIENT, tx.encoded).frame
-        for peer in self.validators:
-            if peer != self.me:
-                self.node.send_frame(peer, frame)
+        MalformedMessage a refusal. Reaching the other validators is the
+        caller's job (:class:`~.service.LedgerService` forwards in batches)."""
+        admitted = self.mempool.add(tx)
         self._step(RequestsPending(self.pending()))
-        return tx
+        return admitted
 
-    def _on_client(self, peer: PeerId, envelope: Envelope) -> None:
-        """A transaction forwarded by another validator (not forwarded again)."""
-        try:
-            self.mempool.add(envelope.body)
-        except (DuplicateTransaction, MempoolFull) as exc:
-            self.node.counters[f"tx.{exc.reason}"] += 1
-            return
-        except MalformedMessage:
-            raise  # the node counts it as a refused frame
-        except ConsensusError as exc:  # a bad signature
-            self.node.counters[f"tx.{exc.reason}"] += 1
-            return
+    def admit_many(self, txs: Iterable[bytes]) -> list[Transaction | Refusal]:
+        """Admit a batch, then tell PBFT once: each entry the transaction or
+        the error that refused it."""
+        out: list[Transaction | Refusal] = []
+        for data in txs:
+            try:
+                out.append(self.mempool.add(data))
+            except (ConsensusError, MalformedMessage) as exc:
+                self.node.counters[f"tx.{exc.reason}"] += 1
+                out.append(exc)
         self._step(RequestsPending(self.pending()))
+        return out
 
     # -- the reactor ------------------------------------------------------------
 
@@ -349,6 +349,8 @@ class LedgerReplica:
         self.mempool.remove_committed(tx.digest for tx in block.txs)
         if done.seq in self._spec:
             self._forget(done.seq)
+        for listener in self.on_commit:
+            listener(certified)
 
     def _commit_null(self, done: Committed) -> None:
         """A null request's canonical block, certified like any other."""
@@ -359,6 +361,8 @@ class LedgerReplica:
         self.store.append(StoredBlock(done.seq, block.hash, encode_block(certified)))
         if done.seq in self._spec:
             self._forget(done.seq)
+        for listener in self.on_commit:
+            listener(certified)
 
     # -- state transfer (BLOCK_SYNC) --------------------------------------------
 

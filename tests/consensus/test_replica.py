@@ -20,6 +20,7 @@ from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.pbft import PbftConfig
 from fedchain.consensus.replica import LedgerReplica, replay_store
+from fedchain.consensus.service import LedgerService
 from fedchain.consensus.store import MemoryBlockStore, StoredBlock
 from fedchain.consensus.tx import SignatureCache, sign_transaction
 from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
@@ -61,6 +62,7 @@ def _run_cluster(
     frames = FrameCache()
     ledgers: list[LedgerReplica] = []
     restarted_at: list[int] = []
+    services: dict[int, LedgerService] = {}
     config = PbftConfig(batch_size=64, batch_timeout=0.02)
 
     async def main() -> None:
@@ -76,7 +78,7 @@ def _run_cluster(
                 )
                 node.bind(nursery)
                 net.drive(node)
-                return LedgerReplica(
+                ledger = LedgerReplica(
                     node,
                     Executor(genesis, cache_blocks=64, signatures=signatures),
                     store,
@@ -84,6 +86,8 @@ def _run_cluster(
                     config,
                     timestamp_ms=lambda: genesis.genesis_time + int(trio.current_time() * 1000),
                 )
+                services[index] = LedgerService(ledger)
+                return ledger
 
             for index in range(4):
                 ledger = boot(index, transports[index], MemoryBlockStore())
@@ -102,7 +106,7 @@ def _run_cluster(
             # Each client sends its transactions, in nonce order, to one
             # live validator, 10 ms apart: a steady stream over 2 s.
             def submit(k: int) -> None:
-                ledgers[targets[(k // PER_CLIENT) % len(targets)]].submit(txs[k])
+                services[targets[(k // PER_CLIENT) % len(targets)]].submit(txs[k])
 
             for k in range(len(txs)):
                 at = (k % PER_CLIENT) * 0.1 + (k // PER_CLIENT) * 0.01

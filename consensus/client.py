@@ -1,0 +1,167 @@
+"""A ledger client that trusts no node: every answer is checked.
+
+:class:`LedgerClient` talks to one node on the CLIENT channel (over TCP in
+practice: any :class:`~fedchain.p2p.node.Node` transport works) and checks
+each commit proof and query answer against the chain id and the validator
+set it was given, so a lying node can only fail to answer, never make the
+client believe something false (:class:`UntrustedAnswer`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator, Sequence
+
+import trio
+
+from fedchain.p2p.identity import PeerId
+from fedchain.p2p.node import Node
+from fedchain.p2p.wire import Envelope, MessageType
+
+from .client_api import (
+    ClientOp,
+    CommitProof,
+    QueryAnswer,
+    SubmitStatus,
+    decode_client_message,
+    encode_client_message,
+)
+from .errors import ConsensusError, MalformedMessage, MempoolFull
+from .tx import decode_transaction
+
+__all__ = ["LedgerClient", "NodeError", "SubmitRefused", "UntrustedAnswer"]
+
+
+class UntrustedAnswer(ConsensusError):
+    """A node's answer does not verify against the trusted validator set."""
+
+    reason = "untrusted_answer"
+
+
+class SubmitRefused(ConsensusError):
+    """The node refused the transaction (``detail`` says why)."""
+
+    reason = "refused"
+
+
+class NodeError(ConsensusError):
+    """The node answered ERROR (busy waiters, nothing committed yet, ...)."""
+
+    reason = "node_error"
+
+
+class LedgerClient:
+    """Requests to ``server`` from ``node``; answers verified against
+    ``validators`` of ``chain_id``. Build it before the node's first
+    ``await`` (it registers the CLIENT handler)."""
+
+    def __init__(
+        self, node: Node, server: PeerId, chain_id: str, validators: Sequence[PeerId]
+    ) -> None:
+        self.node = node
+        self.server = server
+        self.chain_id = chain_id
+        self.validators = tuple(validators)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[trio.Event, list]] = {}
+        self._streams: dict[int, trio.MemorySendChannel] = {}
+        node.register(MessageType.CLIENT, self._on_reply)
+
+    def _on_reply(self, peer: PeerId, envelope: Envelope) -> None:
+        if peer != self.server:
+            self.node.counters["client.not_from_server"] += 1
+            return
+        fields = decode_client_message(envelope.body)
+        op, request = fields[0], fields[1] if len(fields) > 1 else None
+        if op == ClientOp.BLOCK and request in self._streams:
+            try:
+                self._streams[request].send_nowait((fields[2], fields[3]))
+            except trio.WouldBlock:
+                self.node.counters["client.notice_dropped"] += 1
+            return
+        waiting = self._pending.pop(request, None)  # type: ignore[arg-type]
+        if waiting is None:
+            self.node.counters["client.unexpected"] += 1
+            return
+        event, slot = waiting
+        slot.append(fields)
+        event.set()
+
+    async def _request(self, timeout: float, op: ClientOp, *fields: object) -> list:
+        request = next(self._ids)
+        event, slot = trio.Event(), []
+        self._pending[request] = (event, slot)
+        try:
+            self.node.send(
+                self.server, MessageType.CLIENT, encode_client_message(op, request, *fields)
+            )
+            with trio.fail_after(timeout):
+                await event.wait()
+        finally:
+            self._pending.pop(request, None)
+        reply = slot[0]
+        if reply[0] == ClientOp.ERROR:
+            raise NodeError(reply[2])
+        return reply
+
+    async def submit_many(
+        self, txs: Sequence[bytes], *, timeout: float = 10.0
+    ) -> list[tuple[SubmitStatus, bytes | str]]:
+        """Per transaction: ACCEPTED/DUPLICATE with the digest, BUSY/REFUSED with why."""
+        reply = await self._request(timeout, ClientOp.SUBMIT, list(txs))
+        if reply[0] != ClientOp.SUBMITTED or len(reply[2]) != len(txs):
+            raise MalformedMessage("the node answered a submission with something else")
+        return [(SubmitStatus(status), detail) for status, detail in reply[2]]
+
+    async def submit(self, tx: bytes, *, timeout: float = 10.0) -> bytes:
+        """The transaction's digest once the node admitted it. MempoolFull
+        when the node is busy (retry later), SubmitRefused otherwise."""
+        ((status, detail),) = await self.submit_many([tx], timeout=timeout)
+        if status == SubmitStatus.BUSY:
+            raise MempoolFull(str(detail))
+        if status == SubmitStatus.REFUSED:
+            raise SubmitRefused(str(detail))
+        return detail  # type: ignore[return-value]
+
+    async def wait_committed(self, tx: bytes, *, timeout: float = 30.0) -> CommitProof:
+        """Wait until ``tx`` is final; its checked commit proof.
+        trio.TooSlowError if it is not final within ``timeout``."""
+        digest = decode_transaction(tx).digest
+        server_ms = int(timeout * 1000) if math.isfinite(timeout) else 2**62
+        reply = await self._request(timeout + 5.0, ClientOp.WAIT, digest, server_ms)
+        if reply[0] != ClientOp.COMMIT:
+            raise MalformedMessage("the node answered a wait with something else")
+        if reply[2] is None:
+            raise trio.TooSlowError
+        proof = CommitProof.from_list(reply[2])
+        if not proof.verify(tx, self.chain_id, self.validators):
+            raise UntrustedAnswer("the commit proof does not verify")
+        return proof
+
+    async def query(self, key: str, *, timeout: float = 10.0) -> QueryAnswer:
+        """``key``'s value in the node's last committed state, checked."""
+        reply = await self._request(timeout, ClientOp.QUERY, key)
+        if reply[0] != ClientOp.ANSWER:
+            raise MalformedMessage("the node answered a query with something else")
+        answer = QueryAnswer.from_list(reply[2])
+        if answer.key != key or not answer.verify(self.chain_id, self.validators):
+            raise UntrustedAnswer("the query answer does not verify")
+        return answer
+
+    async def blocks(self, *, buffer: int = 1024) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """(height, transaction digests) of each block the node commits from
+        now on. Notices past ``buffer`` unread ones are dropped (counted):
+        this is a feed for watching, not a proof (use wait_committed)."""
+        request = next(self._ids)
+        send, receive = trio.open_memory_channel(buffer)
+        self._streams[request] = send
+        try:
+            self.node.send(
+                self.server, MessageType.CLIENT, encode_client_message(ClientOp.SUBSCRIBE, request)
+            )
+            async with receive:
+                async for notice in receive:
+                    yield notice
+        finally:
+            del self._streams[request]

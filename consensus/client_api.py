@@ -1,0 +1,371 @@
+"""The client protocol: what a client asks a node and the proofs it gets back.
+
+A client need not trust the node it asks. Every answer that claims
+something about the chain carries the block header it is about, that
+header's commit certificate, and a Merkle proof into one of the header's
+roots; :meth:`CommitProof.verify` and :meth:`QueryAnswer.verify` check all
+three against the validator set the client already trusts (the genesis set,
+or one it followed on chain). A node that lies can only fail to answer.
+
+Messages travel on the CLIENT channel as msgpack arrays whose first element
+is an opcode; requests carry a client-chosen request id that the reply
+echoes::
+
+    [SUBMIT, id, [tx, ...]]          -> [SUBMITTED, id, [[status, detail], ...]]
+    [WAIT, id, digest, timeout_ms]   -> [COMMIT, id, proof or nil (timed out)]
+    [QUERY, id, key]                 -> [ANSWER, id, answer]
+    [SUBSCRIBE, id]                  -> [BLOCK, id, height, [digest, ...]] per block
+    [FORWARD, [tx, ...]]             (validator to validator, no reply)
+    any malformed request            -> [ERROR, id, reason]
+
+``SUBMITTED`` statuses are :class:`SubmitStatus`: accepted and duplicate
+carry the digest, busy and refused a reason. Busy is the explicit
+back-pressure answer of a full mempool: retry later. Decoding is strict
+(:func:`decode_client_message` raises :class:`~.errors.MalformedMessage`
+for anything else), like every decoder a peer can reach.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, PeerId
+from fedchain.p2p.wire import pack_body, unpack_body
+
+from . import merkle
+from .block import Block, BlockHeader, decode_header
+from .contracts import TxResult
+from .errors import MalformedMessage
+from .state import MAX_KEY_BYTES, ProofLeaf, StateProof, decode_value, verify_state_proof
+from .votes import CommitCertificate
+
+__all__ = [
+    "ClientOp",
+    "CommitProof",
+    "QueryAnswer",
+    "SubmitStatus",
+    "decode_client_message",
+    "encode_client_message",
+]
+
+MAX_CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_PATH = 64
+MAX_REASON_CHARS = 200
+
+
+class ClientOp(enum.IntEnum):
+    SUBMIT = 0
+    SUBMITTED = 1
+    WAIT = 2
+    COMMIT = 3
+    QUERY = 4
+    ANSWER = 5
+    SUBSCRIBE = 6
+    BLOCK = 7
+    FORWARD = 8
+    ERROR = 9
+
+
+class SubmitStatus(enum.IntEnum):
+    ACCEPTED = 0
+    DUPLICATE = 1
+    BUSY = 2
+    REFUSED = 3
+
+
+def _is_hash(value: object) -> bool:
+    return type(value) is bytes and len(value) == 32
+
+
+def _is_u63(value: object) -> bool:
+    return type(value) is int and 0 <= value < 2**63  # type: ignore[operator]
+
+
+def _path(value: object) -> tuple[bytes, ...]:
+    if type(value) is not list or len(value) > MAX_PATH or not all(map(_is_hash, value)):
+        raise MalformedMessage("a Merkle path is a list of up to 64 hashes")
+    return tuple(value)
+
+
+def _encode_certificate(cert: CommitCertificate) -> list[object]:
+    return [cert.view, [[key, sig] for key, sig in cert.votes]]
+
+
+def _decode_certificate(value: object, height: int, certified: bytes) -> CommitCertificate:
+    if type(value) is not list or len(value) != 2 or not _is_u63(value[0]):
+        raise MalformedMessage("a certificate is [view, votes]")
+    view, votes = value
+    if type(votes) is not list or any(
+        type(v) is not list
+        or len(v) != 2
+        or type(v[0]) is not bytes
+        or len(v[0]) != PUBLIC_KEY_BYTES
+        or type(v[1]) is not bytes
+        or len(v[1]) != SIGNATURE_BYTES
+        for v in votes
+    ):
+        raise MalformedMessage("votes are [32-byte key, 64-byte signature] pairs")
+    return CommitCertificate.of(height, certified, [(k, s) for k, s in votes], view=view)
+
+
+def _certified(header: BlockHeader) -> bytes:
+    return Block(header, (), ()).certified_digest
+
+
+def _certificate_holds(
+    header: BlockHeader, cert: CommitCertificate, chain_id: str, validators: Sequence[PeerId]
+) -> bool:
+    return (
+        cert.height == header.height
+        and cert.block_hash == _certified(header)
+        and cert.is_valid(chain_id, validators)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CommitProof:
+    """Transaction ``index`` of the block with ``header`` is final, with
+    ``result``: RFC 6962 paths into the header's transaction and result
+    roots, and the header's commit certificate."""
+
+    header: BlockHeader
+    certificate: CommitCertificate
+    index: int
+    size: int
+    tx_path: tuple[bytes, ...]
+    result: TxResult
+    result_path: tuple[bytes, ...]
+
+    @property
+    def height(self) -> int:
+        return self.header.height
+
+    @classmethod
+    def of_block(cls, block: Block, index: int) -> CommitProof:
+        """The proof for ``block.txs[index]`` (the block must be certified)."""
+        if block.certificate is None:
+            raise ValueError("only a certified block proves a commit")
+        leaves = [tx.encoded for tx in block.txs]
+        results = [r.encode() for r in block.results]
+        return cls(
+            block.header,
+            block.certificate,
+            index,
+            len(leaves),
+            tuple(merkle.inclusion_proof(leaves, index)),
+            block.results[index],
+            tuple(merkle.inclusion_proof(results, index)),
+        )
+
+    def verify(self, tx_bytes: bytes, chain_id: str, validators: Sequence[PeerId]) -> bool:
+        """Whether this proves ``tx_bytes`` final under a quorum of ``validators``."""
+        header = self.header
+        return (
+            _certificate_holds(header, self.certificate, chain_id, validators)
+            and merkle.verify_inclusion(
+                tx_bytes, self.index, self.size, self.tx_path, header.tx_root
+            )
+            and merkle.verify_inclusion(
+                self.result.encode(), self.index, self.size, self.result_path, header.results_root
+            )
+        )
+
+    def as_list(self) -> list[object]:
+        return [
+            self.header.as_list(),
+            _encode_certificate(self.certificate),
+            self.index,
+            self.size,
+            list(self.tx_path),
+            [self.result.status, self.result.reason],
+            list(self.result_path),
+        ]
+
+    @classmethod
+    def from_list(cls, value: object) -> CommitProof:
+        if type(value) is not list or len(value) != 7:
+            raise MalformedMessage("a commit proof is an array of 7 fields")
+        raw_header, raw_cert, index, size, tx_path, raw_result, result_path = value
+        header = decode_header(raw_header)
+        if not (_is_u63(index) and _is_u63(size)) or index >= size:
+            raise MalformedMessage("index and size are integers with index < size")
+        if (
+            type(raw_result) is not list
+            or len(raw_result) != 2
+            or raw_result[0] not in (0, 1)
+            or type(raw_result[0]) is not int
+            or type(raw_result[1]) is not str
+            or len(raw_result[1]) > MAX_REASON_CHARS
+        ):
+            raise MalformedMessage("a result is [status, reason]")
+        return cls(
+            header,
+            _decode_certificate(raw_cert, header.height, _certified(header)),
+            index,
+            size,
+            _path(tx_path),
+            TxResult(raw_result[0], raw_result[1]),
+            _path(result_path),
+        )
+
+
+def _encode_state_proof(proof: StateProof) -> list[object]:
+    return [
+        proof.buckets,
+        proof.top_root,
+        list(proof.top_path),
+        proof.bucket_size,
+        proof.bucket_root,
+        [[leaf.index, leaf.key, leaf.value, list(leaf.path)] for leaf in proof.leaves],
+    ]
+
+
+def _decode_state_proof(value: object) -> StateProof:
+    if type(value) is not list or len(value) != 6:
+        raise MalformedMessage("a state proof is an array of 6 fields")
+    buckets, top_root, top_path, size, bucket_root, raw_leaves = value
+    if not (_is_u63(buckets) and _is_u63(size) and _is_hash(top_root) and _is_hash(bucket_root)):
+        raise MalformedMessage("state proof sizes are integers and roots 32 bytes")
+    if type(raw_leaves) is not list or len(raw_leaves) > 2:
+        raise MalformedMessage("a state proof has at most two leaves")
+    leaves = []
+    for leaf in raw_leaves:
+        if (
+            type(leaf) is not list
+            or len(leaf) != 4
+            or not _is_u63(leaf[0])
+            or type(leaf[1]) is not str
+            or len(leaf[1]) > MAX_KEY_BYTES
+            or type(leaf[2]) is not bytes
+        ):
+            raise MalformedMessage("a proof leaf is [index, key, value, path]")
+        leaves.append(ProofLeaf(leaf[0], leaf[1], leaf[2], _path(leaf[3])))
+    return StateProof(buckets, top_root, _path(top_path), size, bucket_root, tuple(leaves))
+
+
+@dataclass(frozen=True, slots=True)
+class QueryAnswer:
+    """``key`` holds ``value`` (None: absent) in the state after the block
+    with ``header``, proved against its state root."""
+
+    key: str
+    value: object
+    header: BlockHeader
+    certificate: CommitCertificate
+    proof: StateProof
+
+    @property
+    def height(self) -> int:
+        return self.header.height
+
+    def verify(self, chain_id: str, validators: Sequence[PeerId]) -> bool:
+        return _certificate_holds(
+            self.header, self.certificate, chain_id, validators
+        ) and verify_state_proof(self.key, self.value, self.proof, self.header.state_root)
+
+    def as_list(self, encoded_value: bytes | None) -> list[object]:
+        """``encoded_value`` is the state's own encoding of the value (nil if absent)."""
+        return [
+            self.key,
+            encoded_value,
+            self.header.as_list(),
+            _encode_certificate(self.certificate),
+            _encode_state_proof(self.proof),
+        ]
+
+    @classmethod
+    def from_list(cls, value: object) -> QueryAnswer:
+        if type(value) is not list or len(value) != 5:
+            raise MalformedMessage("a query answer is an array of 5 fields")
+        key, encoded, raw_header, raw_cert, raw_proof = value
+        if type(key) is not str or len(key) > MAX_KEY_BYTES:
+            raise MalformedMessage("a key is a string")
+        if encoded is not None and type(encoded) is not bytes:
+            raise MalformedMessage("a value is its encoding or nil")
+        header = decode_header(raw_header)
+        return cls(
+            key,
+            None if encoded is None else decode_value(encoded),
+            header,
+            _decode_certificate(raw_cert, header.height, _certified(header)),
+            _decode_state_proof(raw_proof),
+        )
+
+
+def encode_client_message(*fields: object) -> bytes:
+    return pack_body(list(fields))
+
+
+def _request_id(fields: list) -> int:
+    if len(fields) < 2 or not _is_u63(fields[1]):
+        raise MalformedMessage("a client request carries a request id")
+    return fields[1]
+
+
+def _tx_list(value: object, max_txs: int) -> list[bytes]:
+    if type(value) is not list or len(value) > max_txs or any(type(t) is not bytes for t in value):
+        raise MalformedMessage(f"transactions are a list of up to {max_txs} byte strings")
+    return value
+
+
+_SHAPES: dict[int, int] = {
+    ClientOp.SUBMIT: 3,
+    ClientOp.SUBMITTED: 3,
+    ClientOp.WAIT: 4,
+    ClientOp.COMMIT: 3,
+    ClientOp.QUERY: 3,
+    ClientOp.ANSWER: 3,
+    ClientOp.SUBSCRIBE: 2,
+    ClientOp.BLOCK: 4,
+    ClientOp.FORWARD: 2,
+    ClientOp.ERROR: 3,
+}
+
+
+def decode_client_message(body: bytes, *, max_txs: int = 10_000) -> list:
+    """``[op, ...]`` with every field type-checked (nested answers are decoded
+    by :meth:`CommitProof.from_list` / :meth:`QueryAnswer.from_list` when the
+    client reads them); MalformedMessage otherwise."""
+    fields = unpack_body(
+        body, max_len=MAX_CLIENT_MESSAGE_BYTES, error=MalformedMessage, what="a client message"
+    )
+    if type(fields) is not list or not fields or type(fields[0]) is not int:
+        raise MalformedMessage("a client message is [op, ...]")
+    op = fields[0]
+    if op not in _SHAPES or len(fields) != _SHAPES[op]:
+        raise MalformedMessage(f"unknown client message or wrong arity (op {op})")
+    if op == ClientOp.FORWARD:
+        _tx_list(fields[1], max_txs)
+        return fields
+    _request_id(fields)
+    if op == ClientOp.SUBMIT:
+        _tx_list(fields[2], max_txs)
+    elif op == ClientOp.WAIT:
+        if not _is_hash(fields[2]) or not _is_u63(fields[3]):
+            raise MalformedMessage("wait is [op, id, 32-byte digest, timeout ms]")
+    elif op == ClientOp.QUERY:
+        if type(fields[2]) is not str or len(fields[2]) > MAX_KEY_BYTES:
+            raise MalformedMessage("query is [op, id, key]")
+    elif op == ClientOp.SUBMITTED:
+        statuses = fields[2]
+        if type(statuses) is not list or any(
+            type(s) is not list
+            or len(s) != 2
+            or type(s[0]) is not int
+            or s[0] not in tuple(SubmitStatus)
+            or type(s[1]) is not (bytes if s[0] <= SubmitStatus.DUPLICATE else str)
+            for s in statuses
+        ):
+            raise MalformedMessage("submit statuses are [status, digest or reason]")
+    elif op == ClientOp.BLOCK:
+        if (
+            not _is_u63(fields[2])
+            or type(fields[3]) is not list
+            or not all(map(_is_hash, fields[3]))
+        ):
+            raise MalformedMessage("a block notice is [op, id, height, [digest, ...]]")
+    elif op == ClientOp.ERROR and type(fields[2]) is not str:
+        raise MalformedMessage("an error carries a reason")
+    return fields

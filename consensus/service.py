@@ -1,0 +1,282 @@
+"""The client API of a ledger node: submit, wait for commit, query.
+
+One :class:`LedgerService` per :class:`~.replica.LedgerReplica`, serving
+the same calls two ways: in process (methods, used by simulations and the
+benchmark's query rate) and on the CLIENT channel (``client_api``'s
+messages, used by :class:`~.client.LedgerClient` over TCP). Answers carry
+proofs a client checks itself (``client_api`` module docstring).
+
+Why these choices:
+
+- Submissions are admitted in batches and forwarded to the other validators
+  in batches (``forward_batch`` transactions or ``forward_delay`` seconds,
+  whichever comes first): one signed envelope per batch instead of one per
+  transaction, since a signature check per envelope costs as much as the
+  transaction's own.
+- Back-pressure is explicit: a full mempool answers BUSY per transaction,
+  and the number of waiters and subscribers is bounded (ERROR "busy").
+- Which transaction committed where is kept for the last ``index_size``
+  transactions (digest -> height, index), so a WAIT for a recent
+  transaction is answered from memory and the block store; an older digest
+  waits (or times out) like an unknown one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import trio
+
+from fedchain.p2p.identity import PeerId
+from fedchain.p2p.node import Timer
+from fedchain.p2p.wire import Envelope, MessageType
+
+from .block import Block, decode_block
+from .client_api import (
+    ClientOp,
+    CommitProof,
+    QueryAnswer,
+    SubmitStatus,
+    decode_client_message,
+    encode_client_message,
+)
+from .errors import DuplicateTransaction, MempoolFull
+from .replica import LedgerReplica
+from .tx import Transaction
+
+__all__ = ["LedgerService", "NothingCommitted"]
+
+
+class NothingCommitted(LookupError):
+    """A query before the first block: no certified state to prove against."""
+
+
+class LedgerService:
+    def __init__(
+        self,
+        ledger: LedgerReplica,
+        *,
+        forward_batch: int = 512,
+        forward_delay: float = 0.005,
+        index_size: int = 1_000_000,
+        max_waiters: int = 100_000,
+        max_subscribers: int = 64,
+    ) -> None:
+        self.ledger = ledger
+        self.node = ledger.node
+        self.forward_batch = forward_batch
+        self.forward_delay = forward_delay
+        self.index_size = index_size
+        self.max_waiters = max_waiters
+        self.max_subscribers = max_subscribers
+        self._forward: list[bytes] = []
+        self._forward_timer: Timer | None = None
+        self._index: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+        self._waiters: dict[bytes, list[tuple[PeerId | None, int | trio.Event]]] = {}
+        self._waiting = 0
+        self._subscribers: dict[tuple[PeerId, int], None] = {}
+        self._last: Block | None = None
+        """The last certified block, for queries (its header and certificate)."""
+        self._load_tip()
+        ledger.on_commit.append(self._on_commit)
+        self.node.register(MessageType.CLIENT, self._on_client)
+
+    def _load_tip(self) -> None:
+        height = self.ledger.store.tip()
+        if height >= 1:
+            stored = self.ledger.store.get(height)
+            assert stored is not None
+            self._last = decode_block(stored.data, max_bytes=2**31)
+
+    # -- in process --------------------------------------------------------------
+
+    def submit(self, tx: bytes | Transaction) -> bytes:
+        """Admit one transaction (forwarded to the other validators); its
+        digest. Raises MempoolFull (busy: retry later) or the refusal."""
+        admitted = self.ledger.admit(tx)
+        self._queue_forward([admitted.encoded])
+        return admitted.digest
+
+    def submit_many(self, txs: Iterable[bytes]) -> list[tuple[SubmitStatus, bytes | str]]:
+        """Admit a batch: per transaction ACCEPTED/DUPLICATE with its digest,
+        BUSY or REFUSED with the reason."""
+        statuses: list[tuple[SubmitStatus, bytes | str]] = []
+        accepted = []
+        for entry in self.ledger.admit_many(txs):
+            if isinstance(entry, Transaction):
+                accepted.append(entry.encoded)
+                statuses.append((SubmitStatus.ACCEPTED, entry.digest))
+            elif isinstance(entry, DuplicateTransaction) and entry.digest is not None:
+                statuses.append((SubmitStatus.DUPLICATE, entry.digest))
+            elif isinstance(entry, MempoolFull):
+                statuses.append((SubmitStatus.BUSY, entry.reason))
+            else:
+                statuses.append((SubmitStatus.REFUSED, f"{entry.reason}: {entry}"[:200]))
+        self._queue_forward(accepted)
+        return statuses
+
+    def committed_at(self, digest: bytes) -> tuple[int, int] | None:
+        """(height, index in block) of a recently committed transaction."""
+        return self._index.get(digest)
+
+    def proof_of(self, digest: bytes) -> CommitProof | None:
+        """The commit proof of a recently committed transaction, or None."""
+        where = self._index.get(digest)
+        if where is None:
+            return None
+        height, index = where
+        if self._last is not None and self._last.height == height:
+            block = self._last
+        else:
+            stored = self.ledger.store.get(height)
+            if stored is None:
+                return None
+            block = decode_block(stored.data, max_bytes=2**31)
+        return CommitProof.of_block(block, index)
+
+    async def wait_committed(self, digest: bytes, timeout: float = math.inf) -> CommitProof:
+        """Wait until ``digest`` commits; its proof. trio.TooSlowError on timeout."""
+        proof = self.proof_of(digest)
+        if proof is not None:
+            return proof
+        event = trio.Event()
+        self._add_waiter(digest, None, event)
+        try:
+            with trio.fail_after(timeout):
+                await event.wait()
+        finally:
+            self._drop_waiter(digest, None, event)
+        proof = self.proof_of(digest)
+        assert proof is not None
+        return proof
+
+    def query(self, key: str) -> QueryAnswer:
+        """``key``'s value in the last committed state, with its proof."""
+        block = self._last
+        if block is None or block.certificate is None:
+            raise NothingCommitted("no block is committed yet")
+        value, proof = self.ledger.tip.state.prove(key)
+        return QueryAnswer(key, value, block.header, block.certificate, proof)
+
+    # -- commits -----------------------------------------------------------------
+
+    def _on_commit(self, block: Block) -> None:
+        self._last = block
+        index = self._index
+        height = block.height
+        for i, tx in enumerate(block.txs):
+            index[tx.digest] = (height, i)
+        while len(index) > self.index_size:
+            index.popitem(last=False)
+        if self._waiters:
+            for tx in block.txs:
+                for peer, token in self._waiters.pop(tx.digest, ()):
+                    self._waiting -= 1
+                    if peer is None:
+                        token.set()  # type: ignore[union-attr]
+                    else:
+                        self._reply_commit(peer, token, tx.digest)  # type: ignore[arg-type]
+        if self._subscribers:
+            digests = [tx.digest for tx in block.txs]
+            for peer, request in list(self._subscribers):
+                body = encode_client_message(ClientOp.BLOCK, request, height, digests)
+                if not self.node.send(peer, MessageType.CLIENT, body):
+                    del self._subscribers[(peer, request)]
+                    self.node.counters["client.subscriber_dropped"] += 1
+
+    def _add_waiter(self, digest: bytes, peer: PeerId | None, token: int | trio.Event) -> bool:
+        if self._waiting >= self.max_waiters:
+            return False
+        self._waiters.setdefault(digest, []).append((peer, token))
+        self._waiting += 1
+        return True
+
+    def _drop_waiter(self, digest: bytes, peer: PeerId | None, token: int | trio.Event) -> None:
+        waiters = self._waiters.get(digest)
+        if waiters and (peer, token) in waiters:
+            waiters.remove((peer, token))
+            self._waiting -= 1
+            if not waiters:
+                del self._waiters[digest]
+
+    # -- forwarding --------------------------------------------------------------
+
+    def _queue_forward(self, txs: list[bytes]) -> None:
+        if not txs:
+            return
+        self._forward.extend(txs)
+        if len(self._forward) >= self.forward_batch:
+            self._flush_forward()
+        elif self._forward_timer is None:
+            self._forward_timer = self.node.call_later(self.forward_delay, self._flush_forward)
+
+    def _flush_forward(self) -> None:
+        if self._forward_timer is not None:
+            self._forward_timer.cancel()
+            self._forward_timer = None
+        while self._forward:
+            batch, self._forward = (
+                self._forward[: self.forward_batch],
+                self._forward[self.forward_batch :],
+            )
+            frame = self.node.sign(
+                MessageType.CLIENT, encode_client_message(ClientOp.FORWARD, batch)
+            ).frame
+            for peer in self.ledger.validators:
+                if peer != self.node.id:
+                    self.node.send_frame(peer, frame)
+
+    # -- the CLIENT channel ------------------------------------------------------
+
+    def _reply(self, peer: PeerId, *fields: object) -> None:
+        if not self.node.send(peer, MessageType.CLIENT, encode_client_message(*fields)):
+            self.node.counters["client.reply_dropped"] += 1
+
+    def _reply_commit(self, peer: PeerId, request: int, digest: bytes) -> None:
+        proof = self.proof_of(digest)
+        self._reply(peer, ClientOp.COMMIT, request, None if proof is None else proof.as_list())
+
+    def _on_client(self, peer: PeerId, envelope: Envelope) -> None:
+        # MalformedMessage is a MalformedBody: the node counts and drops it.
+        fields = decode_client_message(envelope.body, max_txs=self.ledger.params.max_block_txs)
+        op = fields[0]
+        if op == ClientOp.FORWARD:
+            self.ledger.admit_many(fields[1])
+        elif op == ClientOp.SUBMIT:
+            statuses = self.submit_many(fields[2])
+            self._reply(peer, ClientOp.SUBMITTED, fields[1], [list(s) for s in statuses])
+        elif op == ClientOp.WAIT:
+            self._on_wait(peer, fields[1], fields[2], fields[3])
+        elif op == ClientOp.QUERY:
+            try:
+                answer = self.query(fields[2])
+            except NothingCommitted as exc:
+                self._reply(peer, ClientOp.ERROR, fields[1], str(exc))
+                return
+            encoded = self.ledger.tip.state.get_encoded(fields[2])
+            self._reply(peer, ClientOp.ANSWER, fields[1], answer.as_list(encoded))
+        elif op == ClientOp.SUBSCRIBE:
+            if len(self._subscribers) >= self.max_subscribers:
+                self._reply(peer, ClientOp.ERROR, fields[1], "busy: too many subscribers")
+            else:
+                self._subscribers[(peer, fields[1])] = None
+        else:  # a reply sent to a node
+            self.node.counters["client.unexpected"] += 1
+
+    def _on_wait(self, peer: PeerId, request: int, digest: bytes, timeout_ms: int) -> None:
+        if digest in self._index:
+            self._reply_commit(peer, request, digest)
+            return
+        if not self._add_waiter(digest, peer, request):
+            self._reply(peer, ClientOp.ERROR, request, "busy: too many waiters")
+            return
+
+        def expire() -> None:
+            waiters = self._waiters.get(digest, [])
+            if (peer, request) in waiters:
+                self._drop_waiter(digest, peer, request)
+                self._reply(peer, ClientOp.COMMIT, request, None)
+
+        self.node.call_later(timeout_ms / 1000, expire)

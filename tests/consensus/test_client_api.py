@@ -1,0 +1,142 @@
+"""The client protocol's decoders: strict on anything a peer can send, and
+proofs that round-trip through their wire form and still verify."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedchain.consensus.block import encode_block
+from fedchain.consensus.chain import ChainTip, Executor
+from fedchain.consensus.client_api import (
+    ClientOp,
+    CommitProof,
+    QueryAnswer,
+    decode_client_message,
+    encode_client_message,
+)
+from fedchain.consensus.contracts import kv_key, kv_set
+from fedchain.consensus.errors import MalformedMessage
+from fedchain.consensus.genesis import ConsensusParams, Genesis
+from fedchain.consensus.tx import sign_transaction
+from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
+from fedchain.p2p.identity import Identity
+
+CHAIN = "client-api"
+VALIDATORS = [Identity(bytes([i + 1]) * 32) for i in range(4)]
+KEYS = sorted(v.public_key for v in VALIDATORS)
+ALICE = Identity(b"a" * 32)
+GENESIS = Genesis.create(CHAIN, 0, KEYS, params=ConsensusParams(state_buckets=8))
+
+
+def _certified_block():
+    executor = Executor(GENESIS)
+    txs = [
+        sign_transaction(ALICE, CHAIN, type="kv", content=kv_set(f"k{n}", n), nonce=n, timestamp=0)
+        for n in range(5)
+    ]
+    tip = ChainTip.of_genesis(GENESIS)
+    block, state = executor.build_block(tip, txs, timestamp=1, view=0, proposer=KEYS[0])
+    votes = [(v.public_key, sign_commit_vote(v, CHAIN, 1, block.hash, view=0)) for v in VALIDATORS]
+    return (
+        block.with_certificate(CommitCertificate.of(1, block.hash, votes[:3], view=0)),
+        state,
+        txs,
+    )
+
+
+def test_a_commit_proof_round_trips_and_verifies_only_its_transaction() -> None:
+    block, _, txs = _certified_block()
+    for index, tx in enumerate(txs):
+        proof = CommitProof.from_list(
+            msgpack.unpackb(msgpack.packb(CommitProof.of_block(block, index).as_list()))
+        )
+        assert proof.verify(tx.encoded, CHAIN, KEYS)
+        assert not proof.verify(txs[(index + 1) % 5].encoded, CHAIN, KEYS)
+        assert not proof.verify(tx.encoded, "another-chain", KEYS)
+    assert encode_block(block)  # the block itself is well formed
+
+
+def test_a_query_answer_round_trips_and_proves_presence_and_absence() -> None:
+    block, state, _ = _certified_block()
+    for key in (kv_key(ALICE.public_key, "k3"), "absent"):
+        value, proof = state.prove(key)
+        answer = QueryAnswer(key, value, block.header, block.certificate, proof)
+        wire = msgpack.unpackb(msgpack.packb(answer.as_list(state.get_encoded(key))))
+        back = QueryAnswer.from_list(wire)
+        assert back.value == value and back.verify(CHAIN, KEYS)
+    assert QueryAnswer(key, 3, block.header, block.certificate, proof).verify(CHAIN, KEYS) is False
+
+
+def test_requests_decode_and_bad_shapes_are_refused() -> None:
+    assert decode_client_message(encode_client_message(ClientOp.SUBMIT, 1, [b"x"]))[2] == [b"x"]
+    assert decode_client_message(encode_client_message(ClientOp.WAIT, 2, bytes(32), 5))[3] == 5
+    for bad in (
+        encode_client_message(ClientOp.SUBMIT, 1, [3]),
+        encode_client_message(ClientOp.SUBMIT, -1, []),
+        encode_client_message(ClientOp.WAIT, 2, b"short", 5),
+        encode_client_message(ClientOp.QUERY, 2, 7),
+        encode_client_message(99, 1),
+        encode_client_message(ClientOp.SUBMITTED, 1, [[0, "not a digest"]]),
+        encode_client_message(ClientOp.FORWARD, [b"a"] * 11),
+        b"\xc1",
+    ):
+        with pytest.raises(MalformedMessage):
+            decode_client_message(bad, max_txs=10)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_raise_malformed(data: bytes) -> None:
+    with contextlib.suppress(MalformedMessage):
+        decode_client_message(data)
+
+
+_leaf = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.binary(max_size=40)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=8),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_leaf)
+def test_any_structure_is_a_proof_or_malformed(value: object) -> None:
+    for parse in (CommitProof.from_list, QueryAnswer.from_list):
+        with contextlib.suppress(MalformedMessage):
+            parse(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2000), st.binary(min_size=1, max_size=8))
+def test_a_mutated_proof_is_malformed_or_does_not_verify(position: int, noise: bytes) -> None:
+    block, _, txs = _certified_block()
+    wire = msgpack.packb(CommitProof.of_block(block, 2).as_list())
+    position %= len(wire)
+    mutated = (
+        wire[:position]
+        + bytes(b ^ n for b, n in zip(wire[position : position + len(noise)], noise, strict=False))
+        + wire[position + len(noise) :]
+    )
+    try:
+        proof = CommitProof.from_list(msgpack.unpackb(mutated))
+    except (
+        MalformedMessage,
+        ValueError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ):
+        return
+    if mutated != wire:
+        assert not proof.verify(txs[2].encoded, CHAIN, KEYS) or proof == CommitProof.of_block(
+            block, 2
+        )

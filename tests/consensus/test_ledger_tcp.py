@@ -1,0 +1,133 @@
+"""The ledger over real TCP: four validators on loopback sockets (each its
+own transport, node and SQLite store) and a client that trusts none of
+them: it submits, waits for commit and queries, and checks every proof."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import trio
+
+from fedchain.consensus.client import LedgerClient, UntrustedAnswer
+from fedchain.consensus.client_api import SubmitStatus
+from fedchain.consensus.contracts import kv_key, kv_set
+from fedchain.consensus.errors import MempoolFull
+from fedchain.consensus.genesis import Genesis
+from fedchain.consensus.ledger_node import open_ledger_node
+from fedchain.consensus.pbft import PbftConfig
+from fedchain.consensus.store import SqliteBlockStore
+from fedchain.consensus.tx import sign_transaction
+from fedchain.p2p.identity import Identity
+from fedchain.p2p.node import open_node
+from fedchain.p2p.tcp import TcpConfig, open_tcp_transport
+
+CHAIN = "tcp-ledger"
+TCP = TcpConfig(backoff_initial=0.02, backoff_max=0.2)
+PBFT = PbftConfig(batch_size=16, batch_timeout=0.01)
+
+
+def _identities(seed: int, n: int) -> list[Identity]:
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return [Identity(rng.bytes(32)) for _ in range(n)]
+
+
+async def _cluster(stack: AsyncExitStack, tmp_path, validators, genesis, *, names=range(4)):
+    """Start validators ``names`` listening on fixed-by-OS ports, all
+    connected to all (addresses learned as each starts)."""
+    nodes = {}
+    for index in names:
+        store = SqliteBlockStore(tmp_path / f"v{index}.sqlite")
+        stack.callback(store.close)
+        nodes[index] = await stack.enter_async_context(
+            open_ledger_node(validators[index], genesis, store, pbft=PBFT, tcp=TCP, seed=index)
+        )
+    for a in nodes.values():
+        for b in nodes.values():
+            if a is not b:
+                a.transport.connect(b.node.id, b.transport.listen_address)
+    return nodes
+
+
+async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) -> None:
+    validators = sorted(_identities(1, 4), key=lambda i: i.public_key)
+    keys = [v.public_key for v in validators]
+    genesis = Genesis.create(CHAIN, 1_000, keys)
+    alice = Identity(b"a" * 32)
+    txs = [
+        sign_transaction(alice, CHAIN, type="kv", content=kv_set(f"k{n}", n), nonce=n, timestamp=0)
+        for n in range(40)
+    ]
+    with trio.fail_after(30):
+        async with AsyncExitStack() as stack:
+            nodes = await _cluster(stack, tmp_path, validators, genesis)
+            server = nodes[1]
+            transport = await stack.enter_async_context(
+                open_tcp_transport(
+                    alice,
+                    allowed=keys,
+                    rng=np.random.default_rng(9),
+                    listen=None,
+                    peers={server.node.id: server.transport.listen_address},
+                    config=TCP,
+                )
+            )
+            node = await stack.enter_async_context(open_node(alice, transport))
+            client = LedgerClient(node, server.node.id, CHAIN, keys)
+            await transport.wait_connected(server.node.id)
+
+            digest = await client.submit(txs[0].encoded)
+            assert digest == txs[0].digest
+            statuses = await client.submit_many([t.encoded for t in txs[1:]] + [txs[0].encoded])
+            assert [s for s, _ in statuses[:-1]] == [SubmitStatus.ACCEPTED] * 39
+            assert statuses[-1] == (SubmitStatus.DUPLICATE, txs[0].digest)
+            assert (await client.submit_many([b"\x93junk"]))[0][0] == SubmitStatus.REFUSED
+
+            proofs = [await client.wait_committed(t.encoded) for t in txs]
+            assert all(p.result.ok for p in proofs)
+            assert [p.height for p in proofs] == sorted(p.height for p in proofs)
+
+            answer = await client.query(kv_key(alice.public_key, "k7"))
+            assert answer.value == 7 and answer.height >= proofs[7].height
+            missing = await client.query(kv_key(alice.public_key, "nope"))
+            assert missing.value is None
+
+            # Every validator holds the same chain, and each answers alike.
+            for other in nodes.values():
+                await other.service.wait_committed(txs[-1].digest, timeout=10)
+            tips = {n.ledger.store.tip() for n in nodes.values()}
+            heights = min(tips)
+            for h in range(1, heights + 1):
+                assert len({n.ledger.store.get(h).block_hash for n in nodes.values()}) == 1
+
+            # A lie does not pass: a changed value, result or validator set.
+            assert not replace(answer, value=8).verify(CHAIN, keys)
+            bad = replace(proofs[3], index=(proofs[3].index + 1) % proofs[3].size)
+            assert not bad.verify(txs[3].encoded, CHAIN, keys)
+            # A client that trusts another set (only two of these) refuses the answer.
+            client.validators = (*keys[:2], alice.public_key, bytes(range(32)))
+            with pytest.raises(UntrustedAnswer):
+                await client.query(kv_key(alice.public_key, "k7"))
+
+
+async def test_a_full_mempool_answers_busy_and_keeps_its_bound(tmp_path) -> None:
+    validators = sorted(_identities(2, 4), key=lambda i: i.public_key)
+    keys = [v.public_key for v in validators]
+    genesis = Genesis.create(CHAIN, 1_000, keys)
+    bob = Identity(b"b" * 32)
+    txs = [
+        sign_transaction(bob, CHAIN, type="kv", content=kv_set("k", n), nonce=n, timestamp=0)
+        for n in range(30)
+    ]
+    store = SqliteBlockStore(tmp_path / "alone.sqlite")
+    # One validator alone never commits; a mempool of 10 fills.
+    async with open_ledger_node(validators[0], genesis, store, mempool_txs=10, tcp=TCP) as alone:
+        statuses = alone.service.submit_many([t.encoded for t in txs])
+        assert [s for s, _ in statuses].count(SubmitStatus.ACCEPTED) == 10
+        assert all(s == SubmitStatus.BUSY for s, _ in statuses[10:])
+        assert len(alone.ledger.mempool) == 10
+        with pytest.raises(MempoolFull):
+            alone.service.submit(txs[29].encoded)
+    store.close()
