@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "fedchain.sims.chain_cmd",
         "verify a chain directory from its bytes alone (or write a sample chain)",
     ),
+    "testnet": (
+        "fedchain.sims.testnet",
+        "write per-node homes (keys, genesis, peers) for a local or multi-machine network",
+    ),
+    "node": ("fedchain.sims.node_cmd", "run one real ledger node over encrypted TCP"),
     "bench": {
         "gossip": ("fedchain.sims.bench_gossip", "gossip dissemination at 1,000 and 10,000 nodes"),
         "transport": (
@@ -34,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "learning": (
             "fedchain.sims.bench_learning",
             "one federated round of 40 and 400 devices against centralized DP training",
+        ),
+        "consensus": (
+            "fedchain.sims.bench_consensus",
+            "PBFT throughput and latency against offered load (Fig. 2), queries, 100 validators",
         ),
         "recovery": (
             "fedchain.sims.bench_recovery",

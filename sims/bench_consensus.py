@@ -1,0 +1,512 @@
+"""``fedchain bench consensus``: the paper's Fig. 2, measured honestly.
+
+Real clock: four validators, each its own OS process running ``fedchain
+node`` (TCP with sealed records, SQLite store with ``synchronous=FULL``),
+every transaction signature verified by every validator. A load generator
+in this process signs every transaction beforehand (outside the clock),
+then offers write load at each rate for ``--seconds``, spreading batches of
+submissions over the validators round robin, and reads commit times from
+one validator's block feed. Per point: committed tx/s over the steady part
+of the window, p50 / p99 commit latency (submit to the feed's notice), and
+how many submissions got the explicit busy answer. Between points the
+validators drain, so each point starts from an empty mempool.
+
+In the same run it measures this machine's Ed25519 verification rate on one
+core and prints the bound it implies: cores x verifications per second /
+verifications per transaction (one per validator). Then the query side: an
+offered query load over TCP (answers counted; a sample verified the way a
+client would) and the in-process query rate of one node's
+:class:`~fedchain.consensus.service.LedgerService`. Last, the virtual-time
+run of many validators (:mod:`.bench_consensus_virtual`).
+
+A PNG of throughput and latency against offered load goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DEFAULT_RATES = "250,500,1000,2000,4000,8000,16000"
+TICK = 0.01
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rates", default=DEFAULT_RATES, help="offered tx/s, comma separated")
+    parser.add_argument("--seconds", type=float, default=5.0, help="offered load per point")
+    parser.add_argument("--query-rates", default="1000,4000,16000", help="offered queries/s")
+    parser.add_argument("--validators", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=2000, help="signing keys of the load")
+    parser.add_argument("--batch-size", type=int, default=2000, help="PBFT batch (transactions)")
+    parser.add_argument("--out", type=Path, default=Path("bench-consensus"), help="PNG folder")
+    parser.add_argument("--virtual-validators", type=int, default=100)
+    parser.add_argument("--virtual-blocks", type=int, default=100)
+    parser.add_argument("--skip-virtual", action="store_true", help="only the real-clock part")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    import resource
+    import tempfile
+
+    import trio
+
+    from fedchain.sims.report import emit_json, peak_rss_bytes, print_table
+
+    rates = [int(r) for r in args.rates.split(",") if r]
+    query_rates = [int(r) for r in args.query_rates.split(",") if r]
+    cores = os.cpu_count() or 1
+    verify_rate = measure_verify_rate()
+    bound = cores * verify_rate / args.validators
+    query_in_process = measure_query_in_process(args.seed)
+    with tempfile.TemporaryDirectory(prefix="fedchain-bench-") as tmp:
+        points, queries = trio.run(_real_clock, args, rates, query_rates, Path(tmp))
+    peak = max((p["committed_tx_s"] for p in points), default=0.0)
+    print_table(
+        f"PBFT, {args.validators} validators (processes, TCP, SQLite), real clock",
+        ["offered tx/s", "committed tx/s", "p50 ms", "p99 ms", "busy", "accepted"],
+        [
+            [
+                p["offered_tx_s"],
+                p["committed_tx_s"],
+                p["p50_ms"],
+                p["p99_ms"],
+                p["busy"],
+                p["accepted"],
+            ]
+            for p in points
+        ],
+    )
+    print_table(
+        "queries",
+        ["offered q/s", "answers/s", "sample verified"],
+        [[q["offered_q_s"], q["answers_s"], q["sample_verified"]] for q in queries]
+        + [["in process", query_in_process, "-"]],
+    )
+    print_table(
+        "the verification bound",
+        ["cores", "Ed25519 verify/s/core", "verifies per tx", "bound tx/s", "peak tx/s", "ratio"],
+        [[cores, round(verify_rate), args.validators, round(bound), peak, round(peak / bound, 3)]],
+    )
+    png = plot(points, args.out)
+    virtual = None
+    if not args.skip_virtual:
+        from fedchain.sims.bench_consensus_virtual import run_virtual
+
+        virtual = run_virtual(args.virtual_validators, args.virtual_blocks, seed=args.seed)
+        print_table(
+            f"virtual time: {args.virtual_validators} validators x {args.virtual_blocks} blocks",
+            ["wall s", "messages", "messages / wall s", "agreement", "chain verifies"],
+            [
+                [
+                    virtual["wall_s"],
+                    virtual["messages_delivered"],
+                    virtual["messages_per_wall_s"],
+                    virtual["agreement"],
+                    virtual["chain_verifies"],
+                ]
+            ],
+        )
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    emit_json(
+        "consensus",
+        {
+            "validators": args.validators,
+            "cores": cores,
+            "verify_per_s_per_core": round(verify_rate),
+            "verification_bound_tx_s": round(bound),
+            "peak_committed_tx_s": peak,
+            "ratio_to_bound": round(peak / bound, 3),
+            "points": points,
+            "queries_tcp": queries,
+            "query_answers_s_in_process": query_in_process,
+            "png": str(png),
+            "virtual": virtual,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_validator_bytes": children,
+        },
+    )
+    return 0
+
+
+# -- the verification bound and the in-process query rate ----------------------
+
+
+def measure_verify_rate(samples: int = 4000) -> float:
+    """Ed25519 verifications per second on one core, of real transaction
+    signatures (what a validator checks per transaction)."""
+    import time
+
+    import numpy as np
+
+    from fedchain.consensus.contracts import kv_set
+    from fedchain.consensus.tx import sign_transaction
+    from fedchain.p2p.identity import Identity
+
+    rng = np.random.Generator(np.random.PCG64(1))
+    keys = [Identity(rng.bytes(32)) for _ in range(16)]
+    txs = [
+        sign_transaction(
+            keys[i % 16], "verify", type="kv", content=kv_set("k", i), nonce=i, timestamp=0
+        )
+        for i in range(samples)
+    ]
+    started = time.perf_counter()
+    assert all(tx.verify("verify") for tx in txs)
+    return samples / (time.perf_counter() - started)
+
+
+def measure_query_in_process(seed: int, keys: int = 20_000, seconds: float = 2.0) -> float:
+    """Answers per second of one node's ``LedgerService.query`` (value and
+    state proof against the last certified block), on a chain of ``keys``
+    written keys."""
+    import time
+
+    import numpy as np
+
+    from fedchain.consensus.block import encode_block
+    from fedchain.consensus.chain import ChainTip, Executor
+    from fedchain.consensus.contracts import kv_key, kv_set
+    from fedchain.consensus.genesis import Genesis
+    from fedchain.consensus.mempool import Mempool
+    from fedchain.consensus.replica import LedgerReplica
+    from fedchain.consensus.service import LedgerService
+    from fedchain.consensus.store import MemoryBlockStore, StoredBlock
+    from fedchain.consensus.tx import sign_transaction
+    from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
+    from fedchain.p2p.identity import Identity
+    from fedchain.p2p.node import Node
+    from fedchain.p2p.simnet import SimNetwork
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    validators = sorted((Identity(rng.bytes(32)) for _ in range(4)), key=lambda i: i.public_key)
+    genesis = Genesis.create("query", 0, [v.public_key for v in validators])
+    client = Identity(rng.bytes(32))
+    executor = Executor(genesis)
+    tip = ChainTip.of_genesis(genesis)
+    store = MemoryBlockStore()
+    store.append(StoredBlock(0, genesis.hash, genesis.encode()))
+    per_block = genesis.params.max_block_txs
+    for start in range(0, keys, per_block):
+        txs = [
+            sign_transaction(
+                client, "query", type="kv", content=kv_set(f"k{n}", n), nonce=n, timestamp=0
+            )
+            for n in range(start, min(keys, start + per_block))
+        ]
+        block, state = executor.build_block(
+            tip, txs, timestamp=0, view=0, proposer=validators[0].public_key
+        )
+        votes = [
+            (v.public_key, sign_commit_vote(v, "query", block.height, block.hash, view=0))
+            for v in validators[:3]
+        ]
+        block = block.with_certificate(
+            CommitCertificate.of(block.height, block.hash, votes, view=0)
+        )
+        store.append(StoredBlock(block.height, block.hash, encode_block(block)))
+        tip = ChainTip(block.height, block.hash, 0, state)
+    net = SimNetwork(seed)
+    node = Node(validators[0], net.add_node(validators[0].public_key))
+    service = LedgerService(LedgerReplica(node, executor, store, Mempool("query")))
+    names = [kv_key(client.public_key, f"k{n}") for n in rng.integers(0, keys, 4096)]
+    answered = 0
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        for name in names:
+            service.query(name)
+        answered += len(names)
+    return round(answered / elapsed)
+
+
+# -- the real-clock cluster ---------------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+async def _start_validators(args: argparse.Namespace, tmp: Path):
+    """Write a testnet and start one ``fedchain node`` process per home."""
+    import json
+    import subprocess
+    import sys
+
+    import trio
+
+    from fedchain.sims.home import load_home, write_testnet
+
+    homes = write_testnet(
+        tmp, args.validators, chain_id="bench", seed=args.seed, ports=_free_ports(args.validators)
+    )
+    processes = []
+    for home in homes:
+        command = [
+            sys.executable,
+            "-m",
+            "fedchain.sims.cli",
+            "node",
+            "--home",
+            str(home),
+            "--batch-size",
+            str(args.batch_size),
+            "--status-every",
+            "3600",
+        ]
+        processes.append(
+            await trio.lowlevel.open_process(
+                command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+        )
+    for process in processes:  # each prints one JSON line once it listens
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            if not chunk:
+                raise RuntimeError("a validator process exited before it listened")
+            line += chunk
+        json.loads(line)
+    return [load_home(h) for h in homes], processes
+
+
+async def _real_clock(
+    args: argparse.Namespace, rates: list[int], query_rates: list[int], tmp: Path
+):
+    import trio
+
+    homes, processes = await _start_validators(args, tmp)
+    try:
+        return await _drive(args, rates, query_rates, homes)
+    finally:
+        for process in processes:
+            process.terminate()
+        with trio.move_on_after(10):
+            for process in processes:
+                await process.wait()
+
+
+def _sign_load(args: argparse.Namespace, chain_id: str, total: int) -> list[list[bytes]]:
+    """``total`` transactions from ``--clients`` keys, each key's in nonce
+    order, interleaved so that any prefix spreads over the keys."""
+    import numpy as np
+
+    from fedchain.consensus.contracts import kv_set
+    from fedchain.consensus.tx import sign_transaction
+    from fedchain.p2p.identity import Identity
+    from fedchain.sims.report import progress
+
+    rng = np.random.Generator(np.random.PCG64(args.seed + 1))
+    clients = [Identity(rng.bytes(32)) for _ in range(args.clients)]
+    out = []
+    with progress() as bar:
+        task = bar.add_task("signing the load", total=total)
+        for n in range(total):
+            who = n % len(clients)
+            out.append(
+                sign_transaction(
+                    clients[who],
+                    chain_id,
+                    type="kv",
+                    content=kv_set(f"k{n}", n),
+                    nonce=n // len(clients),
+                    timestamp=0,
+                ).encoded
+            )
+            if n % 1000 == 0:
+                bar.update(task, completed=n)
+    return out
+
+
+async def _drive(args, rates, query_rates, homes):
+    import math
+
+    import numpy as np
+    import trio
+
+    from fedchain.consensus.client_api import (
+        ClientOp,
+        QueryAnswer,
+        SubmitStatus,
+        decode_client_message,
+        encode_client_message,
+    )
+    from fedchain.consensus.contracts import kv_key
+    from fedchain.consensus.tx import decode_transaction
+    from fedchain.p2p.identity import Identity
+    from fedchain.p2p.node import open_node
+    from fedchain.p2p.tcp import open_tcp_transport
+    from fedchain.p2p.wire import MessageType
+
+    genesis = homes[0].genesis
+    servers = [h.identity.public_key for h in homes]
+    total = sum(math.ceil(rate * args.seconds) for rate in rates)
+    load = _sign_load(args, genesis.chain_id, total)
+    decoded = [decode_transaction(t) for t in load]
+    digests = [tx.digest for tx in decoded]
+    me = Identity(np.random.Generator(np.random.PCG64(args.seed + 2)).bytes(32))
+    submitted: dict[bytes, float] = {}
+    committed: dict[bytes, float] = {}
+    statuses = {"busy": 0, "accepted": 0, "refused": 0}
+    answers = {"count": 0, "sample": []}
+    trio.Event()
+
+    def on_reply(peer, envelope) -> None:
+        fields = decode_client_message(envelope.body, max_txs=100_000)
+        op = fields[0]
+        now = trio.current_time()
+        if op == ClientOp.BLOCK:
+            for digest in fields[3]:
+                committed.setdefault(digest, now)
+        elif op == ClientOp.SUBMITTED:
+            for status, _ in fields[2]:
+                if status == SubmitStatus.BUSY:
+                    statuses["busy"] += 1
+                elif status in (SubmitStatus.ACCEPTED, SubmitStatus.DUPLICATE):
+                    statuses["accepted"] += 1
+                else:
+                    statuses["refused"] += 1
+        elif op == ClientOp.ANSWER:
+            answers["count"] += 1
+            if len(answers["sample"]) < 20:
+                answers["sample"].append(fields[2])
+
+    rng = np.random.Generator(np.random.PCG64(args.seed + 3))
+    addresses = {h.identity.public_key: h.listen for h in homes}
+    async with (
+        open_tcp_transport(me, allowed=servers, rng=rng, listen=None, peers=addresses) as transport,
+        open_node(me, transport) as node,
+    ):
+        node.register(MessageType.CLIENT, on_reply)
+        for server in servers:
+            await transport.wait_connected(server)
+        node.send(servers[0], MessageType.CLIENT, encode_client_message(ClientOp.SUBSCRIBE, 1))
+        points = []
+        cursor = 0
+        for rate in rates:
+            count = math.ceil(rate * args.seconds)
+            batch = load[cursor : cursor + count]
+            names = digests[cursor : cursor + count]
+            cursor += count
+            before = dict(statuses)
+            start = trio.current_time()
+            per_tick = rate * TICK
+            sent = 0
+            tick = 0
+            while sent < count:
+                tick += 1
+                upto = min(count, math.floor(per_tick * tick))
+                if upto > sent:
+                    chunk = batch[sent:upto]
+                    now = trio.current_time()
+                    for digest in names[sent:upto]:
+                        submitted[digest] = now
+                    body = encode_client_message(ClientOp.SUBMIT, tick, chunk)
+                    node.send(servers[tick % len(servers)], MessageType.CLIENT, body)
+                    sent = upto
+                await trio.sleep_until(start + tick * TICK)
+            end = start + args.seconds
+            # Drain: wait until the accepted ones commit (or stop waiting).
+            with trio.move_on_after(max(10.0, args.seconds * 3)):
+                while statuses["accepted"] - before["accepted"] > sum(
+                    1 for d in names if d in committed
+                ):
+                    await trio.sleep(0.1)
+            await trio.sleep(0.2)
+            steady_from = start + min(1.0, args.seconds / 4)
+            in_window = sum(1 for d in names if steady_from <= committed.get(d, -1) <= end)
+            latencies = np.array([committed[d] - submitted[d] for d in names if d in committed])
+            points.append(
+                {
+                    "offered_tx_s": rate,
+                    "committed_tx_s": round(in_window / (end - steady_from), 1),
+                    "p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1)
+                    if len(latencies)
+                    else None,
+                    "p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 1)
+                    if len(latencies)
+                    else None,
+                    "busy": statuses["busy"] - before["busy"],
+                    "accepted": statuses["accepted"] - before["accepted"],
+                    "committed": len(latencies),
+                }
+            )
+            print(points[-1], flush=True)
+        queries = []
+        key_names = [kv_key(decoded[i].sender, f"k{i}") for i in range(min(len(load), 4096))]
+        request = 1_000_000
+        for rate in query_rates:
+            answers["count"], answers["sample"] = 0, []
+            start = trio.current_time()
+            count = math.ceil(rate * 2.0)
+            sent = 0
+            tick = 0
+            while sent < count:
+                tick += 1
+                upto = min(count, math.floor(rate * TICK * tick))
+                for k in range(sent, upto):
+                    request += 1
+                    body = encode_client_message(
+                        ClientOp.QUERY, request, key_names[k % len(key_names)]
+                    )
+                    node.send(servers[k % len(servers)], MessageType.CLIENT, body)
+                sent = upto
+                await trio.sleep_until(start + tick * TICK)
+            with trio.move_on_after(5.0):
+                while answers["count"] < count:
+                    await trio.sleep(0.05)
+            elapsed = trio.current_time() - start
+            sample_ok = all(
+                QueryAnswer.from_list(a).verify(genesis.chain_id, genesis.validators)
+                for a in answers["sample"]
+            )
+            queries.append(
+                {
+                    "offered_q_s": rate,
+                    "answers_s": round(answers["count"] / elapsed, 1),
+                    "answered": answers["count"],
+                    "sample_verified": sample_ok and bool(answers["sample"]),
+                }
+            )
+            print(queries[-1], flush=True)
+    return points, queries
+
+
+def plot(points: list[dict], out: Path) -> Path:
+    """Throughput and latency against offered load (the paper's Fig. 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    offered = [p["offered_tx_s"] for p in points]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(offered, [p["committed_tx_s"] for p in points], marker="o", label="committed")
+    left.plot(offered, offered, linestyle=":", color="grey", label="offered")
+    left.set(xscale="log", xlabel="offered tx/s", ylabel="committed tx/s", title="throughput")
+    left.legend()
+    right.plot(offered, [p["p50_ms"] for p in points], marker="o", label="p50")
+    right.plot(offered, [p["p99_ms"] for p in points], marker="s", label="p99")
+    right.set(
+        xscale="log",
+        yscale="log",
+        xlabel="offered tx/s",
+        ylabel="commit latency ms",
+        title="latency",
+    )
+    right.legend()
+    figure.tight_layout()
+    path = out / "consensus_fig2.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

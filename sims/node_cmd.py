@@ -1,0 +1,87 @@
+"""``fedchain node --home DIR``: one real ledger node over encrypted TCP.
+
+Runs until interrupted (Ctrl-C or SIGTERM), storing blocks in
+``DIR/chain.sqlite``; restarted on the same home, it replays its store and
+catches up from its peers. Prints one JSON line when it is listening, then
+one status line every ``--status-every`` seconds (height, view, mempool).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", type=Path, required=True, help="a folder fedchain testnet wrote")
+    parser.add_argument("--status-every", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=2000, help="PBFT batch (transactions)")
+    parser.add_argument("--batch-timeout", type=float, default=0.02, help="seconds")
+    parser.add_argument("--mempool", type=int, default=50_000, help="mempool bound (transactions)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio
+
+    from fedchain.sims.home import HomeError, load_home
+
+    try:
+        home = load_home(args.home)
+    except HomeError as exc:
+        raise SystemExit(f"fedchain node: {exc}") from exc
+    trio.run(serve, home, args)
+    return 0
+
+
+async def serve(home, args: argparse.Namespace) -> None:
+    import json
+    import signal
+    import sys
+
+    import trio
+
+    from fedchain.consensus.ledger_node import open_ledger_node
+    from fedchain.consensus.pbft import PbftConfig
+    from fedchain.consensus.store import SqliteBlockStore
+
+    store = SqliteBlockStore(home.store_path)
+    pbft = PbftConfig(batch_size=args.batch_size, batch_timeout=args.batch_timeout)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_ledger_node(
+                home.identity,
+                home.genesis,
+                store,
+                listen=home.listen,
+                peers=home.peers,
+                pbft=pbft,
+                mempool_txs=args.mempool,
+                seed=home.index,
+            ) as running:
+                host, port = running.transport.listen_address
+                ready = {
+                    "node": home.index,
+                    "key": home.identity.public_key.hex(),
+                    "listen": f"{host}:{port}",
+                    "height": store.tip(),
+                }
+                print(json.dumps(ready), flush=True)
+                async with trio.open_nursery() as nursery:
+
+                    async def status() -> None:
+                        while True:
+                            await trio.sleep(args.status_every)
+                            ledger = running.ledger
+                            line = {
+                                "height": store.tip(),
+                                "view": ledger.replica.view,
+                                "mempool": len(ledger.mempool),
+                            }
+                            print(json.dumps(line), file=sys.stderr, flush=True)
+
+                    nursery.start_soon(status)
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        break
+    finally:
+        store.close()
