@@ -13,7 +13,10 @@ requests into a payload when the primary asks, checks a payload before a
 backup prepares it, and receives ``Committed(seq, digest, payload,
 certificate)`` in sequence order without gaps; the sequence number doubles as
 the block height and the certificate is the 2f+1 commit votes the COMMIT
-messages carried. ``consensus/SPEC.md`` (section PBFT) names the invariants.
+messages carried. A PRE-PREPARE is validated only once its predecessor is
+executed or pre-prepared (``Replica.parked`` holds the ones that overtook
+it), so the application may validate on top of a speculative parent.
+``consensus/SPEC.md`` (section PBFT) names the invariants.
 
 Two phase enums: ``Phase`` orders one sequence number's progress in a view
 (every ``_enter_*`` returns early unless the slot is exactly one phase
@@ -207,7 +210,19 @@ class Application(Protocol):
         """A batch for ``seq`` as ``(payload, digest)``, or None if nothing to do."""
 
     def validate(self, seq: int, payload: bytes) -> bytes | None:
-        """The payload's digest if it is an acceptable proposal for ``seq``."""
+        """The payload's digest if it is an acceptable proposal for ``seq``.
+
+        PBFT asks only once ``seq - 1`` is settled (P-PARENT-FIRST in
+        consensus/SPEC.md): executed (its ``Committed`` came out of an
+        earlier step, or it is a fetched block just validated through this
+        method), or pre-prepared in the current view (validated through this
+        method, or a null request a NEW-VIEW re-issued, which is never shown
+        here). A PRE-PREPARE that overtook its predecessor is held until
+        then, so an application that builds on a speculative parent has one
+        unless it dropped it since (it validated a lower seq, or the parent
+        is a null): a None while the predecessor is only pre-prepared is
+        asked once more after the predecessor is executed, and only a None
+        with the predecessor executed suspects the primary."""
 
     def abandon(self) -> None:
         """A new view started: proposals not yet committed are void (the
@@ -245,6 +260,18 @@ class _Slot:
     prepares: dict[PeerId, Prepare] = field(default_factory=dict)
     commits: dict[PeerId, Commit] = field(default_factory=dict)
     own: list[Message] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Parked:
+    """A PRE-PREPARE of the current view held until its predecessor is ready."""
+
+    pre_prepare: PrePrepare
+    reissued: bool
+    """Re-issued by the NEW-VIEW: a refusal never suspects the primary."""
+    until_executed: bool = False
+    """Refused once with the predecessor only pre-prepared: asked again
+    once the predecessor is executed (see ``Replica._try_pre_prepare``)."""
 
 
 class Replica:
@@ -286,6 +313,9 @@ class Replica:
         self.log: dict[tuple[int, int], _Slot] = {}
         self.prepared: dict[int, PreparedProof] = {}
         self.committed: dict[int, Committed] = {}
+        self.executed_digests: dict[int, bytes] = {}
+        """What was executed above h (GC'd with the log): a PRE-PREPARE for
+        such a seq is checked against it, not the application's ``validate``."""
         self.checkpoints: dict[int, dict[PeerId, Checkpoint]] = {}
         self.own_states: dict[int, bytes] = {}
         self.view_changes: dict[PeerId, ViewChange] = {}
@@ -298,6 +328,10 @@ class Replica:
         self.timers: dict[str, int] = {}
         self._token = 0
         self.refused: Counter[str] = Counter()
+        self.parked: dict[int, _Parked] = {}
+        """PRE-PREPAREs of the current view that overtook their predecessor, by seq."""
+        self.parked_total = 0
+        """How many PRE-PREPAREs were ever parked (an observation for tests)."""
         self._out: list[Action] = []
 
     # -- helpers --------------------------------------------------------------
@@ -343,6 +377,10 @@ class Replica:
 
     def step(self, event: Event) -> list[Action]:
         """Apply one event; return what to do. The only mutator."""
+        if self.parked:
+            # Predecessors executed in an earlier step: the application has
+            # run those Committed actions by now, so it holds the parent.
+            self._retry_parked()
         if isinstance(event, Receive):
             self._on_receive(event.sender, event.message)
         elif isinstance(event, TimerFired):
@@ -425,8 +463,11 @@ class Replica:
             self._refuse("not_primary")
             return
         slot = self.log.get((pp.view, pp.seq))
-        if slot is not None and slot.pre_prepare is not None:
-            if slot.pre_prepare.digest != pp.digest and pp.verify(self.chain_id):
+        held = slot.pre_prepare if slot is not None else None
+        if held is None and pp.seq in self.parked:
+            held = self.parked[pp.seq].pre_prepare
+        if held is not None:
+            if held.digest != pp.digest and pp.verify(self.chain_id):
                 self._suspect_primary("equivocation")
             else:
                 self._refuse("duplicate")
@@ -434,14 +475,84 @@ class Replica:
         if not pp.verify(self.chain_id):
             self._refuse("bad_signature")
             return
-        if not self._payload_ok(pp):
-            self._refuse("wrong_digest")
-            self._suspect_primary("invalid_proposal")
+        if not self._predecessor_ready(pp.seq):
+            self._park(pp, reissued=False)
             return
-        self._accept_pre_prepare(pp)
+        self._try_pre_prepare(pp, reissued=False)
 
-    def _payload_ok(self, pp: PrePrepare) -> bool:
-        return _payload_matches(self.app, pp.seq, pp.digest, pp.payload)
+    # -- parent first: parked PRE-PREPAREs (P-PARENT-FIRST) -------------------
+
+    def _predecessor_ready(self, seq: int) -> bool:
+        """``seq - 1`` is executed, or pre-prepared (or further) in this view."""
+        if seq - 1 <= self.executed:
+            return True
+        slot = self.log.get((self.view, seq - 1))
+        return slot is not None and slot.phase >= Phase.PRE_PREPARED
+
+    def _try_pre_prepare(self, pp: PrePrepare, *, reissued: bool) -> None:
+        """Validate a signed PRE-PREPARE whose predecessor is ready.
+
+        Accepted if ``_verdict`` agrees. Refused, and the primary suspected
+        (unless a NEW-VIEW re-issued it: a quorum prepared it), if the
+        digest is not the payload's, or if the application answers None
+        with the predecessor executed. None with the predecessor only
+        pre-prepared may be the application's missing speculative parent
+        (it validated a lower seq since, for a state transfer, or the
+        predecessor is a null request it never saw): parked, and asked once
+        more after the predecessor is executed.
+        """
+        verdict = self._verdict(pp)
+        if verdict:
+            self._accept_pre_prepare(pp)
+        elif verdict is None and pp.seq - 1 > self.executed:
+            self._park(pp, reissued=reissued, until_executed=True)
+        else:
+            self._refuse("wrong_digest")
+            if not reissued:
+                self._suspect_primary("invalid_proposal")
+
+    def _verdict(self, pp: PrePrepare) -> bool | None:
+        """Whether ``pp`` proposes a valid payload; None when the application
+        refused it without naming a digest. For a seq executed here (a
+        retransmission, a re-issue after a state transfer) the executed
+        digest decides: the application is past that height."""
+        if pp.seq in self.executed_digests:
+            return pp.digest == self.executed_digests[pp.seq]
+        if pp.digest == NULL_DIGEST:
+            return pp.payload == b""
+        digest = self.app.validate(pp.seq, pp.payload)
+        return None if digest is None else digest == pp.digest
+
+    def _park(self, pp: PrePrepare, *, reissued: bool, until_executed: bool = False) -> None:
+        """Hold ``pp`` until its predecessor is ready. Only signed PRE-PREPAREs
+        of the current view from its primary inside the window get here, and
+        only the first per seq (a second with another digest is
+        equivocation), so this holds at most L messages; it is emptied when
+        the view changes. Retransmission (of the predecessor) and the view
+        timer (which runs while anything is parked) take care of one whose
+        predecessor never comes."""
+        if pp.seq not in self.parked:
+            self.parked_total += 1
+        self.parked[pp.seq] = _Parked(pp, reissued, until_executed)
+
+    def _retry_parked(self) -> None:
+        """At the start of a step: try, in seq order, the parked PRE-PREPAREs
+        whose predecessor became ready in an earlier step. Executions are
+        only acted on here, not in the step that made them: by now the
+        reactor has run those ``Committed`` actions, so the application
+        holds the parent."""
+        for seq in sorted(self.parked):
+            entry = self.parked.get(seq)
+            if entry is None:  # tried by the chain in _accept_pre_prepare
+                continue
+            if seq <= self.executed or self.mode is not Mode.NORMAL:
+                del self.parked[seq]  # executed meanwhile (state transfer): moot
+                continue
+            if entry.until_executed and seq - 1 > self.executed:
+                continue
+            if self._predecessor_ready(seq):
+                del self.parked[seq]
+                self._try_pre_prepare(entry.pre_prepare, reissued=entry.reissued)
 
     def _accept_pre_prepare(self, pp: PrePrepare) -> None:
         """Enter PRE_PREPARED; a backup then PREPAREs."""
@@ -459,6 +570,12 @@ class Replica:
             self._broadcast(prepare)
         self._check_conflicts(slot)
         self._enter_prepared(slot)
+        # The application validated pp just now (or it is a null): the one
+        # parked behind it can be validated in this step (and so on, in order).
+        nxt = self.parked.get(pp.seq + 1)
+        if nxt is not None and not nxt.until_executed and pp.view == self.view:
+            del self.parked[pp.seq + 1]
+            self._try_pre_prepare(nxt.pre_prepare, reissued=nxt.reissued)
 
     def _on_prepare(self, prepare: Prepare) -> None:
         if not self._normal_guard(prepare.view, prepare.seq):
@@ -577,6 +694,7 @@ class Replica:
 
     def _execute(self, done: Committed) -> None:
         self.executed = done.seq
+        self.executed_digests[done.seq] = done.digest
         self.state = advance_state(self.state, done.seq, done.digest)
         self._out.append(done)
         self.view_change_attempts = 0
@@ -635,6 +753,8 @@ class Replica:
         self.stable_seq = seq
         self.stable_proof = proof[: self.quorum]
         self.log = {key: slot for key, slot in self.log.items() if key[1] > seq}
+        self.parked = {s: entry for s, entry in self.parked.items() if s > seq}
+        self.executed_digests = {s: d for s, d in self.executed_digests.items() if s > seq}
         self.prepared = {s: p for s, p in self.prepared.items() if s > seq}
         self.checkpoints = {s: c for s, c in self.checkpoints.items() if s >= seq}
         self.own_states = {s: d for s, d in self.own_states.items() if s >= seq}
@@ -738,7 +858,7 @@ class Replica:
             self._emit_fetch()
 
     def _has_work(self) -> bool:
-        if self.app.pending() > 0:
+        if self.app.pending() > 0 or self.parked:
             return True
         return any(
             slot.pre_prepare is not None and slot.seq > self.executed
@@ -800,6 +920,7 @@ class Replica:
             return
         self.view = view
         self.mode = Mode.VIEW_CHANGE
+        self.parked.clear()
         self._cancel_timer("batch")
         top = self.stable_seq + self.config.window
         prepared = tuple(p for s, p in sorted(self.prepared.items()) if self.stable_seq < s <= top)
@@ -966,6 +1087,7 @@ class Replica:
         """Enter the normal case of ``nv.view`` with its re-issued PRE-PREPAREs."""
         self.view = nv.view
         self.mode = Mode.NORMAL
+        self.parked.clear()
         self.new_view_msg = nv
         self.view_change_attempts = 0
         self._cancel_timer("view")
@@ -984,11 +1106,13 @@ class Replica:
                 self._set_timer("batch", self.config.batch_timeout)
 
     def _install_pre_prepare(self, pp: PrePrepare) -> None:
-        """Validate even our own re-issues: it tells the app the batch is live again."""
-        if not self._payload_ok(pp):
-            self._refuse("wrong_digest")
+        """Validate even our own re-issues: it tells the app the batch is live
+        again. In seq order, so each one's predecessor is normally ready; a
+        refusal never suspects (see ``_try_pre_prepare``)."""
+        if not self._predecessor_ready(pp.seq):
+            self._park(pp, reissued=True)
             return
-        self._accept_pre_prepare(pp)
+        self._try_pre_prepare(pp, reissued=True)
 
     def _adopt_checkpoint(self, min_s: int, changes: Sequence[ViewChange]) -> None:
         """The NEW-VIEW proves a stable checkpoint at ``min_s``: use it or fetch up to it."""
