@@ -62,6 +62,8 @@ class Mempool:
         self._nonces: dict[tuple[PeerId, int], bytes] = {}
         self._committed: OrderedDict[bytes, None] = OrderedDict()
         self._bytes = 0
+        self.version = 0
+        """Bumped by every change of the contents (cheap change detection)."""
 
     def __len__(self) -> int:
         return len(self._txs)
@@ -100,6 +102,7 @@ class Mempool:
         if not ok:
             raise InvalidSignature(f"transaction {digest.hex()[:16]} has a bad signature")
         self._txs[digest] = tx
+        self.version += 1
         self._nonces[(tx.sender, tx.nonce)] = digest
         self._bytes += size
         if queue is None:
@@ -188,6 +191,7 @@ class Mempool:
             self._committed.popitem(last=False)
 
     def _forget(self, digests: Iterable[bytes]) -> None:
+        self.version += 1
         for digest in digests:
             tx = self._txs.pop(digest, None)
             if tx is None:

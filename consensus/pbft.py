@@ -236,7 +236,13 @@ class PbftConfig:
     batch_size: int = 64
     """The primary proposes at once when this many requests are pending."""
     batch_timeout: float = 0.02
-    """...and otherwise this long after the first pending request."""
+    """...and otherwise this long after the first pending request, if fewer
+    than ``max_partial_in_flight`` proposals are in flight."""
+    max_partial_in_flight: int = 1
+    """Adaptive batching (Nagle's rule): a batch short of ``batch_size`` waits
+    while this many proposals are unexecuted, so under load batches grow
+    toward ``batch_size`` (per-block costs amortized) instead of the window
+    filling with small ones; when idle, a request waits ``batch_timeout``."""
     view_change_timeout: float = 1.0
     """Base timeout; doubles with each view change that fails to finish."""
     retransmit_interval: float = 0.25
@@ -328,6 +334,8 @@ class Replica:
         self.timers: dict[str, int] = {}
         self._token = 0
         self.refused: Counter[str] = Counter()
+        self._batch_due = False
+        """The batch timer fired with a short batch held back (adaptive batching)."""
         self.parked: dict[int, _Parked] = {}
         """PRE-PREPAREs of the current view that overtook their predecessor, by seq."""
         self.parked_total = 0
@@ -418,16 +426,22 @@ class Replica:
     def _on_requests(self, count: int) -> None:
         if count <= 0 or not self.is_primary or self.mode is not Mode.NORMAL:
             return
-        self._propose(force=False)
+        self._propose(force=self._batch_due)
         if self.app.pending() > 0 and "batch" not in self.timers:
             self._set_timer("batch", self.config.batch_timeout)
 
     def _propose(self, *, force: bool) -> None:
-        """Issue PRE-PREPAREs while the window has room and batching says so."""
+        """Issue PRE-PREPAREs while the window has room and batching says so:
+        full batches at once; a short one (``force``: the batch timer fired)
+        only while fewer than ``max_partial_in_flight`` are in flight, else
+        it stays due until a commit drains the pipeline."""
         self.next_seq = max(self.next_seq, self.executed + 1, self.low + 1)
         while self.next_seq <= self.high:
             pending = self.app.pending()
-            if pending == 0 or (pending < self.config.batch_size and not force):
+            in_flight = self.next_seq - 1 - self.executed
+            short_ok = force and in_flight < self.config.max_partial_in_flight
+            if pending == 0 or (pending < self.config.batch_size and not short_ok):
+                self._batch_due = force and pending > 0
                 return
             proposal = self.app.propose(self.next_seq)
             if proposal is None:
@@ -439,7 +453,7 @@ class Replica:
             self.next_seq += 1
             self._broadcast(pp)
             self._accept_pre_prepare(pp)
-            force = False
+            force = self._batch_due = False
 
     # -- normal case ----------------------------------------------------------
 
@@ -851,8 +865,9 @@ class Replica:
         elif name == "view":
             self._start_view_change(self.view + 1)
         elif name == "retransmit":
+            progressed = self.executed != self._executed_at_tick
             self._fetch_if_stalled()
-            self._retransmit()
+            self._retransmit(slots=not progressed)
             self._set_timer("retransmit", self.config.retransmit_interval)
         elif name == "fetch" and self.executed < self.fetch_target:
             self._emit_fetch()
@@ -879,15 +894,20 @@ class Replica:
         if self.mode is Mode.NORMAL and "view" in self.timers:
             self._set_timer("view", self.config.view_change_timeout)
 
-    def _retransmit(self) -> None:
+    def _retransmit(self, *, slots: bool) -> None:
         """Resend own messages that a peer may still need (links may drop).
 
         Own CHECKPOINTs from the stable one up always go (so a replica that
-        fell behind learns where the others are and fetches); for the
-        current view's slots, everything own until the slot commits in this
-        view (a re-issued slot we executed in an earlier view still needs our
-        PREPARE at the others) and only the COMMIT after (enough for a
-        laggard to observe the quorum).
+        fell behind learns where the others are and fetches), and so does
+        our VIEW-CHANGE during a view change. With ``slots`` (nothing
+        executed for a whole interval), for the current view's slots,
+        everything own until the slot commits in this view (a re-issued
+        slot we executed in an earlier view still needs our PREPARE at the
+        others) and only the COMMIT after (enough for a laggard to observe
+        the quorum). While execution progresses slots are not resent: under
+        load a PRE-PREPARE resent with its payload every interval costs
+        every replica a signature over megabytes, and a replica that lost
+        one catches up from the CHECKPOINTs instead.
         """
         for by in self.checkpoints.values():
             if self.me in by:
@@ -896,6 +916,8 @@ class Replica:
             own = self.view_changes.get(self.me)
             if own is not None:
                 self._broadcast(own)
+            return
+        if not slots:
             return
         for (view, _seq), slot in sorted(self.log.items()):
             if view != self.view:

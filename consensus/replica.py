@@ -176,6 +176,9 @@ class LedgerReplica:
         """Uncommitted proposals built or validated, by seq, with the tip after each."""
         self._flying: set[bytes] = set()
         """Digests of transactions in ``_spec``: not pending, not reaped twice."""
+        self._flying_version = 0
+        self._pending_key = (-1, -1)
+        self._pending = 0
         self._timers: dict[str, Timer] = {}
         self.null_blocks = 0
         self.suspects: dict[str, int] = {}
@@ -267,8 +270,13 @@ class LedgerReplica:
     # -- the Application PBFT calls ---------------------------------------------
 
     def pending(self) -> int:
-        in_pool = sum(1 for digest in self._flying if digest in self.mempool)
-        return len(self.mempool) - in_pool
+        # PBFT asks on every step; recount only when the mempool or the
+        # proposals in flight changed (per batch or block, not per message).
+        key = (self.mempool.version, self._flying_version)
+        if key != self._pending_key:
+            in_pool = sum(1 for digest in self._flying if digest in self.mempool)
+            self._pending_key, self._pending = key, len(self.mempool) - in_pool
+        return self._pending
 
     def _parent(self, seq: int) -> ChainTip | None:
         if seq == self.tip.height + 1:
@@ -282,10 +290,12 @@ class LedgerReplica:
             self._forget(later)
         self._spec[seq] = (block, after)
         self._flying.update(tx.digest for tx in block.txs)
+        self._flying_version += 1
 
     def _forget(self, seq: int) -> None:
         block, _ = self._spec.pop(seq)
         self._flying.difference_update(tx.digest for tx in block.txs)
+        self._flying_version += 1
 
     def propose(self, seq: int) -> tuple[bytes, bytes] | None:
         parent = self._parent(seq)
@@ -328,6 +338,7 @@ class LedgerReplica:
         are pending again (still in the mempool, which only commits remove)."""
         self._spec.clear()
         self._flying.clear()
+        self._flying_version += 1
 
     # -- committing -------------------------------------------------------------
 
