@@ -12,6 +12,7 @@ docs of ``fedchain.learning`` for what each knob does.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 
@@ -23,6 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="expected batch per step")
     parser.add_argument("--lr", type=float, default=None, help="default: 2/clip (DP), 0.1 (no DP)")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="cosine: round r (from 0) uses lr * (1 + cos(pi r / rounds)) / 2",
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=["poisson", "fixed"],
+        default="poisson",
+        help="poisson: the accounted DP draw (computes B + 3 sqrt(B) rows); fixed: exactly B",
+    )
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--clip", type=float, default=1.0, help="per-example L2 clip S")
     parser.add_argument("--epsilon", type=float, default=3.0, help="per-device budget, all steps")
@@ -83,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     config = LocalConfig(
         steps=args.local_steps,
         batch_size=args.batch_size,
+        sampling=args.sampling,
         clip_norm=args.clip if private else None,
         momentum=args.momentum,
         density=args.density,
@@ -94,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         "krum": Krum(byzantine=max(1, args.devices // 10), select=args.devices // 2),
     }[args.aggregator]
     lr = args.lr if args.lr is not None else (2.0 / args.clip if private else 0.1)
-    accountant = PrivacyAccountant(args.delta, "pld")
+    # PLD accounts Poisson sampling (with its truncation) exactly; fixed-size
+    # sampling without replacement has only the RDP (replace-one) analysis
+    method = "pld" if args.sampling == "poisson" else "rdp"
+    accountant = PrivacyAccountant(args.delta, method)
     noise = 0.0
     if private:
         smallest = min(len(d.indices) for d in devices)
@@ -106,9 +123,10 @@ def run(args: argparse.Namespace) -> int:
                 args.delta,
                 args.rounds * args.local_steps,
                 args.batch_size / smallest,
-                method="pld",
+                method=method,
                 dataset_size=smallest,
-                capacity=config.physical_batch,
+                sampling=args.sampling,
+                capacity=config.physical_batch if args.sampling == "poisson" else None,
             )
         print(f"noise multiplier z = {noise:.4f} (clip S = {args.clip}, lr = {lr})", flush=True)
     fed = Federation(data, devices, config, base=base, aggregator=aggregator)
@@ -116,10 +134,13 @@ def run(args: argparse.Namespace) -> int:
     rows, history = [], []
     start = time.perf_counter()
     for r in range(args.rounds):
+        round_lr = lr
+        if args.lr_schedule == "cosine":
+            round_lr = lr * (1.0 + math.cos(math.pi * r / args.rounds)) / 2.0
         state, report = fed.round(
             state,
             jax.random.key(args.seed * 1000 + r + 1),
-            learning_rate=lr,
+            learning_rate=round_lr,
             noise_multipliers=noise,
             accountant=accountant if private else None,
         )
@@ -131,11 +152,11 @@ def run(args: argparse.Namespace) -> int:
         rows.append([r + 1, acc, acc_phone, loss, eps if private else "no DP", elapsed])
         dropped = dict(report.result.dropped)
         history.append({"round": r + 1, "accuracy": acc, "accuracy_tier0": acc_phone,
-                        "loss": loss, "epsilon": eps, "seconds": round(elapsed, 2),
+                        "loss": loss, "epsilon": eps, "lr": round_lr, "seconds": round(elapsed, 2),
                         "dropped": dropped})  # fmt: skip
         print(
             f"round {r + 1}: accuracy {acc:.4f} (phones {acc_phone:.4f}) loss {loss:.4f} "
-            f"eps {eps:.3f} [{elapsed:.0f}s]",
+            f"eps {eps:.3f} lr {round_lr:.4g} [{elapsed:.0f}s]",
             flush=True,
         )
         if dropped:  # a weaker round than planned: say so loudly
@@ -153,7 +174,12 @@ def run(args: argparse.Namespace) -> int:
             "rounds": args.rounds,
             "local_steps": args.local_steps,
             "batch_size": args.batch_size,
+            "sampling": args.sampling,
             "learning_rate": lr,
+            "lr_schedule": args.lr_schedule,
+            "momentum": args.momentum,
+            "dropout": args.dropout,
+            "seed": args.seed,
             "dp": private,
             "clip": args.clip if private else None,
             "noise_multiplier": noise,
