@@ -62,8 +62,9 @@ class Mempool:
         self._nonces: dict[tuple[PeerId, int], bytes] = {}
         self._committed: OrderedDict[bytes, None] = OrderedDict()
         self._bytes = 0
-        self.version = 0
-        """Bumped by every change of the contents (cheap change detection)."""
+        self._in_flight: set[bytes] = set()
+        self._in_flight_here = 0
+        """How many of ``_in_flight`` this pool holds, kept as both change."""
 
     def __len__(self) -> int:
         return len(self._txs)
@@ -102,7 +103,8 @@ class Mempool:
         if not ok:
             raise InvalidSignature(f"transaction {digest.hex()[:16]} has a bad signature")
         self._txs[digest] = tx
-        self.version += 1
+        if digest in self._in_flight:
+            self._in_flight_here += 1
         self._nonces[(tx.sender, tx.nonce)] = digest
         self._bytes += size
         if queue is None:
@@ -110,6 +112,39 @@ class Mempool:
         else:
             insort(queue, (tx.nonce, digest))
         return tx
+
+    # -- proposals in flight ---------------------------------------------------
+
+    @property
+    def in_flight(self) -> Container[bytes]:
+        """Digests in uncommitted proposals (PBFT keeps several in flight)."""
+        return self._in_flight
+
+    @property
+    def pending(self) -> int:
+        """Held transactions in no proposal in flight: O(1), since PBFT asks
+        on every step."""
+        return len(self._txs) - self._in_flight_here
+
+    def mark_in_flight(self, digests: Iterable[bytes]) -> None:
+        """These are in a proposal now (possibly ones this pool never held)."""
+        for digest in digests:
+            if digest not in self._in_flight:
+                self._in_flight.add(digest)
+                if digest in self._txs:
+                    self._in_flight_here += 1
+
+    def release(self, digests: Iterable[bytes] | None = None) -> None:
+        """Their proposal committed or was void (None: every proposal)."""
+        if digests is None:
+            self._in_flight.clear()
+            self._in_flight_here = 0
+            return
+        for digest in digests:
+            if digest in self._in_flight:
+                self._in_flight.discard(digest)
+                if digest in self._txs:
+                    self._in_flight_here -= 1
 
     def verified(self, tx: Transaction) -> bool:
         """Whether this exact transaction (digest and signature) was admitted."""
@@ -191,11 +226,12 @@ class Mempool:
             self._committed.popitem(last=False)
 
     def _forget(self, digests: Iterable[bytes]) -> None:
-        self.version += 1
         for digest in digests:
             tx = self._txs.pop(digest, None)
             if tx is None:
                 continue
+            if digest in self._in_flight:
+                self._in_flight_here -= 1
             self._bytes -= len(tx.encoded)
             del self._nonces[(tx.sender, tx.nonce)]
             queue = self._queues[tx.sender]

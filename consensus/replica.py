@@ -174,11 +174,6 @@ class LedgerReplica:
         )
         self._spec: dict[int, tuple[Block, ChainTip]] = {}
         """Uncommitted proposals built or validated, by seq, with the tip after each."""
-        self._flying: set[bytes] = set()
-        """Digests of transactions in ``_spec``: not pending, not reaped twice."""
-        self._flying_version = 0
-        self._pending_key = (-1, -1)
-        self._pending = 0
         self._timers: dict[str, Timer] = {}
         self.null_blocks = 0
         self.suspects: dict[str, int] = {}
@@ -270,13 +265,7 @@ class LedgerReplica:
     # -- the Application PBFT calls ---------------------------------------------
 
     def pending(self) -> int:
-        # PBFT asks on every step; recount only when the mempool or the
-        # proposals in flight changed (per batch or block, not per message).
-        key = (self.mempool.version, self._flying_version)
-        if key != self._pending_key:
-            in_pool = sum(1 for digest in self._flying if digest in self.mempool)
-            self._pending_key, self._pending = key, len(self.mempool) - in_pool
-        return self._pending
+        return self.mempool.pending
 
     def _parent(self, seq: int) -> ChainTip | None:
         if seq == self.tip.height + 1:
@@ -289,13 +278,12 @@ class LedgerReplica:
         for later in [s for s in self._spec if s >= seq]:
             self._forget(later)
         self._spec[seq] = (block, after)
-        self._flying.update(tx.digest for tx in block.txs)
-        self._flying_version += 1
+        # In flight: not pending, not reaped twice (the mempool keeps count).
+        self.mempool.mark_in_flight(tx.digest for tx in block.txs)
 
     def _forget(self, seq: int) -> None:
         block, _ = self._spec.pop(seq)
-        self._flying.difference_update(tx.digest for tx in block.txs)
-        self._flying_version += 1
+        self.mempool.release(tx.digest for tx in block.txs)
 
     def propose(self, seq: int) -> tuple[bytes, bytes] | None:
         parent = self._parent(seq)
@@ -304,7 +292,7 @@ class LedgerReplica:
         txs = self.mempool.reap(
             self.params.max_block_txs,
             self.params.max_block_bytes,
-            exclude=self._flying,
+            exclude=self.mempool.in_flight,
             next_nonce=lambda sender: next_nonce(parent.state, sender),
         )
         if not txs:
@@ -337,8 +325,7 @@ class LedgerReplica:
         """A new view voids every uncommitted proposal; their transactions
         are pending again (still in the mempool, which only commits remove)."""
         self._spec.clear()
-        self._flying.clear()
-        self._flying_version += 1
+        self.mempool.release()
 
     # -- committing -------------------------------------------------------------
 

@@ -33,6 +33,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def pbft_status(replica) -> dict:
+    """Where PBFT stands: executed, watermarks, and the phase of each
+    unexecuted slot of the current view (what a stalled node waits for)."""
+    slots = {
+        str(seq): int(slot.phase)
+        for (view, seq), slot in sorted(replica.log.items())
+        if view == replica.view and seq > replica.executed
+    }
+    return {
+        "executed": replica.executed,
+        "low": replica.low,
+        "next_seq": replica.next_seq,
+        "mode": int(replica.mode),
+        "slots": slots,
+        "parked": sorted(replica.parked),
+    }
+
+
 async def serve(home, args: argparse.Namespace) -> None:
     import json
     import signal
@@ -76,6 +94,14 @@ async def serve(home, args: argparse.Namespace) -> None:
                                 "height": store.tip(),
                                 "view": ledger.replica.view,
                                 "mempool": len(ledger.mempool),
+                                "refused": dict(ledger.replica.refused),
+                                "pbft": pbft_status(ledger.replica),
+                                "node": {
+                                    k: v
+                                    for k, v in running.node.counters.items()
+                                    if not k.startswith("accepted")
+                                },
+                                "transport": running.transport.stats(),
                             }
                             print(json.dumps(line), file=sys.stderr, flush=True)
 
