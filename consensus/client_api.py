@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, PeerId
 from fedchain.p2p.wire import pack_body, unpack_body
@@ -245,8 +246,7 @@ def _decode_state_proof(value: object) -> StateProof:
     return StateProof(buckets, top_root, _path(top_path), size, bucket_root, tuple(leaves))
 
 
-@dataclass(frozen=True, slots=True)
-class QueryAnswer:
+class QueryAnswer(NamedTuple):
     """``key`` holds ``value`` (None: absent) in the state after the block
     with ``header``, proved against its state root."""
 

@@ -103,7 +103,7 @@ async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) 
                 assert len({n.ledger.store.get(h).block_hash for n in nodes.values()}) == 1
 
             # A lie does not pass: a changed value, result or validator set.
-            assert not replace(answer, value=8).verify(CHAIN, keys)
+            assert not answer._replace(value=8).verify(CHAIN, keys)
             bad = replace(proofs[3], index=(proofs[3].index + 1) % proofs[3].size)
             assert not bad.verify(txs[3].encoded, CHAIN, keys)
             # A client that trusts another set (only two of these) refuses the answer.
