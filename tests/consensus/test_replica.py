@@ -41,6 +41,9 @@ def _run_cluster(
     duration: float = 5.0,
     cut_off: tuple[int, float] | None = None,
     restart: tuple[int, float, float] | None = None,
+    loss: float = 0.0,
+    partition: tuple[float, float] | None = None,
+    probes: dict[float, list[int]] | None = None,
 ):
     rng = np.random.Generator(np.random.PCG64(seed))
     identities = [Identity(rng.bytes(32)) for _ in range(4)]
@@ -57,7 +60,7 @@ def _run_cluster(
         for c in clients
         for n in range(PER_CLIENT)
     ]
-    net = SimNetwork(seed, LinkModel(latency=Constant(0.01)))
+    net = SimNetwork(seed, LinkModel(latency=Constant(0.01), loss=loss))
     transports = [net.add_node(peer) for peer in ids]
     frames = FrameCache()
     ledgers: list[LedgerReplica] = []
@@ -104,9 +107,15 @@ def _run_cluster(
             targets = [i for i in range(4) if i not in crashed and i not in away]
 
             # Each client sends its transactions, in nonce order, to one
-            # live validator, 10 ms apart: a steady stream over 2 s.
+            # live validator, 10 ms apart: a steady stream over 2 s. On lossy
+            # or partitioned links clients multicast (as PBFT's clients may),
+            # since a lost forward is not repeated.
             def submit(k: int) -> None:
-                services[targets[(k // PER_CLIENT) % len(targets)]].submit(txs[k])
+                if loss or partition:
+                    for index in targets:
+                        services[index].submit(txs[k])
+                else:
+                    services[targets[(k // PER_CLIENT) % len(targets)]].submit(txs[k])
 
             for k in range(len(txs)):
                 at = (k % PER_CLIENT) * 0.1 + (k // PER_CLIENT) * 0.01
@@ -128,6 +137,12 @@ def _run_cluster(
                 index, down_at, up_at = restart
                 net.schedule(down_at, lambda: crash(index))
                 net.schedule(up_at, lambda: reboot(index))
+            for at, tips in (probes or {}).items():  # every store's tip at ``at``
+                net.schedule(at, lambda tips=tips: tips.extend(x.store.tip() for x in ledgers))
+            if partition is not None:  # {0, 1} | {2, 3}: no quorum either side
+                start, end = partition
+                net.schedule(start, lambda: net.partition([ids[:2], ids[2:]]))
+                net.schedule(end, net.heal)
             if cut_off is not None:  # frames to and from it vanish, then flow again
                 index, until = cut_off
                 net.crash(ids[index])
@@ -228,3 +243,20 @@ def test_replay_refuses_a_stored_block_without_a_quorum() -> None:
     with pytest.raises(InvalidCertificate, match="stored block 1"):
         replay_store(executor, store)
     assert store.tip() == 1, "replay never writes"
+
+
+def test_a_two_two_partition_stalls_safely_and_heals() -> None:
+    """Neither half has a quorum from 0.5 s to 2.5 s: nothing commits on
+    either side, nothing diverges, and after healing everything commits."""
+    probes: dict[float, list[int]] = {0.7: [], 2.4: []}
+    genesis, txs, live, wall = _run_cluster(
+        crashed=set(), partition=(0.5, 2.5), duration=12.0, probes=probes
+    )
+    _check(genesis, txs, live, wall)
+    assert probes[0.7] == probes[2.4], "something committed without a quorum"
+    assert max(probes[2.4]) < live[0].store.tip()
+
+
+def test_ten_percent_message_loss_commits_everything_everywhere() -> None:
+    genesis, txs, live, wall = _run_cluster(crashed=set(), loss=0.1, duration=12.0)
+    _check(genesis, txs, live, wall)
