@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import msgpack
@@ -179,10 +179,18 @@ def decode_header(fields: object) -> BlockHeader:
 
 
 def decode_block(
-    data: bytes, *, max_bytes: int = MAX_BLOCK_BYTES, max_tx_bytes: int = MAX_TX_BYTES
+    data: bytes,
+    *,
+    max_bytes: int = MAX_BLOCK_BYTES,
+    max_tx_bytes: int = MAX_TX_BYTES,
+    known: Callable[[bytes], Transaction | None] | None = None,
 ) -> Block:
     """Parse one block strictly (shape and canonical form only) or raise
-    MalformedMessage. Signatures, roots and the certificate are not checked."""
+    MalformedMessage. Signatures, roots and the certificate are not checked.
+
+    ``known`` maps a transaction's exact bytes to one already decoded (the
+    mempool's :meth:`~.mempool.Mempool.known`): a replica then decodes only
+    the transactions it has not seen, not a whole block of them again."""
     if type(data) is not bytes:
         if not isinstance(data, bytearray | memoryview):
             raise MalformedMessage(f"a block is bytes, not {type(data).__name__}")
@@ -200,7 +208,15 @@ def decode_block(
         raise MalformedMessage("transactions and results are arrays")
     if len(raw_txs) != len(raw_results):
         raise MalformedMessage("one result per transaction")
-    txs = tuple(decode_transaction(t, max_bytes=max_tx_bytes) for t in raw_txs)
+    if known is None:
+        txs = tuple(decode_transaction(t, max_bytes=max_tx_bytes) for t in raw_txs)
+    else:
+        txs = tuple(
+            known(t) or decode_transaction(t, max_bytes=max_tx_bytes)
+            if type(t) is bytes
+            else decode_transaction(t, max_bytes=max_tx_bytes)
+            for t in raw_txs
+        )
     results = []
     for r in raw_results:
         if (

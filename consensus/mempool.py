@@ -62,6 +62,7 @@ class Mempool:
         self._nonces: dict[tuple[PeerId, int], bytes] = {}
         self._committed: OrderedDict[bytes, None] = OrderedDict()
         self._bytes = 0
+        self._by_encoding: dict[bytes, Transaction] = {}
         self._in_flight: set[bytes] = set()
         self._in_flight_here = 0
         """How many of ``_in_flight`` this pool holds, kept as both change."""
@@ -75,6 +76,11 @@ class Mempool:
 
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._txs
+
+    def known(self, encoded: bytes) -> Transaction | None:
+        """The held transaction with exactly these bytes (``decode_block``'s
+        ``known``: a proposal's transactions are mostly here already)."""
+        return self._by_encoding.get(encoded)
 
     def get(self, digest: bytes) -> Transaction | None:
         return self._txs.get(digest)
@@ -103,6 +109,7 @@ class Mempool:
         if not ok:
             raise InvalidSignature(f"transaction {digest.hex()[:16]} has a bad signature")
         self._txs[digest] = tx
+        self._by_encoding[tx.encoded] = tx
         if digest in self._in_flight:
             self._in_flight_here += 1
         self._nonces[(tx.sender, tx.nonce)] = digest
@@ -230,6 +237,7 @@ class Mempool:
             tx = self._txs.pop(digest, None)
             if tx is None:
                 continue
+            del self._by_encoding[tx.encoded]
             if digest in self._in_flight:
                 self._in_flight_here -= 1
             self._bytes -= len(tx.encoded)

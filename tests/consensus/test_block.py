@@ -174,3 +174,12 @@ def test_property_single_byte_changes_are_refused_or_change_the_block(data: st.D
     except MalformedMessage:
         return
     assert block != original  # canonical: other bytes, other block
+
+
+def test_known_transactions_are_reused_and_the_rest_decoded() -> None:
+    block = sample(4)
+    held = {tx.encoded: tx for tx in block.txs[:2]}
+    again = decode_block(encode_block(block), known=held.get)
+    assert again == block
+    assert again.txs[0] is block.txs[0] and again.txs[1] is block.txs[1]
+    assert again.txs[2] is not block.txs[2]  # decoded afresh
