@@ -6,8 +6,10 @@ a replica re-executes the proposal on its own copy of the parent state and
 accepts it only if it gets the same roots; a follower, or ``fedchain chain
 verify``, does the same for every block from the genesis, after checking
 each block's commit certificate against the validator set in force at its
-height. Because all three run the same :meth:`Executor.validate_block`, a
-chain that verifies is exactly a chain the replicas would have built.
+height (votes of validator epoch e sign ``contracts.epoch_chain_id(chain,
+e)``, so a chain across set changes verifies from its bytes alone). Because
+all three run the same :meth:`Executor.validate_block`, a chain that
+verifies is exactly a chain the replicas would have built.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from .contracts import (
     BlockContext,
     ContractRegistry,
     default_registry,
+    epoch_chain_id,
     execute_transactions,
+    validator_epoch,
     validators_of,
 )
 from .errors import ConsensusError, InvalidBlock, InvalidCertificate, MalformedMessage
@@ -59,6 +63,11 @@ class ChainTip:
     def validators(self) -> list[PeerId]:
         """The set that votes on the next block."""
         return validators_of(self.state)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of that set: how many changes the set has had."""
+        return validator_epoch(self.state)
 
 
 class Executor:
@@ -199,9 +208,15 @@ class Executor:
     def _verify(self, tx: Transaction) -> bool:
         return tx.verify(self.chain_id)
 
+    def vote_chain_id(self, tip: ChainTip) -> str:
+        """The chain id the votes on the block after ``tip`` sign: that of
+        the validator epoch in force after ``tip`` (:func:`~.contracts.epoch_chain_id`)."""
+        return epoch_chain_id(self.chain_id, tip.epoch)
+
     def check_certificate(self, tip: ChainTip, block: Block) -> None:
         """Raise InvalidCertificate unless a quorum of the validators in
-        force after ``tip`` signed this block's height and hash."""
+        force after ``tip`` signed this block's height and hash, with the
+        chain id of their epoch (so votes of a retired set never count)."""
         cert = block.certificate
         if cert is None:
             raise InvalidCertificate("the block has no commit certificate")
@@ -209,7 +224,7 @@ class Executor:
             raise InvalidCertificate("the certificate is for another block")
         if block.is_null and cert.view != block.header.view:
             raise InvalidCertificate("a null block's certificate is from another view")
-        if not cert.is_valid(self.chain_id, tip.validators):
+        if not cert.is_valid(self.vote_chain_id(tip), tip.validators):
             raise InvalidCertificate("the certificate lacks a quorum of validator signatures")
 
     def apply_final(self, tip: ChainTip, block: Block) -> ChainTip:

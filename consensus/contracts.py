@@ -51,6 +51,7 @@ __all__ = [
     "TxResult",
     "ValidatorsContract",
     "default_registry",
+    "epoch_chain_id",
     "execute_transactions",
     "kv_delete",
     "kv_key",
@@ -284,6 +285,20 @@ def validator_epoch(state: State) -> int:
     return 0 if record is None else record[0]  # type: ignore[index]
 
 
+def epoch_chain_id(chain_id: str, epoch: int) -> str:
+    """The chain id that consensus votes and PBFT messages of validator
+    ``epoch`` sign: ``chain_id`` itself for the genesis set (epoch 0, so
+    chains and votes from before epochs existed stay valid), else
+    ``"<chain_id>#<epoch>"``. Votes of two epochs then never verify for
+    each other, so a certificate can never pool them, and a message a
+    retired set signs means nothing to its successor. Transactions, and the
+    approvals of a change (:func:`validator_change_bytes`), keep signing the
+    plain chain id."""
+    if type(epoch) is not int or epoch < 0:
+        raise ValueError("an epoch is a non-negative integer")
+    return chain_id if epoch == 0 else f"{chain_id}#{epoch}"
+
+
 def validator_change_bytes(chain_id: str, epoch: int, validators: Sequence[PeerId]) -> bytes:
     """What a validator signs to approve replacing the set of ``epoch``."""
     return _CHANGE_DOMAIN + encode_value([chain_id, epoch, sorted(validators)])
@@ -314,7 +329,8 @@ class ValidatorsContract:
     can take it over. The epoch in the signed bytes makes approvals single
     use. Anyone may submit the transaction. The new set applies from the
     next height: the certificate of block h is checked against the set in
-    the state after block h - 1.
+    the state after block h - 1, and its votes sign the chain id of that
+    set's epoch (:func:`epoch_chain_id`).
     """
 
     max_validators = 1024

@@ -1,4 +1,5 @@
-"""The ledger replica: the pure PBFT :class:`~.pbft.Replica` run on a node.
+"""The ledger replica: the pure PBFT :class:`~.pbft.Replica` run on a node
+(or, outside the current validator set, a follower of the chain).
 
 :mod:`.pbft` orders opaque payloads and does no I/O; this module is the
 reactor around it (CometBFT's split of state machine and reactor). It
@@ -26,30 +27,73 @@ at 5% loss: everything commits, but in view 5 or 6). Closing it needs a
 "not yet" answer in the Application protocol, or PBFT holding a
 PRE-PREPARE until its predecessor is pre-prepared.
 
+Validator epochs. The validator set lives on chain: a committed
+``validators`` transaction starts a new epoch at the next height (the
+certificate of block h is checked against the set in the state after
+h - 1), and votes and PBFT messages of epoch e sign
+``contracts.epoch_chain_id(chain, e)``, so those of two epochs never mix.
+Every honest node commits the same block h, so every one switches right
+after it: the rest of the old replica's actions from that step are dropped
+(a later ``Committed`` of the old set could not verify), its timers
+cancelled (a timer's callback also checks that its replica is still the
+current one) and its speculative proposals abandoned, their transactions
+pending again. A node in the new set then starts a fresh PBFT
+:class:`~.pbft.Replica` for it, with the epoch's chain id, ``executed=h``
+and the chained state digest (as :func:`replay_store` computes it, chained
+across epochs); a node not in it becomes a follower. Blocks fetched past
+the change go on to the new role. A restart lands in the epoch and role of
+its stored tip.
+
+Following. A follower (a node outside the current set) asks a validator of
+the epoch (rotating) every ``follow_interval`` for the blocks above its tip
+(BLOCK_SYNC, as state transfer does), again at once after an answer that
+brought blocks, and appends each block only if ``apply_final`` accepts it:
+a certificate of the epoch's set with the epoch's chain id, valid
+execution. A refused block ends the batch and is counted
+(``follow.refused.<reason>``), a malformed answer is dropped by the node
+(``rejected.malformed_consensus``); nothing a peer sends raises. It serves
+BLOCK_SYNC from its store like a validator, its service answers queries
+and waits from the stored blocks and forwards submissions to the
+validators, and it becomes a validator when a later epoch includes it.
+CONSENSUS frames reaching a follower are counted
+(``consensus.not_validator``) and dropped. A validator polls too, every
+four intervals, but only while PBFT is stalled (no block since the last
+poll, and changing views or holding work): should the quorum that
+committed a change block move on to the new epoch before this replica saw
+enough COMMITs, the old epoch's own state transfer would never start.
+
 Known gaps (documented, not hidden):
 
 * A proposal for the seq right after a null request has no speculative
   parent until the null commits (the suspicion above). Null heights
   themselves are ordinary certified blocks (``block`` module docstring).
-
-Restart. A replica built on a store that already holds blocks replays them
-through the executor (:func:`replay_store`: certificates and execution
-checked again) and resumes PBFT at its stored height with the chained state
-digest recomputed from the stored blocks; whatever it missed meanwhile it
-fetches by state transfer. The PBFT log itself (view, prepared
-certificates) is not persisted (``consensus/SPEC.md``).
-
 * Transactions reach the other validators by one forward from the
   validator the client chose (:class:`~.service.LedgerService`, batched),
   sent once: a forward lost (or sent while that validator was cut off) is
   never repeated, and a transaction only a backup holds keeps its view
-  timer running.
+  timer running. A validator that joins in a new epoch never got the
+  forwards sent before it joined: if it is the new epoch's primary, those
+  transactions wait for a view change.
+* The stalled validator's poll above is a fallback that no test forces
+  (the tests' change blocks reach every validator by PBFT).
+* A follower checks blocks, not peers: it takes BLOCK_SYNC answers from
+  anyone (unsolicited ones included) and asks only the current epoch's
+  validators, so one far behind relies on retired validators still
+  serving their stores (they follow and serve).
+
+Restart. A replica built on a store that already holds blocks replays them
+through the executor (:func:`replay_store`: certificates and execution
+checked again) and resumes at its stored height, in that height's epoch
+and role, with the chained state digest recomputed from the stored blocks;
+whatever it missed meanwhile it fetches by state transfer (or follows).
+The PBFT log itself (view, prepared certificates) is not persisted
+(``consensus/SPEC.md``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import msgpack
 
@@ -59,7 +103,7 @@ from fedchain.p2p.wire import Envelope, MessageType, unpack_body
 
 from .block import Block, decode_block, encode_block
 from .chain import ChainTip, Executor
-from .contracts import next_nonce
+from .contracts import epoch_chain_id, next_nonce
 from .errors import (
     ConsensusError,
     InvalidBlock,
@@ -74,6 +118,7 @@ from .pbft import (
     Committed,
     Event,
     FetchBlocks,
+    Mode,
     PbftConfig,
     Receive,
     Replica,
@@ -109,9 +154,10 @@ def replay_store(executor: Executor, store: BlockStore) -> tuple[ChainTip, bytes
     """Re-verify a replica's stored chain: its tip and PBFT's chained state
     digest after it (what a restarted replica resumes from).
 
-    Every block's certificate and execution is checked again, as ``fedchain
-    chain verify`` would: the store's checksums catch a torn page, not a
-    chain that was wrong when written. A block that fails raises
+    Every block's certificate (against the set, and with the chain id, of
+    its epoch) and execution is checked again, as ``fedchain chain verify``
+    would: the store's checksums catch a torn page, not a chain that was
+    wrong when written. The digest chains across validator epochs. A block that fails raises
     :class:`~.errors.ConsensusError` naming its height.
     """
     tip = ChainTip.of_genesis(executor.genesis)
@@ -130,12 +176,14 @@ def replay_store(executor: Executor, store: BlockStore) -> tuple[ChainTip, bytes
 
 
 class LedgerReplica:
-    """One validator's ledger: PBFT on ``node``, blocks in ``store``.
+    """One node's ledger: PBFT on ``node`` while it is a validator of the
+    current epoch, a follower otherwise; blocks in ``store``.
 
     ``executor`` must be for the genesis whose validators run PBFT;
     ``timestamp_ms`` gives proposal timestamps (a simulation passes its
-    virtual clock so runs are reproducible). Call :meth:`start` once the
-    node is running.
+    virtual clock so runs are reproducible); ``follow_interval`` is how
+    often a follower asks for blocks (default: PBFT's retransmission
+    interval). Call :meth:`start` once the node is running.
     """
 
     def __init__(
@@ -147,6 +195,7 @@ class LedgerReplica:
         config: PbftConfig | None = None,
         *,
         timestamp_ms: Callable[[], int] = _wall_ms,
+        follow_interval: float | None = None,
     ) -> None:
         genesis = executor.genesis
         # Height 0 holds the genesis itself (as ``fedchain chain`` stores it).
@@ -161,33 +210,104 @@ class LedgerReplica:
         self.mempool = mempool
         self.timestamp_ms = timestamp_ms
         self.params = genesis.params
-        self.tip, pbft_state = replay_store(executor, store)
-        self.validators: tuple[PeerId, ...] = tuple(self.tip.validators)
-        self.replica = Replica(
-            node.identity,
-            self.validators,
-            genesis.chain_id,
-            self,
-            config,
-            executed=self.tip.height,
-            state=pbft_state,
+        self.config = config or PbftConfig()
+        self.follow_interval = (
+            follow_interval if follow_interval is not None else self.config.retransmit_interval
         )
+        self.tip, self.pbft_state = replay_store(executor, store)
+        """The last final block's tip, and PBFT's chained state digest after it."""
+        self.epoch = -1
+        self.validators: tuple[PeerId, ...] = ()
+        """The validator set of the current epoch (whom PBFT and forwards address)."""
+        self.replica: Replica | None = None
+        """This epoch's PBFT replica; None while this node is a follower."""
         self._spec: dict[int, tuple[Block, ChainTip]] = {}
         """Uncommitted proposals built or validated, by seq, with the tip after each."""
         self._timers: dict[str, Timer] = {}
+        self._poll_timer: Timer | None = None
+        self._poll_round = 0
+        self._stalled_at = -1
+        self._started = False
+        self.epoch_changes = 0
+        """Epoch switches this process made (restarts land in an epoch without one)."""
         self.null_blocks = 0
         self.suspects: dict[str, int] = {}
+        self._enter_epoch()
         node.register(MessageType.CONSENSUS, self._on_consensus)
         node.register(MessageType.BLOCK_SYNC, self._on_sync)
         self.on_commit: list[Callable[[Block], None]] = []
         """Called with each certified block once it is stored."""
+        self.on_epoch: list[Callable[[int, Sequence[PeerId]], None]] = []
+        """Called with the new epoch and its set after each switch."""
 
     @property
     def me(self) -> PeerId:
         return self.node.id
 
+    @property
+    def is_validator(self) -> bool:
+        """Whether this node runs PBFT in the current epoch (else it follows)."""
+        return self.replica is not None
+
+    @property
+    def chain_id(self) -> str:
+        """The chain id of this epoch's votes and PBFT messages."""
+        return epoch_chain_id(self.executor.chain_id, self.epoch)
+
     def start(self) -> None:
-        self._run(self.replica.start())
+        self._started = True
+        self._start_role()
+
+    # -- epochs -------------------------------------------------------------------
+
+    def _enter_epoch(self) -> None:
+        """Take the set in force after the tip: a PBFT replica for it, with
+        the epoch's chain id, resuming at the tip, if this node is in it."""
+        self.epoch = self.tip.epoch
+        self.validators = tuple(self.tip.validators)
+        if self.me in self.validators:
+            self.replica = Replica(
+                self.node.identity,
+                self.validators,
+                self.chain_id,
+                self,
+                self.config,
+                executed=self.tip.height,
+                state=self.pbft_state,
+            )
+        else:
+            self.replica = None
+
+    def _start_role(self) -> None:
+        # Followers ask for blocks every interval; validators only when stalled.
+        interval = self.follow_interval if self.replica is None else 4 * self.follow_interval
+        self._poll_timer = self.node.call_every(interval, self._poll)
+        if self.replica is not None:
+            self._run(self.replica.start())
+            if self.replica is not None and self.pending() > 0:
+                self._step(RequestsPending(self.pending()))
+        else:
+            self._poll()
+
+    def _switch_epoch(self) -> None:
+        """The tip's state has a new validator epoch: retire this epoch's
+        PBFT (timers cancelled, speculative proposals void, their
+        transactions pending again) and take the new role."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+        self.abandon()
+        self.replica = None
+        self._enter_epoch()
+        self.epoch_changes += 1
+        self.node.counters["epoch.switches"] += 1
+        for listener in self.on_epoch:
+            listener(self.epoch, self.validators)
+        if self._started:
+            self._start_role()
 
     # -- what the client service uses -----------------------------------------
 
@@ -218,13 +338,21 @@ class LedgerReplica:
     # -- the reactor ------------------------------------------------------------
 
     def _on_consensus(self, peer: PeerId, envelope: Envelope) -> None:
+        if self.replica is None:
+            self.node.counters["consensus.not_validator"] += 1
+            return
         # MalformedMessage is a MalformedBody: the node counts and drops it.
         self._step(Receive(envelope.sender, decode_message(envelope.body)))
 
     def _step(self, event: Event) -> None:
-        self._run(self.replica.step(event))
+        if self.replica is not None:
+            self._run(self.replica.step(event))
 
     def _run(self, actions: list[Action]) -> None:
+        """Carry out one step's actions. A committed block that starts a new
+        validator epoch ends the step: the old set's remaining actions
+        (sends, timers, any later Committed, which could not verify under
+        the new set) are dropped and the new role begins."""
         committed = False
         for action in actions:
             if isinstance(action, Send):
@@ -238,13 +366,17 @@ class LedgerReplica:
             elif isinstance(action, Committed):
                 self._commit(action)
                 committed = True
+                if self.tip.epoch != self.epoch:
+                    self._switch_epoch()
+                    return
             elif isinstance(action, FetchBlocks):
                 self._fetch(action)
             elif isinstance(action, Suspect):
                 self.suspects[action.reason] = self.suspects.get(action.reason, 0) + 1
         # The replica proposes only when poked; after a commit freed window
         # room, leftover transactions need a poke (a new step, not nested).
-        if committed and self.replica.is_primary and self.pending() > 0:
+        replica = self.replica
+        if committed and replica is not None and replica.is_primary and self.pending() > 0:
             self._step(RequestsPending(self.pending()))
 
     def _send(self, action: Send) -> None:
@@ -259,8 +391,15 @@ class LedgerReplica:
         if old is not None:
             old.cancel()
         event = TimerFired(action.name, action.token)
-        # A stale token is harmless: the replica ignores it, as in the harness.
-        self._timers[action.name] = self.node.call_later(action.delay, lambda: self._step(event))
+        replica = self.replica
+
+        def fire() -> None:
+            # A stale token is harmless (the replica ignores it, as in the
+            # harness), but a token of a retired epoch's replica is not.
+            if self.replica is replica:
+                self._step(event)
+
+        self._timers[action.name] = self.node.call_later(action.delay, fire)
 
     # -- the Application PBFT calls ---------------------------------------------
 
@@ -298,7 +437,11 @@ class LedgerReplica:
         if not txs:
             return None
         block, state = self.executor.build_block(
-            parent, txs, timestamp=self.timestamp_ms(), view=self.replica.view, proposer=self.me
+            parent,
+            txs,
+            timestamp=self.timestamp_ms(),
+            view=self.replica.view if self.replica is not None else 0,
+            proposer=self.me,
         )
         self._speculate(seq, block, ChainTip(seq, block.hash, block.header.timestamp, state))
         return encode_block(block), block.hash
@@ -331,36 +474,83 @@ class LedgerReplica:
 
     def _commit(self, done: Committed) -> None:
         if done.digest == NULL_DIGEST:
-            self._commit_null(done)
-            return
-        entry = self._spec.get(done.seq)
-        if entry is not None and entry[0].hash == done.digest:
-            block = entry[0]
-        else:  # PBFT validated it, so this cannot fail short of a bug
-            block = decode_block(done.payload, max_bytes=self.params.max_block_bytes + 1024 * 1024)
+            # A null request's canonical block, certified like any other.
+            self.null_blocks += 1
+            block = self.executor.null_block(self.tip, done.certificate.view)
+        else:
+            entry = self._spec.get(done.seq)
+            if entry is not None and entry[0].hash == done.digest:
+                block = entry[0]
+            else:  # PBFT validated it, so this cannot fail short of a bug
+                block = decode_block(
+                    done.payload, max_bytes=self.params.max_block_bytes + 1024 * 1024
+                )
         certified = block.with_certificate(done.certificate)
         # apply_final re-checks certificate and block; the executor's block
         # cache makes the re-execution a lookup. A failure here means this
         # replica's state diverged from a quorum's: a bug, so it raises.
-        self.tip = self.executor.apply_final(self.tip, certified)
-        self.store.append(StoredBlock(done.seq, block.hash, encode_block(certified)))
-        self.mempool.remove_committed(tx.digest for tx in block.txs)
-        if done.seq in self._spec:
-            self._forget(done.seq)
+        self._append(certified, self.executor.apply_final(self.tip, certified))
+
+    def _append(self, certified: Block, tip: ChainTip) -> None:
+        """Store a final block (``tip`` is the tip after it) and tell the listeners."""
+        self.tip = tip
+        self.store.append(StoredBlock(tip.height, certified.hash, encode_block(certified)))
+        self.pbft_state = advance_state(self.pbft_state, tip.height, certified.certified_digest)
+        if certified.txs:
+            self.mempool.remove_committed(tx.digest for tx in certified.txs)
+        if tip.height in self._spec:
+            self._forget(tip.height)
         for listener in self.on_commit:
             listener(certified)
 
-    def _commit_null(self, done: Committed) -> None:
-        """A null request's canonical block, certified like any other."""
-        self.null_blocks += 1
-        block = self.executor.null_block(self.tip, done.certificate.view)
-        certified = block.with_certificate(done.certificate)
-        self.tip = self.executor.apply_final(self.tip, certified)
-        self.store.append(StoredBlock(done.seq, block.hash, encode_block(certified)))
-        if done.seq in self._spec:
-            self._forget(done.seq)
-        for listener in self.on_commit:
-            listener(certified)
+    # -- following --------------------------------------------------------------
+
+    def _poll(self) -> None:
+        """Ask a validator of the epoch for the blocks above the tip: always
+        as a follower; as a validator only when PBFT has not executed since
+        the last poll and is changing views or has work (the quorum that
+        committed a block may have moved on to a new epoch whose messages
+        this replica cannot verify, so PBFT's own transfer might never start)."""
+        replica = self.replica
+        if replica is not None:
+            stalled = self.tip.height == self._stalled_at
+            self._stalled_at = self.tip.height
+            busy = replica.mode is not Mode.NORMAL or self.pending() > 0 or self._spec
+            if not stalled or not busy:
+                return
+        peers = [v for v in self.validators if v != self.me]
+        if not peers:
+            return
+        peer = peers[self._poll_round % len(peers)]
+        self._poll_round += 1
+        height = self.tip.height
+        body = msgpack.packb([_SYNC_REQUEST, height + 1, height + MAX_SYNC_BLOCKS])
+        self.node.send(peer, MessageType.BLOCK_SYNC, body)
+
+    def _follow(self, blocks: list[Block]) -> None:
+        """A follower appends each next block that ``apply_final`` accepts
+        (a certificate of the epoch's set, valid execution); the first one
+        refused ends the batch (counted, never raised)."""
+        appended = 0
+        for block in blocks:
+            if block.height <= self.tip.height:
+                continue
+            if block.height != self.tip.height + 1:
+                self.node.counters["follow.gap"] += 1
+                break
+            try:
+                tip = self.executor.apply_final(self.tip, block)
+            except (ConsensusError, MalformedMessage, ValueError) as exc:
+                reason = getattr(exc, "reason", type(exc).__name__)
+                self.node.counters[f"follow.refused.{reason}"] += 1
+                break
+            self._append(block, tip)
+            appended += 1
+        self.node.counters["follow.blocks"] += appended
+        if self.tip.epoch != self.epoch:
+            self._switch_epoch()
+        elif appended and self.replica is None:
+            self._poll()  # there may be more: ask again at once
 
     # -- state transfer (BLOCK_SYNC) --------------------------------------------
 
@@ -399,9 +589,11 @@ class LedgerReplica:
             self.node.send(peer, MessageType.BLOCK_SYNC, msgpack.packb([_SYNC_BLOCKS, out]))
 
     def _on_blocks(self, items: list[object]) -> None:
-        """Hand certified blocks to PBFT, which checks each certificate and
-        calls ``validate`` before it commits them (a null block travels as
-        PBFT's null request: NULL_DIGEST and an empty payload)."""
+        """Certified blocks: a validator hands them to PBFT, which checks
+        each certificate and calls ``validate`` before it commits them (a
+        null block travels as PBFT's null request: NULL_DIGEST and an empty
+        payload); a follower checks and appends them itself. Blocks past an
+        epoch change go to the next epoch's role."""
         blocks = []
         for data in items:
             if type(data) is not bytes:
@@ -411,14 +603,28 @@ class LedgerReplica:
                 max_bytes=self.params.max_block_bytes + 1024 * 1024,
                 max_tx_bytes=self.params.max_tx_bytes,
             )
-            cert = block.certificate
-            if cert is None:
+            if block.certificate is None:
                 raise MalformedMessage("a synced block carries its commit certificate")
-            if block.is_null:
-                blocks.append((block.height, NULL_DIGEST, b"", cert))
-            else:
-                bare = Block(block.header, block.txs, block.results)
-                blocks.append((block.height, block.hash, encode_block(bare), cert))
-        if blocks:
-            self.node.counters["sync.blocks_received"] += len(blocks)
-            self._step(BlocksFetched(tuple(blocks)))
+            blocks.append(block)
+        if not blocks:
+            return
+        self.node.counters["sync.blocks_received"] += len(blocks)
+        blocks.sort(key=lambda b: b.height)
+        while blocks:
+            replica = self.replica
+            if replica is None:
+                self._follow(blocks)
+                return
+            entries = []
+            for block in blocks:
+                cert = block.certificate
+                assert cert is not None
+                if block.is_null:
+                    entries.append((block.height, NULL_DIGEST, b"", cert))
+                else:
+                    bare = Block(block.header, block.txs, block.results)
+                    entries.append((block.height, block.hash, encode_block(bare), cert))
+            self._step(BlocksFetched(tuple(entries)))
+            if self.replica is replica:
+                return
+            blocks = [b for b in blocks if b.height > self.tip.height]

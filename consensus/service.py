@@ -13,6 +13,10 @@ Why these choices:
   whichever comes first): one signed envelope per batch instead of one per
   transaction, since a signature check per envelope costs as much as the
   transaction's own.
+- Forwards go to the validators of the ledger's current epoch (it follows
+  validator set changes), so a follower's service admits submissions and
+  forwards them likewise; queries and waits are answered from the stored
+  blocks whatever the node's role.
 - Back-pressure is explicit: a full mempool answers BUSY per transaction,
   and the number of waiters and subscribers is bounded (ERROR "busy").
 - Which transaction committed where is kept for the last ``index_size``

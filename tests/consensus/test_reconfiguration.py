@@ -1,0 +1,323 @@
+"""Validator set changes (epochs) end to end: four genesis validators and one
+extra node, following from the start, on a SimNetwork in virtual time. A
+``validators`` transaction approved by a quorum replaces one validator with
+the extra node under a steady stream of kv transactions; the set of epoch 1
+certifies every later block (votes sign the epoch's chain id), the removed
+validator follows, the newcomer votes, and every store verifies from the
+genesis (``consensus/SPEC.md``, "Validator set changes")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from fedchain.consensus.block import Block, decode_block, encode_block
+from fedchain.consensus.chain import ChainTip, Executor, verify_chain
+from fedchain.consensus.contracts import (
+    TxResult,
+    epoch_chain_id,
+    kv_set,
+    sign_validator_change,
+    validator_change_content,
+)
+from fedchain.consensus.genesis import Genesis
+from fedchain.consensus.mempool import Mempool
+from fedchain.consensus.pbft import PbftConfig
+from fedchain.consensus.replica import LedgerReplica
+from fedchain.consensus.service import LedgerService
+from fedchain.consensus.store import MemoryBlockStore
+from fedchain.consensus.tx import SignatureCache, Transaction, sign_transaction
+from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
+from fedchain.p2p.identity import Identity
+from fedchain.p2p.node import Node
+from fedchain.p2p.simnet import Constant, LinkModel, SimNetwork
+from fedchain.p2p.wire import FrameCache, MessageType
+
+CHAIN = "reconfig-test"
+CLIENTS = 8
+PER_CLIENT = 20
+OUT = 3
+"""The genesis validator (index in key order) the change removes."""
+EXTRA = 4
+"""The index of the node that follows from the start and joins the set."""
+CHANGE_AT = 0.8
+
+
+def _certify(block: Block, signers: list[Identity], chain_id: str) -> Block:
+    votes = [
+        (s.public_key, sign_commit_vote(s, chain_id, block.height, block.hash, view=0))
+        for s in signers
+    ]
+    return block.with_certificate(CommitCertificate.of(block.height, block.hash, votes, view=0))
+
+
+def _run(*, seed: int = 11, duration: float = 5.0, restarts=(), forge: bool = False):
+    """Run the cluster; ``restarts`` are (index, down_at, up_at) crashes
+    followed by a new process on the same store."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    identities = sorted((Identity(rng.bytes(32)) for _ in range(4)), key=lambda i: i.public_key)
+    identities.append(Identity(rng.bytes(32)))
+    ids = [i.public_key for i in identities]
+    genesis = Genesis.create(CHAIN, 1_000, ids[:4])
+    new_set = sorted([ids[i] for i in range(4) if i != OUT] + [ids[EXTRA]])
+    # Approved by a quorum (3 of 4) of the current set, the leaving one included.
+    approvals = [
+        (ids[i], sign_validator_change(identities[i], CHAIN, 0, new_set)) for i in (0, 1, 3)
+    ]
+    admin = Identity(rng.bytes(32))
+    change = sign_transaction(
+        admin,
+        CHAIN,
+        type="validators",
+        content=validator_change_content(new_set, approvals),
+        nonce=0,
+        timestamp=0,
+    )
+    clients = [Identity(rng.bytes(32)) for _ in range(CLIENTS)]
+    txs = [
+        sign_transaction(c, CHAIN, type="kv", content=kv_set(f"k{n}", n), nonce=n, timestamp=0)
+        for c in clients
+        for n in range(PER_CLIENT)
+    ]
+    signatures = SignatureCache(CHAIN)
+    net = SimNetwork(seed, LinkModel(latency=Constant(0.01)))
+    transports = [net.add_node(peer) for peer in ids]
+    forger = Identity(rng.bytes(32))
+    frames = FrameCache()
+    ledgers: list[LedgerReplica] = []
+    services: dict[int, LedgerService] = {}
+    config = PbftConfig(batch_size=64, batch_timeout=0.02)
+    seen: dict[str, object] = {"restarted": []}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            def node_for(identity: Identity, transport) -> Node:
+                node = Node(
+                    identity,
+                    transport,
+                    frame_cache=frames,
+                    start_seq=int(trio.current_time() * 1e6),
+                    wakeup=net.wakeup_for(identity.public_key),
+                )
+                node.bind(nursery)
+                net.drive(node)
+                return node
+
+            def boot(index: int, transport, store) -> LedgerReplica:
+                ledger = LedgerReplica(
+                    node_for(identities[index], transport),
+                    Executor(genesis, cache_blocks=64, signatures=signatures),
+                    store,
+                    Mempool(CHAIN, signatures=signatures),
+                    config,
+                    timestamp_ms=lambda: genesis.genesis_time + int(trio.current_time() * 1000),
+                )
+                services[index] = LedgerService(ledger)
+                return ledger
+
+            for index in range(5):
+                ledgers.append(boot(index, transports[index], MemoryBlockStore()))
+                ledgers[index].start()
+            assert [ledger.is_validator for ledger in ledgers] == [True] * 4 + [False]
+
+            # Clients 0..5 use validators that stay; client 6 the one that
+            # leaves (a follower after the change: it forwards to the new
+            # set); client 7 the extra node (a follower, then a validator);
+            # a client whose node is down uses a validator that stays.
+            down: set[int] = set()
+
+            def submit(client: int, tx: Transaction) -> None:
+                via = {6: OUT, 7: EXTRA}.get(client, client % 3)
+                services[client % 3 if via in down else via].submit(tx)
+
+            for k, tx in enumerate(txs):
+                client, n = divmod(k, PER_CLIENT)
+                at = n * 0.1 + client * 0.01
+                net.schedule(at, lambda client=client, tx=tx: submit(client, tx))
+            net.schedule(CHANGE_AT, lambda: services[0].submit(change))
+
+            for index, down_at, up_at in restarts:
+
+                def crash(index: int = index) -> None:
+                    down.add(index)
+                    net.crash(ids[index])
+                    net.detach(ids[index])
+                    ledgers[index].node.crash()
+
+                def reboot(index: int = index) -> None:
+                    net.restore(ids[index])
+                    store = ledgers[index].store
+                    seen["restarted"].append((index, store.tip()))
+                    ledgers[index] = boot(index, net.reattach(ids[index]), store)
+                    seen[f"role{index}"] = (ledgers[index].epoch, ledgers[index].is_validator)
+                    ledgers[index].start()
+                    down.discard(index)
+
+                net.schedule(down_at, crash)
+                net.schedule(up_at, reboot)
+
+            if forge:
+                forger_node = node_for(forger, net.add_node(forger.public_key))
+                fakes = [Identity(rng.bytes(32)) for _ in range(4)]
+
+                def send_forged() -> None:
+                    # The next block on the removed validator's tip (it
+                    # follows by now), certified by four non-validators.
+                    follower = ledgers[OUT]
+                    seen["forged_at"] = follower.tip.height
+                    block, _ = follower.executor.build_block(
+                        follower.tip, [], timestamp=0, view=0, proposer=fakes[0].public_key
+                    )
+                    chain_id = epoch_chain_id(CHAIN, follower.tip.epoch)
+                    forged = encode_block(_certify(block, fakes, chain_id))
+                    for body in ([1, [forged]], [1, [b"\x93junk"]], [1, "nope"]):
+                        forger_node.send(ids[OUT], MessageType.BLOCK_SYNC, _pack(body))
+
+                net.schedule(1.5, send_forged)
+
+            nursery.start_soon(net.run)
+            await trio.sleep(duration)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return genesis, ids, new_set, change, txs, ledgers, seen
+
+
+def _pack(body: object) -> bytes:
+    import msgpack
+
+    return msgpack.packb(body)
+
+
+def _check(genesis, ids, new_set, change: Transaction, txs, ledgers) -> int:
+    """Everything the brief promises of a run with one change; the change's height."""
+    tips = {ledger.store.tip() for ledger in ledgers}
+    assert len(tips) == 1, f"nodes at different heights: {tips}"
+    tip = tips.pop()
+    for height in range(1, tip + 1):
+        hashes = {ledger.store.get(height).block_hash for ledger in ledgers}
+        assert len(hashes) == 1, f"nodes disagree at height {height}"
+    blocks = [decode_block(ledgers[0].store.get(h).data) for h in range(1, tip + 1)]
+    # The change commits at some height h, and succeeds.
+    where = [(b.height, b.results[i]) for b in blocks for i, tx in enumerate(b.txs) if tx == change]
+    assert len(where) == 1, "the change committed once"
+    h, result = where[0]
+    assert result == TxResult(0), result
+    assert h < tip - 5, "blocks followed the change"
+    # Blocks up to h are certified by the genesis set, later ones by the new set.
+    epoch1 = epoch_chain_id(CHAIN, 1)
+    assert epoch1 != CHAIN
+    newcomer_votes = 0
+    for ledger in ledgers:
+        for height in range(1, tip + 1):
+            cert = decode_block(ledger.store.get(height).data).certificate
+            if height <= h:
+                assert cert.is_valid(CHAIN, ids[:4])
+            else:
+                assert cert.is_valid(epoch1, new_set), f"block {height} not by the new set"
+                assert not cert.is_valid(CHAIN, ids[:4])
+                assert {key for key, _ in cert.votes} <= set(new_set)
+                newcomer_votes += ids[EXTRA] in {key for key, _ in cert.votes}
+    assert newcomer_votes > 0, "the new validator takes part"
+    # Every store verifies from the genesis, across the change.
+    for ledger in ledgers:
+        report = verify_chain(genesis, [ledger.store.get(x).data for x in range(1, tip + 1)])
+        assert report.ok, report.error
+        assert report.height == tip and report.tip.validators == new_set
+    # Roles: the removed validator follows, the extra node validates.
+    assert all(ledger.epoch == 1 for ledger in ledgers)
+    assert [ledger.is_validator for ledger in ledgers] == [True, True, True, False, True]
+    assert ledgers[OUT].replica is None and ledgers[OUT].validators == tuple(new_set)
+    assert ledgers[EXTRA].replica.validators == tuple(new_set)
+    assert ledgers[EXTRA].replica.chain_id == epoch1
+    # Every transaction committed exactly once; nothing left behind.
+    committed = [tx.encoded for b in blocks for tx in b.txs]
+    assert sorted(committed) == sorted([tx.encoded for tx in txs] + [change.encoded])
+    assert all(len(ledger.mempool) == 0 for ledger in ledgers)
+    return h
+
+
+def test_a_validator_is_replaced_under_load_and_the_nodes_switch_roles() -> None:
+    """The change commits at h; the new set (chain id of epoch 1) certifies
+    every block after h; the removed validator keeps following, refusing a
+    forged block and malformed answers; the extra node follows, then votes."""
+    genesis, ids, new_set, change, txs, ledgers, seen = _run(forge=True)
+    h = _check(genesis, ids, new_set, change, txs, ledgers)
+    assert ledgers[OUT].epoch_changes == 1 and ledgers[EXTRA].epoch_changes == 1
+    assert ledgers[OUT].node.counters["follow.blocks"] > 0, "the removed validator follows"
+    assert ledgers[EXTRA].node.counters["follow.blocks"] >= h
+    # The forged block was refused and counted, not stored; following went on.
+    assert seen["forged_at"] > h
+    counters = ledgers[OUT].node.counters
+    assert counters["follow.refused.invalid_certificate"] >= 1
+    assert sum(v for k, v in counters.items() if k.startswith("rejected.")) >= 2
+    assert ledgers[OUT].store.tip() > seen["forged_at"] + 1
+
+
+def test_nodes_restarted_after_the_change_resume_in_their_epoch_and_role() -> None:
+    """The removed validator (a follower now) and the new validator crash
+    after the change, under load, and restart on their stores: replay lands
+    each in epoch 1 with its role, and both catch up."""
+    genesis, ids, new_set, change, txs, ledgers, seen = _run(
+        restarts=[(OUT, 1.2, 1.5), (EXTRA, 1.3, 1.7)], duration=6.0
+    )
+    h = _check(genesis, ids, new_set, change, txs, ledgers)
+    assert [index for index, _ in seen["restarted"]] == [OUT, EXTRA]
+    assert all(height > h for _, height in seen["restarted"]), "restarted after the change"
+    assert all(height < ledgers[0].store.tip() - 5 for _, height in seen["restarted"])
+    assert seen[f"role{OUT}"] == (1, False)
+    assert seen[f"role{EXTRA}"] == (1, True)
+    assert ledgers[EXTRA].epoch_changes == 0, "the restart began in epoch 1"
+
+
+def test_a_certificate_of_the_epoch_0_chain_id_does_not_certify_epoch_1() -> None:
+    """Votes of one epoch never count in another: after a change, a
+    certificate the new set signed with the genesis chain id is refused;
+    signed with the epoch's chain id it verifies. Epoch 0 signs the plain
+    chain id (chains from before epochs stay valid)."""
+    validators = [Identity(bytes([i + 1]) * 32) for i in range(4)]
+    newcomer = Identity(b"n" * 32)
+    alice = Identity(b"a" * 32)
+    genesis = Genesis.create(CHAIN, 1_000, [v.public_key for v in validators])
+    executor = Executor(genesis)
+    tip = ChainTip.of_genesis(genesis)
+    new_set = sorted([newcomer.public_key] + [v.public_key for v in validators[1:]])
+    approvals = [
+        (v.public_key, sign_validator_change(v, CHAIN, 0, new_set)) for v in validators[1:]
+    ]
+    change = sign_transaction(
+        alice,
+        CHAIN,
+        type="validators",
+        content=validator_change_content(new_set, approvals),
+        nonce=0,
+        timestamp=0,
+    )
+    assert epoch_chain_id(CHAIN, 0) == CHAIN and epoch_chain_id(CHAIN, 1) == f"{CHAIN}#1"
+    with pytest.raises(ValueError):
+        epoch_chain_id(CHAIN, -1)
+    first, _ = executor.build_block(
+        tip, [change], timestamp=1_000, view=0, proposer=validators[0].public_key
+    )
+    first = _certify(first, validators[:3], CHAIN)
+    tip = executor.apply_final(tip, first)
+    assert tip.epoch == 1 and tip.validators == new_set
+    assert executor.vote_chain_id(tip) == f"{CHAIN}#1"
+    kv = sign_transaction(alice, CHAIN, type="kv", content=kv_set("k", 1), nonce=1, timestamp=0)
+    second, _ = executor.build_block(
+        tip, [kv], timestamp=1_000, view=0, proposer=newcomer.public_key
+    )
+    signers = [newcomer, *validators[1:3]]
+    stale = _certify(second, signers, CHAIN)
+    fresh = _certify(second, signers, epoch_chain_id(CHAIN, 1))
+    bad = verify_chain(genesis, [encode_block(first), encode_block(stale)])
+    assert not bad.ok and bad.height == 2 and "certificate" in bad.error
+    good = verify_chain(genesis, [encode_block(first), encode_block(fresh)])
+    assert good.ok and good.height == 2
+    # ...and the epoch-1 chain id does not certify an epoch-0 block.
+    assert not verify_chain(
+        genesis, [encode_block(_certify(first, validators[:3], f"{CHAIN}#1"))]
+    ).ok
