@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from fedchain.p2p.identity import Identity, PeerId
+from fedchain.p2p.identity import Identity, PeerId, SignatureMemo
 
 from .pbft_messages import (
     NULL_DIGEST,
@@ -266,6 +266,24 @@ class _Slot:
     prepares: dict[PeerId, Prepare] = field(default_factory=dict)
     commits: dict[PeerId, Commit] = field(default_factory=dict)
     own: list[Message] = field(default_factory=list)
+    prepare_counts: dict[bytes, int] = field(default_factory=dict)
+    """How many of ``prepares`` name each digest (kept by ``add_prepare``)."""
+    commit_counts: dict[bytes, int] = field(default_factory=dict)
+    """How many of ``commits`` name each digest (kept by ``add_commit``)."""
+
+    def add_prepare(self, prepare: Prepare) -> None:
+        old = self.prepares.get(prepare.replica)
+        if old is not None:
+            self.prepare_counts[old.digest] -= 1
+        self.prepares[prepare.replica] = prepare
+        self.prepare_counts[prepare.digest] = self.prepare_counts.get(prepare.digest, 0) + 1
+
+    def add_commit(self, commit: Commit) -> None:
+        old = self.commits.get(commit.replica)
+        if old is not None:
+            self.commit_counts[old.digest] -= 1
+        self.commits[commit.replica] = commit
+        self.commit_counts[commit.digest] = self.commit_counts.get(commit.digest, 0) + 1
 
 
 @dataclass(slots=True)
@@ -293,10 +311,18 @@ class Replica:
         *,
         executed: int = 0,
         state: bytes = GENESIS_STATE,
+        signatures: SignatureMemo | None = None,
     ) -> None:
         """``executed`` and ``state`` restore a replica restarted from its
-        store (the last height it holds and its chained state digest)."""
+        store (the last height it holds and its chained state digest).
+
+        ``signatures`` verifies message signatures and fetched certificates
+        through a memo of successes: give the block executor's certificate
+        check the same memo and a commit vote is verified once, as a COMMIT;
+        a simulation may share one among all its validators (verification
+        is pure; every message is still checked before use)."""
         self.identity = identity
+        self.signatures = signatures
         self.me = identity.public_key
         self.validators = tuple(validators)
         if self.me not in self.validators:
@@ -482,12 +508,12 @@ class Replica:
         if held is None and pp.seq in self.parked:
             held = self.parked[pp.seq].pre_prepare
         if held is not None:
-            if held.digest != pp.digest and pp.verify(self.chain_id):
+            if held.digest != pp.digest and pp.verify(self.chain_id, memo=self.signatures):
                 self._suspect_primary("equivocation")
             else:
                 self._refuse("duplicate")
             return
-        if not pp.verify(self.chain_id):
+        if not pp.verify(self.chain_id, memo=self.signatures):
             self._refuse("bad_signature")
             return
         if not self._predecessor_ready(pp.seq):
@@ -580,7 +606,7 @@ class Replica:
             slot.own.append(pp)
         else:
             prepare = Prepare.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
-            slot.prepares[self.me] = prepare
+            slot.add_prepare(prepare)
             slot.own.append(prepare)
             self._broadcast(prepare)
         self._check_conflicts(slot)
@@ -602,10 +628,10 @@ class Replica:
         if prepare.replica in slot.prepares:
             self._refuse("duplicate")
             return
-        if not prepare.verify(self.chain_id):
+        if not prepare.verify(self.chain_id, memo=self.signatures):
             self._refuse("bad_signature")
             return
-        slot.prepares[prepare.replica] = prepare
+        slot.add_prepare(prepare)
         self._check_conflicts(slot)
         self._enter_prepared(slot)
 
@@ -614,7 +640,7 @@ class Replica:
         honest backup got a different PRE-PREPARE, so the primary equivocated."""
         if slot.pre_prepare is None:
             return
-        others = sum(1 for p in slot.prepares.values() if p.digest != slot.pre_prepare.digest)
+        others = len(slot.prepares) - slot.prepare_counts.get(slot.pre_prepare.digest, 0)
         if others > self.f:
             self._suspect_primary("equivocation")
 
@@ -628,6 +654,8 @@ class Replica:
         matching PREPAREs: with the PRE-PREPARE, a quorum; send COMMIT."""
         if slot.phase is not Phase.PRE_PREPARED or slot.pre_prepare is None:
             return
+        if slot.prepare_counts.get(slot.pre_prepare.digest, 0) < self.quorum - 1:
+            return
         matching = self._matching_prepares(slot)
         if len(matching) < self.quorum - 1:
             return
@@ -637,7 +665,7 @@ class Replica:
         proof = PreparedProof(pp, tuple(chosen))
         self.prepared[pp.seq] = proof
         commit = Commit.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
-        slot.commits[self.me] = commit
+        slot.add_commit(commit)
         slot.own.append(commit)
         self._broadcast(commit)
         self._enter_committed(slot)
@@ -656,10 +684,10 @@ class Replica:
         if commit.replica in slot.commits:
             self._refuse("duplicate")
             return
-        if not commit.verify(self.chain_id):
+        if not commit.verify(self.chain_id, memo=self.signatures):
             self._refuse("bad_signature")
             return
-        slot.commits[commit.replica] = commit
+        slot.add_commit(commit)
         if commit.view == self.view and self.mode is Mode.NORMAL:
             self._enter_committed(slot)
         if slot.phase is not Phase.COMMITTED:
@@ -668,9 +696,9 @@ class Replica:
     def _observe_commit_quorum(self, slot: _Slot, digest: bytes) -> None:
         """2f+1 same-view COMMITs seen outside our own normal case: take the
         payload we hold for that digest, or fetch the block."""
-        votes = [(c.replica, c.vote) for c in slot.commits.values() if c.digest == digest]
-        if len(votes) < self.quorum or slot.seq in self.committed:
+        if slot.commit_counts.get(digest, 0) < self.quorum or slot.seq in self.committed:
             return
+        votes = [(c.replica, c.vote) for c in slot.commits.values() if c.digest == digest]
         payload = next(
             (
                 s.pre_prepare.payload
@@ -693,9 +721,9 @@ class Replica:
         if slot.phase is not Phase.PREPARED or slot.pre_prepare is None:
             return
         pp = slot.pre_prepare
-        votes = [(c.replica, c.vote) for c in slot.commits.values() if c.digest == pp.digest]
-        if len(votes) < self.quorum:
+        if slot.commit_counts.get(pp.digest, 0) < self.quorum:
             return
+        votes = [(c.replica, c.vote) for c in slot.commits.values() if c.digest == pp.digest]
         slot.phase = Phase.COMMITTED
         if pp.seq > self.executed and pp.seq not in self.committed:
             cert = CommitCertificate.of(pp.seq, pp.digest, votes, view=slot.view)
@@ -739,7 +767,7 @@ class Replica:
         if checkpoint.replica in known:
             self._refuse("duplicate")
             return
-        if not checkpoint.verify(self.chain_id):
+        if not checkpoint.verify(self.chain_id, memo=self.signatures):
             self._refuse("bad_signature")
             return
         self.checkpoints.setdefault(checkpoint.seq, {})[checkpoint.replica] = checkpoint
@@ -855,7 +883,7 @@ class Replica:
         if cert.height != seq or cert.block_hash != digest:
             return False
         ok = _payload_matches(self.app, seq, digest, payload)
-        return ok and cert.is_valid(self.chain_id, self.validators)
+        return ok and cert.is_valid(self.chain_id, self.validators, memo=self.signatures)
 
     # -- timers ---------------------------------------------------------------
 
@@ -1020,7 +1048,7 @@ class Replica:
 
     def _view_change_ok(self, vc: ViewChange) -> bool:
         """A VIEW-CHANGE's signature and every proof inside it check out."""
-        if not vc.verify(self.chain_id):
+        if not vc.verify(self.chain_id, memo=self.signatures):
             return False
         if vc.stable_seq and not self._checkpoint_proof_ok(vc.stable_seq, vc.checkpoint_proof):
             return False
@@ -1037,7 +1065,10 @@ class Replica:
             return False
         if len({c.state for c in proof}) != 1 or any(c.seq != seq for c in proof):
             return False
-        return all(c.replica in self.validators and c.verify(self.chain_id) for c in proof)
+        return all(
+            c.replica in self.validators and c.verify(self.chain_id, memo=self.signatures)
+            for c in proof
+        )
 
     def _prepared_proof_ok(self, proof: PreparedProof, vc: ViewChange) -> bool:
         pp = proof.pre_prepare
@@ -1052,7 +1083,9 @@ class Replica:
             return False
         if any((p.view, p.seq, p.digest) != (pp.view, pp.seq, pp.digest) for p in proof.prepares):
             return False
-        return pp.verify(self.chain_id) and all(p.verify(self.chain_id) for p in proof.prepares)
+        return pp.verify(self.chain_id, memo=self.signatures) and all(
+            p.verify(self.chain_id, memo=self.signatures) for p in proof.prepares
+        )
 
     def _new_view_plan(
         self, changes: Sequence[ViewChange]
@@ -1099,7 +1132,7 @@ class Replica:
         if nv.replica != self.primary(nv.view):
             self._refuse("not_primary")
             return
-        if not nv.verify(self.chain_id) or not self._new_view_ok(nv):
+        if not nv.verify(self.chain_id, memo=self.signatures) or not self._new_view_ok(nv):
             self._refuse("bad_new_view")
             return
         self._install_new_view(nv)
@@ -1117,7 +1150,9 @@ class Replica:
         if issued != plan:
             return False
         return all(
-            p.view == nv.view and p.replica == nv.replica and p.verify(self.chain_id)
+            p.view == nv.view
+            and p.replica == nv.replica
+            and p.verify(self.chain_id, memo=self.signatures)
             for p in nv.pre_prepares
         )
 
@@ -1170,8 +1205,17 @@ class Follower:
     """A non-validator that follows the chain: it accepts the next block only
     with a valid commit certificate of the validators."""
 
-    def __init__(self, chain_id: str, validators: Sequence[PeerId], app: Application) -> None:
+    def __init__(
+        self,
+        chain_id: str,
+        validators: Sequence[PeerId],
+        app: Application,
+        *,
+        signatures: SignatureMemo | None = None,
+    ) -> None:
+        """``signatures``: a memo for certificate checks, as for :class:`Replica`."""
         self.chain_id = chain_id
+        self.signatures = signatures
         self.validators = tuple(validators)
         self.app = app
         self.height = 0
@@ -1191,7 +1235,7 @@ class Follower:
         if not _payload_matches(self.app, seq, digest, payload):
             self.refused["wrong_digest"] += 1
             return None
-        if not certificate.is_valid(self.chain_id, self.validators):
+        if not certificate.is_valid(self.chain_id, self.validators, memo=self.signatures):
             self.refused["bad_certificate"] += 1
             return None
         self.height = seq

@@ -23,9 +23,18 @@ Decoding is strict: exact types, sizes and ranges, or ``MalformedMessage``.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId, verify
+from fedchain.p2p.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    Identity,
+    PeerId,
+    SignatureMemo,
+    verify,
+    verify_with,
+)
 from fedchain.p2p.wire import pack_body, unpack_body
 
 from .errors import MalformedMessage
@@ -37,6 +46,7 @@ __all__ = [
     "Commit",
     "Kind",
     "Message",
+    "MessageCache",
     "NewView",
     "PrePrepare",
     "Prepare",
@@ -83,9 +93,26 @@ class _Signed:
     def signed_part(self, chain_id: str) -> bytes:
         return _signed_bytes(chain_id, self.wire()[:-1])
 
-    def verify(self, chain_id: str) -> bool:
-        """Whether the signature is ``replica``'s over this message's fields."""
-        return verify(self.replica, self.signed_part(chain_id), self.signature)
+    _memo_by_value = False
+    """Small messages: a memo may key them by ``(chain id, message)`` itself
+    (equality covers every field and the signature), which skips
+    re-encoding the signed part of a message object shared by recipients.
+    Sound for messages with exact field types, as ``create`` and
+    :func:`decode_message` build them (``True == 1``, but they pack apart)."""
+
+    def verify(self, chain_id: str, *, memo: SignatureMemo | None = None) -> bool:
+        """Whether the signature is ``replica``'s over this message's fields
+        (through ``memo``, which remembers signatures that verified)."""
+        if memo is None:
+            return verify(self.replica, self.signed_part(chain_id), self.signature)
+        by_value = self._memo_by_value
+        if by_value and memo.known((chain_id, self)):
+            return True
+        if not memo.verify(self.replica, self.signed_part(chain_id), self.signature):
+            return False
+        if by_value:
+            memo.remember((chain_id, self))
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +168,7 @@ class Prepare(_Signed):
     digest: bytes
     replica: PeerId
     signature: bytes
+    _memo_by_value = True
 
     @classmethod
     def create(
@@ -177,9 +205,17 @@ class Commit:
             sign_commit_vote(identity, chain_id, seq, digest, view=view),
         )
 
-    def verify(self, chain_id: str) -> bool:
+    def verify(self, chain_id: str, *, memo: SignatureMemo | None = None) -> bool:
+        """Whether ``vote`` is ``replica``'s commit vote (through ``memo``:
+        the same entry then serves the block certificate's check)."""
+        if memo is not None and memo.known((chain_id, self)):
+            return True
         message = commit_vote_bytes(chain_id, self.seq, self.digest, view=self.view)
-        return verify(self.replica, message, self.vote)
+        if not verify_with(memo, self.replica, message, self.vote):
+            return False
+        if memo is not None:
+            memo.remember((chain_id, self))
+        return True
 
     def wire(self) -> list[object]:
         return [int(Kind.COMMIT), self.view, self.seq, self.digest, self.replica, self.vote]
@@ -193,6 +229,7 @@ class Checkpoint(_Signed):
     state: bytes
     replica: PeerId
     signature: bytes
+    _memo_by_value = True
 
     @classmethod
     def create(cls, identity: Identity, chain_id: str, seq: int, state: bytes) -> Checkpoint:
@@ -408,12 +445,20 @@ _DECODERS = {
 }
 
 
-def decode_message(body: bytes) -> Message:
+def decode_message(body: bytes, *, cache: MessageCache | None = None) -> Message:
     """Parse one PBFT message, or raise :class:`MalformedMessage`.
 
     Signatures are not checked here: the replica checks them once, after its
     cheap view and watermark guards, so stale traffic costs no crypto.
+    ``cache`` (a :class:`MessageCache`) returns the message decoded earlier
+    from the same bytes.
     """
+    if cache is not None:
+        return cache.decode(body)
+    return _decode(body)
+
+
+def _decode(body: bytes) -> Message:
     try:
         fields = unpack_body(body)
     except MalformedMessage:
@@ -430,3 +475,49 @@ def decode_message(body: bytes) -> Message:
     if encode_message(message) != body:
         raise MalformedMessage("non-canonical encoding")
     return message
+
+
+class MessageCache:
+    """Memoized :func:`decode_message` for bodies seen more than once.
+
+    Decoding is a pure function of the body's bytes and messages are
+    immutable, so the message decoded from some bytes serves every later
+    copy of them: in a simulation one cache shared by all validators decodes
+    a broadcast once, not once per recipient (what
+    :class:`~fedchain.p2p.wire.FrameCache` does for envelopes). Keyed by the
+    bytes themselves (Python caches a bytes object's hash, and the frame
+    cache hands every recipient the same body object). Malformed bodies are
+    not remembered. Bounded by total body bytes and by entries; the least
+    recently used goes first.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_entries: int = 100_000) -> None:
+        if max_bytes < 1 or max_entries < 1:
+            raise ValueError("a message cache holds at least one entry")
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[bytes, Message] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def decode(self, body: bytes) -> Message:
+        entries = self._entries
+        message = entries.get(body)
+        if message is not None:
+            self.hits += 1
+            entries.move_to_end(body)
+            return message
+        self.misses += 1
+        message = _decode(body)
+        size = len(body)
+        if size <= self.max_bytes:
+            entries[body] = message
+            self._bytes += size
+            while self._bytes > self.max_bytes or len(entries) > self.max_entries:
+                old, _ = entries.popitem(last=False)
+                self._bytes -= len(old)
+        return message
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from fedchain.p2p.identity import Identity, PeerId, verify
+from fedchain.p2p.identity import Identity, PeerId, SignatureMemo, verify_with
 
 __all__ = [
     "CommitCertificate",
@@ -84,18 +84,47 @@ class CommitCertificate:
         unique = dict(votes)
         return cls(height, block_hash, tuple(sorted(unique.items())), view)
 
-    def valid_signers(self, chain_id: str, validators: Sequence[PeerId]) -> set[PeerId]:
-        """The validators whose vote in this certificate verifies."""
+    def valid_signers(
+        self,
+        chain_id: str,
+        validators: Sequence[PeerId],
+        *,
+        memo: SignatureMemo | None = None,
+    ) -> set[PeerId]:
+        """The validators whose vote in this certificate verifies.
+
+        ``memo`` (a :class:`~fedchain.p2p.identity.SignatureMemo`) skips votes
+        already verified through it, e.g. as COMMIT messages by
+        :class:`~fedchain.consensus.pbft.Replica`; a vote it does not hold is
+        verified (and remembered if good)."""
         members = set(validators)
         message = commit_vote_bytes(chain_id, self.height, self.block_hash, view=self.view)
         return {
             key
             for key, signature in self.votes
-            if key in members and verify(key, message, signature)
+            if key in members and verify_with(memo, key, message, signature)
         }
 
-    def is_valid(self, chain_id: str, validators: Sequence[PeerId]) -> bool:
-        """A quorum of distinct validators signed this height and hash."""
+    def is_valid(
+        self,
+        chain_id: str,
+        validators: Sequence[PeerId],
+        *,
+        memo: SignatureMemo | None = None,
+    ) -> bool:
+        """A quorum of distinct validators signed this height and hash
+        (``memo`` as in :meth:`valid_signers`)."""
         if len({key for key, _ in self.votes}) != len(self.votes):
             return False
-        return len(self.valid_signers(chain_id, validators)) >= quorum(len(validators))
+        members = set(validators)
+        need = quorum(len(validators))
+        message = commit_vote_bytes(chain_id, self.height, self.block_hash, view=self.view)
+        good = 0
+        if need <= 0:
+            return True
+        for key, signature in self.votes:
+            if key in members and verify_with(memo, key, message, signature):
+                good += 1
+                if good >= need:  # the rest cannot change the answer
+                    return True
+        return False

@@ -8,6 +8,9 @@ on every run (Ed25519 signing is deterministic).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Hashable
+
 import numpy as np
 from nacl import bindings
 from nacl.exceptions import CryptoError
@@ -70,6 +73,87 @@ def verify(public_key: PeerId, message: bytes, signature: bytes) -> bool:
     except (CryptoError, ValueError, TypeError):
         return False
     return True
+
+
+class SignatureMemo:
+    """A bounded memo of signatures that verified: :func:`verify` done once.
+
+    Verification is a pure function of (public key, message, signature), and
+    the key ``public key + SHA-256(message) + signature`` names exactly that,
+    so a hit is as good as checking again. Only successes are remembered (a
+    bad signature is checked, and refused, every time), and the oldest entry
+    goes first past ``max_entries`` (~200 bytes each).
+
+    One validator uses it to check a commit vote once, not once as a COMMIT
+    and again in the block's certificate; a simulation may share one memo
+    among all its validators, so each signature is verified once in the
+    process, not once per validator. Every message is still checked before
+    use: a miss verifies.
+    """
+
+    __slots__ = ("_ok", "hits", "max_entries", "misses")
+
+    def __init__(self, max_entries: int = 200_000) -> None:
+        if max_entries < 1:
+            raise ValueError("a signature memo holds at least one entry")
+        self.max_entries = max_entries
+        self._ok: dict[Hashable, None] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(public_key: PeerId, message: bytes, signature: bytes) -> bytes:
+        return public_key + hashlib.sha256(message).digest() + signature
+
+    def verify(self, public_key: PeerId, message: bytes, signature: bytes) -> bool:
+        """:func:`verify`, remembering successes."""
+        if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+            return False
+        key = self._key(public_key, message, signature)
+        if key in self._ok:
+            self.hits += 1
+            return True
+        self.misses += 1
+        if not verify(public_key, message, signature):
+            return False
+        self.remember(key)
+        return True
+
+    def known(self, key: Hashable) -> bool:
+        """Whether a caller's own ``key`` was remembered (a hit if so).
+
+        For callers that can name a verified statement more cheaply than by
+        its signed bytes, e.g. ``(chain id, message)`` for an immutable,
+        hashable message whose equality covers every signed field and the
+        signature. Such keys share the bound with the others."""
+        if key in self._ok:
+            self.hits += 1
+            return True
+        return False
+
+    def remember(self, key: Hashable) -> None:
+        """Remember ``key`` as verified: call only after a success."""
+        ok = self._ok
+        ok[key] = None
+        if len(ok) > self.max_entries:
+            del ok[next(iter(ok))]
+
+    def __contains__(self, item: tuple[PeerId, bytes, bytes]) -> bool:
+        """Whether ``(public_key, message, signature)`` is remembered as valid."""
+        public_key, message, signature = item
+        return self._key(public_key, message, signature) in self._ok
+
+    def __len__(self) -> int:
+        return len(self._ok)
+
+
+def verify_with(
+    memo: SignatureMemo | None, public_key: PeerId, message: bytes, signature: bytes
+) -> bool:
+    """:func:`verify` through ``memo`` when one is given."""
+    if memo is None:
+        return verify(public_key, message, signature)
+    return memo.verify(public_key, message, signature)
 
 
 def short_id(peer: PeerId) -> str:
