@@ -42,6 +42,7 @@ def pbft_status(replica) -> dict:
         if view == replica.view and seq > replica.executed
     }
     return {
+        "view": replica.view,
         "executed": replica.executed,
         "low": replica.low,
         "next_seq": replica.next_seq,
@@ -92,10 +93,11 @@ async def serve(home, args: argparse.Namespace) -> None:
                             ledger = running.ledger
                             line = {
                                 "height": store.tip(),
-                                "view": ledger.replica.view,
+                                "epoch": ledger.epoch,
+                                "role": "validator" if ledger.is_validator else "follower",
                                 "mempool": len(ledger.mempool),
                                 "refused": dict(ledger.replica.refused),
-                                "pbft": pbft_status(ledger.replica),
+                                "pbft": pbft_status(ledger.replica) if ledger.replica else None,
                                 "node": {
                                     k: v
                                     for k, v in running.node.counters.items()

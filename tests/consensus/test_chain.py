@@ -21,6 +21,7 @@ from fedchain.consensus.contracts import (
     ContractRegistry,
     KvContract,
     TxResult,
+    epoch_chain_id,
     kv_key,
     kv_set,
     sign_validator_change,
@@ -56,23 +57,27 @@ def kv(nonce: int, key: str = "k", who: Identity = ALICE) -> Transaction:
     return sign_transaction(who, CHAIN, type="kv", content=content, nonce=nonce, timestamp=0)
 
 
-def certify(block: Block, signers: list[Identity]) -> Block:
+def certify(block: Block, signers: list[Identity], chain_id: str = CHAIN) -> Block:
     votes = [
-        (s.public_key, sign_commit_vote(s, CHAIN, block.height, block.hash, view=0))
+        (s.public_key, sign_commit_vote(s, chain_id, block.height, block.hash, view=0))
         for s in signers
     ]
     return block.with_certificate(CommitCertificate.of(block.height, block.hash, votes, view=0))
 
 
 def grow(
-    executor: Executor, tip: ChainTip, batches: list[list[Transaction]], signers=VALIDATORS[:3]
+    executor: Executor,
+    tip: ChainTip,
+    batches: list[list[Transaction]],
+    signers=VALIDATORS[:3],
+    chain_id: str = CHAIN,
 ) -> tuple[list[Block], ChainTip]:
     blocks = []
     for i, txs in enumerate(batches):
         block, state = executor.build_block(
             tip, txs, timestamp=tip.timestamp + 10 * i, view=0, proposer=VALIDATORS[0].public_key
         )
-        block = certify(block, signers)
+        block = certify(block, signers, chain_id)
         blocks.append(block)
         tip = ChainTip(block.height, block.hash, block.header.timestamp, state)
     return blocks, tip
@@ -185,9 +190,11 @@ def test_the_validator_set_changes_on_chain() -> None:
     first, tip = grow(executor, tip, [[change]], VALIDATORS[:3])
     assert first[0].results == (TxResult(0),)
     assert tip.validators == new_set
-    # from height 2 on the new set signs: VALIDATORS[0] is out, NEWCOMER in
-    old_signers, _ = grow(executor, tip, [[kv(1)]], [VALIDATORS[0], *VALIDATORS[1:3]])
-    new_signers, _ = grow(executor, tip, [[kv(1)]], [NEWCOMER, *VALIDATORS[1:3]])
+    # from height 2 on the new set signs, with epoch 1's chain id:
+    # VALIDATORS[0] is out, NEWCOMER in
+    epoch1 = epoch_chain_id(CHAIN, 1)
+    old_signers, _ = grow(executor, tip, [[kv(1)]], [VALIDATORS[0], *VALIDATORS[1:3]], epoch1)
+    new_signers, _ = grow(executor, tip, [[kv(1)]], [NEWCOMER, *VALIDATORS[1:3]], epoch1)
     good = verify_chain(GENESIS, [encode_block(first[0]), encode_block(new_signers[0])])
     assert good.ok and good.height == 2
     bad = verify_chain(GENESIS, [encode_block(first[0]), encode_block(old_signers[0])])
