@@ -27,6 +27,7 @@ from .client_api import (
     decode_client_message,
     encode_client_message,
 )
+from .contracts import epoch_chain_id
 from .errors import ConsensusError, MalformedMessage, MempoolFull
 from .tx import decode_transaction
 
@@ -53,15 +54,25 @@ class NodeError(ConsensusError):
 
 class LedgerClient:
     """Requests to ``server`` from ``node``; answers verified against
-    ``validators`` of ``chain_id``. Build it before the node's first
-    ``await`` (it registers the CLIENT handler)."""
+    ``validators`` of ``chain_id`` in validator ``epoch`` (0: the genesis
+    set). A client that outlives a set change must be given the new set and
+    epoch (following changes from headers alone is not implemented: a proof
+    from another epoch is refused, never trusted). Build it before the
+    node's first ``await`` (it registers the CLIENT handler)."""
 
     def __init__(
-        self, node: Node, server: PeerId, chain_id: str, validators: Sequence[PeerId]
+        self,
+        node: Node,
+        server: PeerId,
+        chain_id: str,
+        validators: Sequence[PeerId],
+        *,
+        epoch: int = 0,
     ) -> None:
         self.node = node
         self.server = server
-        self.chain_id = chain_id
+        self.chain_id = epoch_chain_id(chain_id, epoch)
+        """What the trusted set's commit votes sign."""
         self.validators = tuple(validators)
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[trio.Event, list]] = {}

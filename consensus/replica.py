@@ -455,6 +455,7 @@ class LedgerReplica:
                 payload,
                 max_bytes=self.params.max_block_bytes + 1024 * 1024,
                 max_tx_bytes=self.params.max_tx_bytes,
+                known=self.mempool.known,
             )
             if block.height != seq or block.certificate is not None or block.is_null:
                 return None

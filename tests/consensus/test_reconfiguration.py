@@ -15,6 +15,7 @@ import trio.testing
 
 from fedchain.consensus.block import Block, decode_block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor, verify_chain
+from fedchain.consensus.client_api import CommitProof
 from fedchain.consensus.contracts import (
     TxResult,
     epoch_chain_id,
@@ -222,6 +223,12 @@ def _check(genesis, ids, new_set, change: Transaction, txs, ledgers) -> int:
                 assert {key for key, _ in cert.votes} <= set(new_set)
                 newcomer_votes += ids[EXTRA] in {key for key, _ in cert.votes}
     assert newcomer_votes > 0, "the new validator takes part"
+    # A client's commit proof from after the change verifies only against
+    # the new set and epoch 1's chain id (LedgerClient(..., epoch=1)).
+    late = next(b for b in blocks if b.height > h and b.txs)
+    proof = CommitProof.of_block(decode_block(ledgers[0].store.get(late.height).data), 0)
+    assert proof.verify(late.txs[0].encoded, epoch1, new_set)
+    assert not proof.verify(late.txs[0].encoded, CHAIN, ids[:4])
     # Every store verifies from the genesis, across the change.
     for ledger in ledgers:
         report = verify_chain(genesis, [ledger.store.get(x).data for x in range(1, tip + 1)])
