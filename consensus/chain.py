@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from fedchain.p2p.identity import PeerId
+from fedchain.p2p.identity import PeerId, SignatureMemo
 
 from .block import (
     NULL_PROPOSER,
@@ -90,10 +90,14 @@ class Executor:
         *,
         cache_blocks: int = 0,
         signatures: SignatureCache | None = None,
+        votes: SignatureMemo | None = None,
     ) -> None:
         if signatures is not None and signatures.chain_id != genesis.chain_id:
             raise ValueError("the signature cache is for another chain")
         self.signatures = signatures
+        self.votes = votes
+        """Commit votes already verified (as PBFT COMMITs, by this process):
+        a certificate check then verifies only the votes it has not seen."""
         self.genesis = genesis
         self.chain_id = genesis.chain_id
         self.params = genesis.params
@@ -224,7 +228,7 @@ class Executor:
             raise InvalidCertificate("the certificate is for another block")
         if block.is_null and cert.view != block.header.view:
             raise InvalidCertificate("a null block's certificate is from another view")
-        if not cert.is_valid(self.vote_chain_id(tip), tip.validators):
+        if not cert.is_valid(self.vote_chain_id(tip), tip.validators, memo=self.votes):
             raise InvalidCertificate("the certificate lacks a quorum of validator signatures")
 
     def apply_final(self, tip: ChainTip, block: Block) -> ChainTip:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from fedchain.p2p.identity import Identity, PeerId
+from fedchain.p2p.identity import Identity, PeerId, SignatureMemo
 from fedchain.p2p.node import Node
 from fedchain.p2p.tcp import Address, TcpConfig, TcpTransport, open_tcp_transport
 
@@ -79,7 +79,7 @@ async def open_ledger_node(
         node = Node(identity, transport, start_seq=time.time_ns() // 1000)
         ledger = LedgerReplica(
             node,
-            Executor(genesis, cache_blocks=16, signatures=signatures),
+            Executor(genesis, cache_blocks=16, signatures=signatures, votes=SignatureMemo()),
             store,
             Mempool(genesis.chain_id, max_txs=mempool_txs, signatures=signatures),
             pbft,

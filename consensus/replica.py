@@ -129,7 +129,7 @@ from .pbft import (
     TimerFired,
     advance_state,
 )
-from .pbft_messages import NULL_DIGEST, decode_message, encode_message
+from .pbft_messages import NULL_DIGEST, MessageCache, decode_message, encode_message
 from .store import BlockStore, StoredBlock
 from .tx import Transaction
 
@@ -196,7 +196,12 @@ class LedgerReplica:
         *,
         timestamp_ms: Callable[[], int] = _wall_ms,
         follow_interval: float | None = None,
+        messages: MessageCache | None = None,
     ) -> None:
+        """``executor.votes`` (a SignatureMemo) also serves PBFT's message
+        checks, so a commit vote is verified once, as a COMMIT, and not again
+        in the certificate; ``messages`` shares decoded PBFT bodies (in a
+        simulation, across validators: a broadcast is decoded once)."""
         genesis = executor.genesis
         # Height 0 holds the genesis itself (as ``fedchain chain`` stores it).
         if store.tip() == -1:
@@ -209,6 +214,7 @@ class LedgerReplica:
         self.store = store
         self.mempool = mempool
         self.timestamp_ms = timestamp_ms
+        self.messages = messages
         self.params = genesis.params
         self.config = config or PbftConfig()
         self.follow_interval = (
@@ -274,6 +280,7 @@ class LedgerReplica:
                 self.config,
                 executed=self.tip.height,
                 state=self.pbft_state,
+                signatures=self.executor.votes,
             )
         else:
             self.replica = None
@@ -342,7 +349,7 @@ class LedgerReplica:
             self.node.counters["consensus.not_validator"] += 1
             return
         # MalformedMessage is a MalformedBody: the node counts and drops it.
-        self._step(Receive(envelope.sender, decode_message(envelope.body)))
+        self._step(Receive(envelope.sender, decode_message(envelope.body, cache=self.messages)))
 
     def _step(self, event: Event) -> None:
         if self.replica is not None:
