@@ -43,6 +43,7 @@ class Mempool:
         *,
         max_txs: int = 10_000,
         max_bytes: int = 64 * 1024 * 1024,
+        forwarded_headroom: int = 1,
         max_per_sender: int = 1_000,
         max_tx_bytes: int = MAX_TX_BYTES,
         remember_committed: int = 100_000,
@@ -54,6 +55,8 @@ class Mempool:
         self.signatures = signatures
         self.max_txs = max_txs
         self.max_bytes = max_bytes
+        self.forwarded_headroom = forwarded_headroom
+        """Forwarded transactions may fill (1 + this) x the bounds; see :meth:`add`."""
         self.max_per_sender = max_per_sender
         self.max_tx_bytes = max_tx_bytes
         self.remember_committed = remember_committed
@@ -85,11 +88,19 @@ class Mempool:
     def get(self, digest: bytes) -> Transaction | None:
         return self._txs.get(digest)
 
-    def add(self, tx: bytes | Transaction) -> Transaction:
+    def add(self, tx: bytes | Transaction, *, forwarded: bool = False) -> Transaction:
         """Admit one transaction (bytes from a client or peer, or decoded).
 
         Raises MalformedMessage, DuplicateTransaction, MempoolFull or
-        InvalidSignature; nothing is kept unless it returns."""
+        InvalidSignature; nothing is kept unless it returns.
+
+        ``forwarded``: another validator admitted it from its client and
+        sent it on. It gets ``forwarded_headroom`` times more room than a
+        client's submission, because a forward refused for room is lost:
+        the transaction then sits only at some validators, and if the
+        primary lacks it the others' view timers run until a view change.
+        Clients are refused (busy) first, so under overload the room that is
+        left goes to what other validators already accepted."""
         if not isinstance(tx, Transaction):
             tx = decode_transaction(tx, max_bytes=self.max_tx_bytes)
         elif len(tx.encoded) > self.max_tx_bytes:
@@ -100,7 +111,8 @@ class Mempool:
         if (tx.sender, tx.nonce) in self._nonces:
             raise DuplicateTransaction(f"nonce {tx.nonce} already pending for this sender")
         size = len(tx.encoded)
-        if len(self._txs) >= self.max_txs or self._bytes + size > self.max_bytes:
+        scale = 1 + self.forwarded_headroom if forwarded else 1
+        if len(self._txs) >= self.max_txs * scale or self._bytes + size > self.max_bytes * scale:
             raise MempoolFull("mempool is full")
         queue = self._queues.get(tx.sender)
         if queue is not None and len(queue) >= self.max_per_sender:

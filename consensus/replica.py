@@ -329,13 +329,15 @@ class LedgerReplica:
         self._step(RequestsPending(self.pending()))
         return admitted
 
-    def admit_many(self, txs: Iterable[bytes]) -> list[Transaction | Refusal]:
+    def admit_many(
+        self, txs: Iterable[bytes], *, forwarded: bool = False
+    ) -> list[Transaction | Refusal]:
         """Admit a batch, then tell PBFT once: each entry the transaction or
-        the error that refused it."""
+        the error that refused it (``forwarded``: see :meth:`Mempool.add`)."""
         out: list[Transaction | Refusal] = []
         for data in txs:
             try:
-                out.append(self.mempool.add(data))
+                out.append(self.mempool.add(data, forwarded=forwarded))
             except (ConsensusError, MalformedMessage) as exc:
                 self.node.counters[f"tx.{exc.reason}"] += 1
                 out.append(exc)

@@ -37,13 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="offered load per point")
     parser.add_argument("--query-rates", default="1000,4000,16000", help="offered queries/s")
     parser.add_argument("--validators", type=int, default=4)
-    parser.add_argument("--clients", type=int, default=2000, help="signing keys of the load")
     parser.add_argument("--batch-size", type=int, default=2000, help="PBFT batch (transactions)")
+    parser.add_argument(
+        "--mempool", type=int, default=4000, help="each validator's mempool bound (transactions)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-consensus"), help="PNG folder")
     parser.add_argument("--virtual-validators", type=int, default=100)
     parser.add_argument("--virtual-blocks", type=int, default=100)
     parser.add_argument("--skip-virtual", action="store_true", help="only the real-clock part")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the validators' homes (chains, node.log status lines) in this folder",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     bound = cores * verify_rate / args.validators
     query_in_process = measure_query_in_process(args.seed)
     with tempfile.TemporaryDirectory(prefix="fedchain-bench-") as tmp:
-        points, queries = trio.run(_real_clock, args, rates, query_rates, Path(tmp))
+        homes = args.keep or Path(tmp)
+        points, queries = trio.run(_real_clock, args, rates, query_rates, homes)
     peak = max((p["committed_tx_s"] for p in points), default=0.0)
     print_table(
         f"PBFT, {args.validators} validators (processes, TCP, SQLite), real clock",
@@ -260,14 +269,15 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             str(home),
             "--batch-size",
             str(args.batch_size),
+            "--mempool",
+            str(args.mempool),
             "--status-every",
-            "3600",
+            "1",
         ]
-        processes.append(
-            await trio.lowlevel.open_process(
-                command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        with open(home / "node.log", "wb") as log:  # the child keeps its own copy
+            processes.append(
+                await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=log)
             )
-        )
     for process in processes:  # each prints one JSON line once it listens
         line = b""
         while not line.endswith(b"\n"):
@@ -295,9 +305,13 @@ async def _real_clock(
                 await process.wait()
 
 
-def _sign_load(args: argparse.Namespace, chain_id: str, total: int) -> list[list[bytes]]:
-    """``total`` transactions from ``--clients`` keys, each key's in nonce
-    order, interleaved so that any prefix spreads over the keys."""
+def _sign_load(chain_id: str, total: int, seed: int) -> list[bytes]:
+    """``total`` transactions, each from its own client key (nonce 0).
+
+    One key per transaction because the offered load is open-loop: a
+    submission answered busy is not retried, and with several transactions
+    per key a refused one would leave a nonce gap that strands every later
+    one of that key in the mempools (they wait for the gap, correctly)."""
     import numpy as np
 
     from fedchain.consensus.contracts import kv_set
@@ -305,23 +319,16 @@ def _sign_load(args: argparse.Namespace, chain_id: str, total: int) -> list[list
     from fedchain.p2p.identity import Identity
     from fedchain.sims.report import progress
 
-    rng = np.random.Generator(np.random.PCG64(args.seed + 1))
-    clients = [Identity(rng.bytes(32)) for _ in range(args.clients)]
+    rng = np.random.Generator(np.random.PCG64(seed))
     out = []
     with progress() as bar:
         task = bar.add_task("signing the load", total=total)
         for n in range(total):
-            who = n % len(clients)
-            out.append(
-                sign_transaction(
-                    clients[who],
-                    chain_id,
-                    type="kv",
-                    content=kv_set(f"k{n}", n),
-                    nonce=n // len(clients),
-                    timestamp=0,
-                ).encoded
+            client = Identity(rng.bytes(32))
+            tx = sign_transaction(
+                client, chain_id, type="kv", content=kv_set(f"k{n}", n), nonce=0, timestamp=0
             )
+            out.append(tx.encoded)
             if n % 1000 == 0:
                 bar.update(task, completed=n)
     return out
@@ -350,7 +357,7 @@ async def _drive(args, rates, query_rates, homes):
     genesis = homes[0].genesis
     servers = [h.identity.public_key for h in homes]
     total = sum(math.ceil(rate * args.seconds) for rate in rates)
-    load = _sign_load(args, genesis.chain_id, total)
+    load = _sign_load(genesis.chain_id, total, args.seed + 1)
     decoded = [decode_transaction(t) for t in load]
     digests = [tx.digest for tx in decoded]
     me = Identity(np.random.Generator(np.random.PCG64(args.seed + 2)).bytes(32))

@@ -17,7 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status-every", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=2000, help="PBFT batch (transactions)")
     parser.add_argument("--batch-timeout", type=float, default=0.02, help="seconds")
-    parser.add_argument("--mempool", type=int, default=50_000, help="mempool bound (transactions)")
+    parser.add_argument("--mempool", type=int, default=20_000, help="mempool bound (transactions)")
+    parser.add_argument(
+        "--view-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without progress before a view change (doubles per unproductive view); "
+        "must exceed one full batch's validation on the slowest validator",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +71,11 @@ async def serve(home, args: argparse.Namespace) -> None:
     from fedchain.consensus.store import SqliteBlockStore
 
     store = SqliteBlockStore(home.store_path)
-    pbft = PbftConfig(batch_size=args.batch_size, batch_timeout=args.batch_timeout)
+    pbft = PbftConfig(
+        batch_size=args.batch_size,
+        batch_timeout=args.batch_timeout,
+        view_change_timeout=args.view_timeout,
+    )
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with open_ledger_node(
@@ -96,6 +107,8 @@ async def serve(home, args: argparse.Namespace) -> None:
                                 "epoch": ledger.epoch,
                                 "role": "validator" if ledger.is_validator else "follower",
                                 "mempool": len(ledger.mempool),
+                                "pending": ledger.mempool.pending,
+                                "in_flight": len(ledger.mempool.in_flight),
                                 "refused": dict(ledger.replica.refused),
                                 "pbft": pbft_status(ledger.replica) if ledger.replica else None,
                                 "node": {
