@@ -69,6 +69,10 @@ class Mempool:
         self._in_flight: set[bytes] = set()
         self._in_flight_here = 0
         """How many of ``_in_flight`` this pool holds, kept as both change."""
+        self._next_nonce: Callable[[PeerId], int] | None = None
+        self._expected: dict[PeerId, int] = {}
+        self._ready: dict[PeerId, int] = {}
+        self._ready_total = 0
 
     def __len__(self) -> int:
         return len(self._txs)
@@ -130,6 +134,7 @@ class Mempool:
             self._queues[tx.sender] = [(tx.nonce, digest)]
         else:
             insort(queue, (tx.nonce, digest))
+        self._recount(tx.sender)
         return tx
 
     # -- proposals in flight ---------------------------------------------------
@@ -141,9 +146,64 @@ class Mempool:
 
     @property
     def pending(self) -> int:
-        """Held transactions in no proposal in flight: O(1), since PBFT asks
-        on every step."""
-        return len(self._txs) - self._in_flight_here
+        """Proposable transactions in no proposal in flight: O(1), since
+        PBFT asks on every step (and runs its view timer while it is > 0).
+
+        With :meth:`track_nonces`, proposable means contiguous from the
+        sender's committed next nonce: a transaction behind a nonce gap
+        waits here but is not pending, or any client could make the backups'
+        view timers run (and the views change) for a transaction no primary
+        may propose. Without it, every held transaction counts."""
+        return max(0, self._ready_total - self._in_flight_here)
+
+    def track_nonces(self, next_nonce: Callable[[PeerId], int]) -> None:
+        """Count as pending only transactions at their sender's next nonce
+        (``next_nonce``: from the committed state) or contiguous after it;
+        call :meth:`advance` for the senders of each committed block."""
+        self._next_nonce = next_nonce
+        self._expected.clear()
+        for sender in list(self._queues):
+            self._recount(sender)
+
+    def advance(self, senders: Iterable[PeerId]) -> None:
+        """The committed state moved these senders' nonces: drop what can
+        never commit (a nonce another transaction took) and recount."""
+        for sender in set(senders):
+            self._expected.pop(sender, None)
+            queue = self._queues.get(sender)
+            if queue is None or self._next_nonce is None:
+                continue
+            expected = self._next_nonce(sender)
+            stale = [digest for nonce, digest in queue if nonce < expected]
+            if stale:
+                self._forget(stale)
+            self._recount(sender)
+
+    def _recount(self, sender: PeerId) -> None:
+        """How many of ``sender``'s held transactions are proposable now."""
+        old = self._ready.pop(sender, 0)
+        queue = self._queues.get(sender)
+        if not queue:
+            self._expected.pop(sender, None)
+            self._ready_total -= old
+            return
+        if self._next_nonce is None:
+            new = len(queue)
+        else:
+            expected = self._expected.get(sender)
+            if expected is None:
+                expected = self._expected[sender] = self._next_nonce(sender)
+            new = 0
+            for nonce, _ in queue:
+                if nonce < expected:
+                    continue
+                if nonce != expected:
+                    break
+                expected += 1
+                new += 1
+        if new:
+            self._ready[sender] = new
+        self._ready_total += new - old
 
     def mark_in_flight(self, digests: Iterable[bytes]) -> None:
         """These are in a proposal now (possibly ones this pool never held)."""
@@ -245,6 +305,7 @@ class Mempool:
             self._committed.popitem(last=False)
 
     def _forget(self, digests: Iterable[bytes]) -> None:
+        senders = set()
         for digest in digests:
             tx = self._txs.pop(digest, None)
             if tx is None:
@@ -258,3 +319,8 @@ class Mempool:
             queue.remove((tx.nonce, digest))
             if not queue:
                 del self._queues[tx.sender]
+            senders.add(tx.sender)
+        for sender in senders:
+            # A committed run moves the sender's next nonce past it.
+            self._expected.pop(sender, None)
+            self._recount(sender)

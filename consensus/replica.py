@@ -221,6 +221,9 @@ class LedgerReplica:
             follow_interval if follow_interval is not None else self.config.retransmit_interval
         )
         self.tip, self.pbft_state = replay_store(executor, store)
+        # Pending (what PBFT proposes and backups' view timers wait for) is
+        # what can commit next: contiguous from each sender's committed nonce.
+        mempool.track_nonces(lambda sender: next_nonce(self.tip.state, sender))
         """The last final block's tip, and PBFT's chained state digest after it."""
         self.epoch = -1
         self.validators: tuple[PeerId, ...] = ()
@@ -508,6 +511,7 @@ class LedgerReplica:
         self.pbft_state = advance_state(self.pbft_state, tip.height, certified.certified_digest)
         if certified.txs:
             self.mempool.remove_committed(tx.digest for tx in certified.txs)
+            self.mempool.advance(tx.sender for tx in certified.txs)
         if tip.height in self._spec:
             self._forget(tip.height)
         for listener in self.on_commit:

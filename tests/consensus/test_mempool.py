@@ -172,3 +172,32 @@ def test_mempools_sharing_a_signature_cache_verify_once() -> None:
     assert (cache.misses, cache.hits) == (1, 3)
     with pytest.raises(ValueError):
         Mempool("other", signatures=cache)
+
+
+def test_pending_counts_only_transactions_that_can_commit_next() -> None:
+    """A nonce gap holds later transactions without making them pending (a
+    backup's view timer runs while anything is pending)."""
+    committed = {USERS["a"].public_key: 0, USERS["b"].public_key: 5}
+    pool = Mempool(CHAIN)
+    pool.track_nonces(lambda sender: committed.get(sender, 0))
+    pool.add(tx("a", 1))
+    pool.add(tx("a", 2))
+    assert len(pool) == 2 and pool.pending == 0  # nonce 0 is missing
+    pool.add(tx("a", 0))
+    assert pool.pending == 3
+    pool.add(tx("b", 5))
+    pool.add(tx("b", 7))
+    assert pool.pending == 4
+    pool.mark_in_flight([tx("a", 0).digest])
+    assert pool.pending == 3
+    # a0 and b5 commit; b6 was taken by another transaction elsewhere.
+    committed[USERS["a"].public_key] = 1
+    committed[USERS["b"].public_key] = 7
+    pool.remove_committed([tx("a", 0).digest, tx("b", 5).digest])
+    pool.release([tx("a", 0).digest])
+    pool.advance([USERS["a"].public_key, USERS["b"].public_key])
+    assert pool.pending == 3  # a1, a2, b7
+    committed[USERS["b"].public_key] = 9  # b7 and b8 went elsewhere
+    pool.advance([USERS["b"].public_key])
+    assert tx("b", 7).digest not in pool, "a nonce another transaction took is dropped"
+    assert pool.pending == 2

@@ -44,6 +44,7 @@ def _run_cluster(
     loss: float = 0.0,
     partition: tuple[float, float] | None = None,
     probes: dict[float, list[int]] | None = None,
+    extra: bytes | None = None,
 ):
     rng = np.random.Generator(np.random.PCG64(seed))
     identities = [Identity(rng.bytes(32)) for _ in range(4)]
@@ -137,6 +138,8 @@ def _run_cluster(
                 index, down_at, up_at = restart
                 net.schedule(down_at, lambda: crash(index))
                 net.schedule(up_at, lambda: reboot(index))
+            if extra is not None:  # one more transaction, sent to every validator
+                net.schedule(0.5, lambda: [services[i].submit(extra) for i in targets])
             for at, tips in (probes or {}).items():  # every store's tip at ``at``
                 net.schedule(at, lambda tips=tips: tips.extend(x.store.tip() for x in ledgers))
             if partition is not None:  # {0, 1} | {2, 3}: no quorum either side
@@ -260,3 +263,22 @@ def test_a_two_two_partition_stalls_safely_and_heals() -> None:
 def test_ten_percent_message_loss_commits_everything_everywhere() -> None:
     genesis, txs, live, wall = _run_cluster(crashed=set(), loss=0.1, duration=12.0)
     _check(genesis, txs, live, wall)
+
+
+def test_a_transaction_behind_a_nonce_gap_waits_without_changing_views() -> None:
+    """A client sends nonce 3 and never 0..2: every validator holds it (it
+    may yet commit), but it is not pending, so no backup's view timer runs
+    for it and the views never change; everything else commits."""
+    gapper = Identity(b"g" * 32)
+    gapped = sign_transaction(
+        gapper, CHAIN, type="kv", content=kv_set("g", 3), nonce=3, timestamp=0
+    )
+    _, txs, live, _ = _run_cluster(crashed=set(), extra=gapped.encoded, duration=8.0)
+    tip = live[0].store.tip()
+    committed = [
+        tx.encoded for h in range(1, tip + 1) for tx in decode_block(live[0].store.get(h).data).txs
+    ]
+    assert sorted(committed) == sorted(txs)
+    for ledger in live:
+        assert ledger.replica.view == 0, "a gapped transaction changed views"
+        assert gapped.digest in ledger.mempool and ledger.mempool.pending == 0
