@@ -12,7 +12,9 @@ Why these choices:
   in batches (``forward_batch`` transactions or ``forward_delay`` seconds,
   whichever comes first): one signed envelope per batch instead of one per
   transaction, since a signature check per envelope costs as much as the
-  transaction's own.
+  transaction's own. A backup that saw no commit for ``reforward_interval``
+  while it holds pending transactions relays them to the primary (PBFT's
+  rule), so a lost forward costs half a second, not a view change.
 - Forwards go to the validators of the ledger's current epoch (it follows
   validator set changes), so a follower's service admits submissions and
   forwards them likewise; queries and waits are answered from the stored
@@ -46,6 +48,7 @@ from .client_api import (
     decode_client_message,
     encode_client_message,
 )
+from .contracts import next_nonce
 from .errors import DuplicateTransaction, MempoolFull
 from .replica import LedgerReplica
 from .tx import Transaction
@@ -67,6 +70,7 @@ class LedgerService:
         index_size: int = 1_000_000,
         max_waiters: int = 100_000,
         max_subscribers: int = 64,
+        reforward_interval: float = 0.5,
     ) -> None:
         self.ledger = ledger
         self.node = ledger.node
@@ -86,6 +90,8 @@ class LedgerService:
         self._load_tip()
         ledger.on_commit.append(self._on_commit)
         self.node.register(MessageType.CLIENT, self._on_client)
+        self._reforward_height = -1
+        self.node.call_every(reforward_interval, self._reforward)
 
     def _load_tip(self) -> None:
         height = self.ledger.store.tip()
@@ -231,6 +237,32 @@ class LedgerService:
             for peer in self.ledger.validators:
                 if peer != self.node.id:
                     self.node.send_frame(peer, frame)
+
+    def _reforward(self) -> None:
+        """PBFT's rule for a backup that holds requests the primary does not
+        act on: relay them to the primary. Forwards are sent once and may be
+        lost (a link, or a primary's full mempool), which would strand a
+        transaction at the backups until a view change; so after a whole
+        interval without a commit, a backup holding pending transactions
+        sends what the primary could propose next straight to it."""
+        ledger = self.ledger
+        replica = ledger.replica
+        height = ledger.tip.height
+        progressed, self._reforward_height = height != self._reforward_height, height
+        if progressed or replica is None or replica.is_primary or ledger.pending() == 0:
+            return
+        txs = ledger.mempool.reap(
+            4 * self.forward_batch,
+            ledger.params.max_block_bytes,
+            exclude=ledger.mempool.in_flight,
+            next_nonce=lambda sender: next_nonce(ledger.tip.state, sender),
+        )
+        primary = replica.primary(replica.view)
+        for start in range(0, len(txs), self.forward_batch):
+            batch = [tx.encoded for tx in txs[start : start + self.forward_batch]]
+            body = encode_client_message(ClientOp.FORWARD, batch)
+            self.node.send(primary, MessageType.CLIENT, body)
+        self.node.counters["client.reforwarded"] += len(txs)
 
     # -- the CLIENT channel ------------------------------------------------------
 

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "write per-node homes (keys, genesis, peers) for a local or multi-machine network",
     ),
     "node": ("fedchain.sims.node_cmd", "run one real ledger node over encrypted TCP"),
+    "launch": ("fedchain.sims.launch", "run every node home of a testnet as local processes"),
     "bench": {
         "gossip": ("fedchain.sims.bench_gossip", "gossip dissemination at 1,000 and 10,000 nodes"),
         "transport": (

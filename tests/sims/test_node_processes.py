@@ -109,3 +109,56 @@ def test_a_broken_home_is_a_clear_error(tmp_path) -> None:
     (home / "node.json").unlink()
     with pytest.raises(HomeError, match=r"node\.json is missing"):
         load_home(home)
+
+
+async def test_launch_runs_a_testnet_and_stops_it(tmp_path) -> None:
+    """``fedchain launch DIR`` starts every home as a process (a client's
+    transaction commits through them) and SIGTERM stops them all."""
+    homes = write_testnet(tmp_path, 4, chain_id="launch", seed=5, ports=_free_ports(4))
+    loaded = [load_home(h) for h in homes]
+    keys = [h.identity.public_key for h in loaded]
+    command = [sys.executable, "-m", "fedchain.sims.cli", "launch", str(tmp_path)]
+    command += ["--status-every", "3600", "--batch-size", "10"]
+    launcher = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    bob = Identity(b"b" * 32)
+    tx = sign_transaction(bob, "launch", type="kv", content=kv_set("k", 1), nonce=0, timestamp=0)
+    try:
+        with trio.fail_after(60):
+            seen, buffer = set(), b""
+            while len(seen) < 4:
+                chunk = await launcher.stdout.receive_some(4096)
+                assert chunk, "the launcher exited early"
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                seen.update(line.split(b" ")[0] for line in lines if b'"listen"' in line)
+            assert seen == {b"node0", b"node1", b"node2", b"node3"}
+            async with (
+                open_tcp_transport(
+                    bob,
+                    allowed=keys,
+                    rng=np.random.default_rng(2),
+                    listen=None,
+                    peers={keys[2]: loaded[2].listen},
+                    config=TCP,
+                ) as transport,
+                open_node(bob, transport) as node,
+            ):
+                client = LedgerClient(node, keys[2], "launch", loaded[0].genesis.validators)
+                await transport.wait_connected(keys[2])
+                await client.submit(tx.encoded)
+                proof = await client.wait_committed(tx.encoded)
+                assert proof.height >= 1
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await launcher.wait() == 0
+    for home in homes:
+        assert verify_dir(home, json_only=True) == 0
+
+
+def test_launch_finds_homes_in_index_order(tmp_path) -> None:
+    from fedchain.sims.launch import homes_in
+
+    write_testnet(tmp_path, 12, seed=2)
+    (tmp_path / "notes").mkdir()
+    assert [h.name for h in homes_in(tmp_path)] == [f"node{i}" for i in range(12)]
