@@ -244,6 +244,8 @@ class LedgerReplica:
         self._enter_epoch()
         node.register(MessageType.CONSENSUS, self._on_consensus)
         node.register(MessageType.BLOCK_SYNC, self._on_sync)
+        self.on_start: list[Callable[[], None]] = []
+        """Called once :meth:`start` runs (services arm their timers then)."""
         self.on_commit: list[Callable[[Block], None]] = []
         """Called with each certified block once it is stored."""
         self.on_epoch: list[Callable[[int, Sequence[PeerId]], None]] = []
@@ -266,6 +268,8 @@ class LedgerReplica:
     def start(self) -> None:
         self._started = True
         self._start_role()
+        for hook in self.on_start:
+            hook()
 
     # -- epochs -------------------------------------------------------------------
 

@@ -91,7 +91,10 @@ class LedgerService:
         ledger.on_commit.append(self._on_commit)
         self.node.register(MessageType.CLIENT, self._on_client)
         self._reforward_height = -1
-        self.node.call_every(reforward_interval, self._reforward)
+        self.reforward_interval = reforward_interval
+        ledger.on_start.append(
+            lambda: self.node.call_every(self.reforward_interval, self._reforward)
+        )
 
     def _load_tip(self) -> None:
         height = self.ledger.store.tip()
