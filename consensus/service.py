@@ -246,14 +246,19 @@ class LedgerService:
         act on: relay them to the primary. Forwards are sent once and may be
         lost (a link, or a primary's full mempool), which would strand a
         transaction at the backups until a view change; so after a whole
-        interval without a commit, a backup holding pending transactions
-        sends what the primary could propose next straight to it."""
+        interval without a commit and with no proposal in flight, a backup
+        holding pending transactions sends what the primary could propose
+        next straight to it. (Relaying while proposals are in flight fed a
+        loop under overload: the primary spent its time refusing
+        duplicates, commits slowed, and more relays followed.)"""
         ledger = self.ledger
         replica = ledger.replica
         height = ledger.tip.height
         progressed, self._reforward_height = height != self._reforward_height, height
         if progressed or replica is None or replica.is_primary or ledger.pending() == 0:
             return
+        if len(ledger.mempool.in_flight):
+            return  # the primary is proposing: it is slow, not idle
         txs = ledger.mempool.reap(
             4 * self.forward_batch,
             ledger.params.max_block_bytes,
