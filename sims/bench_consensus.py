@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="offered load per point")
     parser.add_argument("--query-rates", default="1000,4000,16000", help="offered queries/s")
     parser.add_argument("--validators", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=2000, help="PBFT batch (transactions)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="PBFT batch (transactions)")
     parser.add_argument(
-        "--mempool", type=int, default=4000, help="each validator's mempool bound (transactions)"
+        "--mempool", type=int, default=3000, help="each validator's mempool bound (transactions)"
     )
     parser.add_argument("--out", type=Path, default=Path("bench-consensus"), help="PNG folder")
     parser.add_argument("--virtual-validators", type=int, default=100)

@@ -16,7 +16,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="a folder fedchain testnet wrote")
     parser.add_argument("--status-every", type=float, default=5.0)
-    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--view-timeout", type=float, default=5.0)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, required=True, help="a folder fedchain testnet wrote")
     parser.add_argument("--status-every", type=float, default=5.0)
-    parser.add_argument("--batch-size", type=int, default=2000, help="PBFT batch (transactions)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="PBFT batch (transactions)")
     parser.add_argument("--batch-timeout", type=float, default=0.02, help="seconds")
     parser.add_argument("--mempool", type=int, default=20_000, help="mempool bound (transactions)")
     parser.add_argument(
