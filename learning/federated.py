@@ -186,10 +186,19 @@ class Federation:
         noise_multipliers: Mapping[str, float] | float = 0.0,
         accountant: PrivacyAccountant | None = None,
         transform=None,
+        server_learning_rate: float = 1.0,
     ) -> tuple[FederationState, RoundReport]:
         """One round: local updates, then aggregation in device order.
         ``transform(updates) -> updates`` (optional) sees the list before
-        aggregation (a scenario's malicious devices act there)."""
+        aggregation (a scenario's malicious devices act there).
+
+        ``server_learning_rate`` scales the aggregated delta before it is
+        applied (FedOpt's server step; 1 is eq. 7). Averaging cancels much of
+        what the devices' trajectories do not share, so the mean delta is a
+        cleaner direction than any one device's and can be stepped further.
+        It is post-processing of the aggregate: no privacy cost."""
+        if not server_learning_rate > 0:
+            raise ConfigError(f"server learning rate must be positive, got {server_learning_rate}")
         updates, residuals, losses, truncated = self.local_updates(
             state,
             key,
@@ -200,7 +209,11 @@ class Federation:
         if transform is not None:
             updates = list(transform(updates))
         result = self._aggregate_finite(updates)
-        params = apply_delta(state.params, result.delta)
+        delta = result.delta
+        if server_learning_rate != 1.0:
+            scale = np.float32(server_learning_rate)
+            delta = {name: np.asarray(v, np.float32) * scale for name, v in delta.items()}
+        params = apply_delta(state.params, delta)
         return FederationState(params, residuals, state.round + 1), RoundReport(
             result, losses, truncated
         )

@@ -57,6 +57,7 @@ from fedchain.learning.models import CnnSpec, apply, dropout_masks, param_shapes
 from fedchain.learning.privacy import add_gaussian_noise, clip_per_example, normalize_by_batch
 
 __all__ = [
+    "OPTIMIZERS",
     "DeviceData",
     "LocalConfig",
     "RoundOutput",
@@ -68,14 +69,19 @@ __all__ = [
 ]
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class LocalConfig:
     """Hyperparameters of one device's local round.
 
     ``clip_norm=None`` means no DP (no clipping, no noise). ``density=1``
-    sends the dense update. ``lr_schedule`` is not here on purpose: the
-    learning rate is a traced argument of the round so it can change per
-    round without recompiling.
+    sends the dense update. ``optimizer`` is the local step after the
+    privacy steps: ``"sgd"`` (with ``momentum``) or ``"adam"`` (optax
+    defaults; its state starts afresh every round, like SGD's momentum).
+    ``lr_schedule`` is not here on purpose: the learning rate is a traced
+    argument of the round so it can change per round without recompiling.
     """
 
     steps: int = 20
@@ -86,6 +92,7 @@ class LocalConfig:
     momentum: float = 0.0
     density: float = 1.0
     device_chunk: int = 50
+    optimizer: str = "sgd"
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.device_chunk < 1:
@@ -98,6 +105,10 @@ class LocalConfig:
             raise ConfigError(f"density must be in (0, 1], got {self.density}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer == "adam" and self.momentum:
+            raise ConfigError("adam has its own first moment (0.9); leave momentum at 0")
         if self.capacity is not None and self.capacity < self.batch_size:
             raise ConfigError("capacity must be at least the batch size")
 
@@ -199,7 +210,10 @@ def make_local_round(spec: CnnSpec, config: LocalConfig) -> Callable[..., RoundO
 
     def device_round(global_params, images, labels, count, key, z, lr, residual):
         k_steps, k_noise = jax.random.split(key)
-        sgd = optax.sgd(lr, momentum=config.momentum or None)
+        if config.optimizer == "adam":
+            sgd = optax.adam(lr)
+        else:
+            sgd = optax.sgd(lr, momentum=config.momentum or None)
         n_max = images.shape[0]
         if config.private:
             expected = jnp.minimum(config.batch_size, count).astype(jnp.float32)

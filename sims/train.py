@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="poisson: the accounted DP draw (computes B + 3 sqrt(B) rows); fixed: exactly B",
     )
     parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument(
+        "--server-lr", type=float, default=1.0, help="scale of the aggregated delta (1: eq. 7)"
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="per-example L2 clip S")
     parser.add_argument("--epsilon", type=float, default=3.0, help="per-device budget, all steps")
     parser.add_argument("--delta", type=float, default=1e-5)
@@ -99,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=args.sampling,
         clip_norm=args.clip if private else None,
         momentum=args.momentum,
+        optimizer=args.optimizer,
         density=args.density,
     )
     aggregator = {
@@ -143,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             learning_rate=round_lr,
             noise_multipliers=noise,
             accountant=accountant if private else None,
+            server_learning_rate=args.server_lr,
         )
         acc = fed.accuracy(state.params)
         acc_phone = fed.accuracy(state.params, tier=0) if 0 in fed.tiers else acc
@@ -178,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
             "learning_rate": lr,
             "lr_schedule": args.lr_schedule,
             "momentum": args.momentum,
+            "optimizer": args.optimizer,
+            "server_lr": args.server_lr,
             "dropout": args.dropout,
             "seed": args.seed,
             "dp": private,

@@ -117,3 +117,17 @@ def test_a_diverged_device_is_left_out_and_the_round_goes_on(run):
 def test_device_ids_must_be_unique(small_mnist):
     with pytest.raises(ConfigError):
         Federation(small_mnist, [Device("a", 0, np.arange(5))] * 2, CONFIG)
+
+
+def test_server_learning_rate_scales_the_aggregated_delta(run):
+    fed, _, history = run
+    state = history[-1][0]
+    key = jax.random.key(7)
+    plain, _ = fed.round(state, key, learning_rate=1.0)
+    scaled, _ = fed.round(state, key, learning_rate=1.0, server_learning_rate=3.0)
+    for name, before in state.params.items():
+        np.testing.assert_allclose(
+            scaled.params[name] - before, 3.0 * (plain.params[name] - before), atol=1e-5
+        )
+    with pytest.raises(ConfigError):
+        fed.round(state, key, learning_rate=1.0, server_learning_rate=0.0)

@@ -127,6 +127,11 @@ def test_config_checks_and_accounting_events():
         LocalConfig(sampling="shuffle")
     with pytest.raises(ConfigError):
         LocalConfig(density=0.0)
+    with pytest.raises(ConfigError):
+        LocalConfig(optimizer="rmsprop")
+    with pytest.raises(ConfigError):
+        LocalConfig(optimizer="adam", momentum=0.9)  # adam brings its own
+    assert LocalConfig(optimizer="adam").optimizer == "adam"
     event = DP.dp_steps(1.1, 500)
     assert event.sampling_rate == pytest.approx(32 / 500)
     assert event.capacity == DP.physical_batch == 32 + 17
