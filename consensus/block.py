@@ -56,8 +56,10 @@ __all__ = [
     "BlockHeader",
     "check_body",
     "decode_block",
+    "decode_certificate",
     "decode_header",
     "encode_block",
+    "encode_certificate",
     "results_root",
     "tx_root",
 ]
@@ -144,7 +146,7 @@ def results_root(results: Sequence[TxResult]) -> bytes:
 
 def encode_block(block: Block) -> bytes:
     cert = block.certificate
-    votes = None if cert is None else [cert.view, [[key, sig] for key, sig in cert.votes]]
+    votes = None if cert is None else encode_certificate(cert)
     return msgpack.packb(
         [
             block.header.as_list(),
@@ -232,35 +234,39 @@ def decode_block(
         results.append(TxResult(r[0], r[1]))
     certificate = None
     if raw_votes is not None:
-        if (
-            type(raw_votes) is not list
-            or len(raw_votes) != 2
-            or type(raw_votes[0]) is not int
-            or not 0 <= raw_votes[0] < 2**63
-        ):
-            raise MalformedMessage("a certificate is [view, votes]")
-        view, raw_votes = raw_votes
-        if type(raw_votes) is not list or any(
-            type(v) is not list
-            or len(v) != 2
-            or type(v[0]) is not bytes
-            or len(v[0]) != PUBLIC_KEY_BYTES
-            or type(v[1]) is not bytes
-            or len(v[1]) != SIGNATURE_BYTES
-            for v in raw_votes
-        ):
-            raise MalformedMessage("votes are [32-byte key, 64-byte signature] pairs")
-        keys = [v[0] for v in raw_votes]
-        if any(a >= b for a, b in itertools.pairwise(keys)):
-            raise MalformedMessage("votes are sorted by distinct keys")
         certified = NULL_DIGEST if header.proposer == NULL_PROPOSER else header.hash
-        certificate = CommitCertificate(
-            header.height, certified, tuple((k, s) for k, s in raw_votes), view
-        )
+        certificate = decode_certificate(raw_votes, header.height, certified)
     block = Block(header, txs, tuple(results), certificate)
     if encode_block(block) != data:
         raise MalformedMessage("non-canonical block encoding")
     return block
+
+
+def encode_certificate(cert: CommitCertificate) -> list[object]:
+    """``[view, [[key, signature], ...]]``: the votes sorted by key (as
+    ``CommitCertificate.of`` keeps them); height and digest are the block's."""
+    return [cert.view, [[key, sig] for key, sig in cert.votes]]
+
+
+def decode_certificate(value: object, height: int, certified: bytes) -> CommitCertificate:
+    """The certificate for ``certified`` at ``height`` from its wire form,
+    strictly (shape, sizes, sorted distinct keys); signatures unchecked."""
+    if type(value) is not list or len(value) != 2 or not _is_u63(value[0]):
+        raise MalformedMessage("a certificate is [view, votes]")
+    view, raw_votes = value
+    if type(raw_votes) is not list or any(
+        type(v) is not list
+        or len(v) != 2
+        or type(v[0]) is not bytes
+        or len(v[0]) != PUBLIC_KEY_BYTES
+        or type(v[1]) is not bytes
+        or len(v[1]) != SIGNATURE_BYTES
+        for v in raw_votes
+    ):
+        raise MalformedMessage("votes are [32-byte key, 64-byte signature] pairs")
+    if any(a[0] >= b[0] for a, b in itertools.pairwise(raw_votes)):
+        raise MalformedMessage("votes are sorted by distinct keys")
+    return CommitCertificate(height, certified, tuple((k, s) for k, s in raw_votes), view)
 
 
 def check_body(block: Block) -> None:

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, PeerId
+from fedchain.p2p.identity import PeerId
 from fedchain.p2p.wire import pack_body, unpack_body
 
 from . import merkle
-from .block import Block, BlockHeader, decode_header
+from .block import Block, BlockHeader, decode_certificate, decode_header, encode_certificate
 from .contracts import TxResult
 from .errors import MalformedMessage
 from .state import MAX_KEY_BYTES, ProofLeaf, StateProof, decode_value, verify_state_proof
@@ -88,27 +88,6 @@ def _path(value: object) -> tuple[bytes, ...]:
     if type(value) is not list or len(value) > MAX_PATH or not all(map(_is_hash, value)):
         raise MalformedMessage("a Merkle path is a list of up to 64 hashes")
     return tuple(value)
-
-
-def _encode_certificate(cert: CommitCertificate) -> list[object]:
-    return [cert.view, [[key, sig] for key, sig in cert.votes]]
-
-
-def _decode_certificate(value: object, height: int, certified: bytes) -> CommitCertificate:
-    if type(value) is not list or len(value) != 2 or not _is_u63(value[0]):
-        raise MalformedMessage("a certificate is [view, votes]")
-    view, votes = value
-    if type(votes) is not list or any(
-        type(v) is not list
-        or len(v) != 2
-        or type(v[0]) is not bytes
-        or len(v[0]) != PUBLIC_KEY_BYTES
-        or type(v[1]) is not bytes
-        or len(v[1]) != SIGNATURE_BYTES
-        for v in votes
-    ):
-        raise MalformedMessage("votes are [32-byte key, 64-byte signature] pairs")
-    return CommitCertificate.of(height, certified, [(k, s) for k, s in votes], view=view)
 
 
 def _certified(header: BlockHeader) -> bytes:
@@ -176,7 +155,7 @@ class CommitProof:
     def as_list(self) -> list[object]:
         return [
             self.header.as_list(),
-            _encode_certificate(self.certificate),
+            encode_certificate(self.certificate),
             self.index,
             self.size,
             list(self.tx_path),
@@ -203,7 +182,7 @@ class CommitProof:
             raise MalformedMessage("a result is [status, reason]")
         return cls(
             header,
-            _decode_certificate(raw_cert, header.height, _certified(header)),
+            decode_certificate(raw_cert, header.height, _certified(header)),
             index,
             size,
             _path(tx_path),
@@ -271,7 +250,7 @@ class QueryAnswer(NamedTuple):
             self.key,
             encoded_value,
             self.header.as_list(),
-            _encode_certificate(self.certificate),
+            encode_certificate(self.certificate),
             _encode_state_proof(self.proof),
         ]
 
@@ -289,7 +268,7 @@ class QueryAnswer(NamedTuple):
             key,
             None if encoded is None else decode_value(encoded),
             header,
-            _decode_certificate(raw_cert, header.height, _certified(header)),
+            decode_certificate(raw_cert, header.height, _certified(header)),
             _decode_state_proof(raw_proof),
         )
 
