@@ -58,6 +58,7 @@ __all__ = [
     "decode_block",
     "decode_certificate",
     "decode_header",
+    "decode_result",
     "encode_block",
     "encode_certificate",
     "results_root",
@@ -219,19 +220,7 @@ def decode_block(
             else decode_transaction(t, max_bytes=max_tx_bytes)
             for t in raw_txs
         )
-    results = []
-    for r in raw_results:
-        if (
-            type(r) is not list
-            or len(r) != 2
-            or r[0] not in (0, 1)
-            or type(r[0]) is not int
-            or type(r[1]) is not str
-            or len(r[1]) > MAX_REASON_CHARS
-            or (r[0] == 0 and r[1])
-        ):
-            raise MalformedMessage("a result is [0, ''] or [1, reason]")
-        results.append(TxResult(r[0], r[1]))
+    results = [decode_result(r) for r in raw_results]
     certificate = None
     if raw_votes is not None:
         certified = NULL_DIGEST if header.proposer == NULL_PROPOSER else header.hash
@@ -240,6 +229,21 @@ def decode_block(
     if encode_block(block) != data:
         raise MalformedMessage("non-canonical block encoding")
     return block
+
+
+def decode_result(value: object) -> TxResult:
+    """A transaction's result from ``[0, ""]`` (ok) or ``[1, reason]``."""
+    if (
+        type(value) is not list
+        or len(value) != 2
+        or value[0] not in (0, 1)
+        or type(value[0]) is not int
+        or type(value[1]) is not str
+        or len(value[1]) > MAX_REASON_CHARS
+        or (value[0] == 0 and value[1])
+    ):
+        raise MalformedMessage("a result is [0, ''] or [1, reason]")
+    return TxResult(value[0], value[1])
 
 
 def encode_certificate(cert: CommitCertificate) -> list[object]:

@@ -36,7 +36,14 @@ from fedchain.p2p.identity import PeerId
 from fedchain.p2p.wire import pack_body, unpack_body
 
 from . import merkle
-from .block import Block, BlockHeader, decode_certificate, decode_header, encode_certificate
+from .block import (
+    Block,
+    BlockHeader,
+    decode_certificate,
+    decode_header,
+    decode_result,
+    encode_certificate,
+)
 from .contracts import TxResult
 from .errors import MalformedMessage
 from .state import MAX_KEY_BYTES, ProofLeaf, StateProof, decode_value, verify_state_proof
@@ -171,22 +178,13 @@ class CommitProof:
         header = decode_header(raw_header)
         if not (_is_u63(index) and _is_u63(size)) or index >= size:
             raise MalformedMessage("index and size are integers with index < size")
-        if (
-            type(raw_result) is not list
-            or len(raw_result) != 2
-            or raw_result[0] not in (0, 1)
-            or type(raw_result[0]) is not int
-            or type(raw_result[1]) is not str
-            or len(raw_result[1]) > MAX_REASON_CHARS
-        ):
-            raise MalformedMessage("a result is [status, reason]")
         return cls(
             header,
             decode_certificate(raw_cert, header.height, _certified(header)),
             index,
             size,
             _path(tx_path),
-            TxResult(raw_result[0], raw_result[1]),
+            decode_result(raw_result),
             _path(result_path),
         )
 
