@@ -50,6 +50,7 @@ from .client_api import (
 )
 from .contracts import next_nonce
 from .errors import DuplicateTransaction, MempoolFull
+from .pbft import Mode
 from .replica import LedgerReplica
 from .tx import Transaction
 
@@ -257,6 +258,8 @@ class LedgerService:
         progressed, self._reforward_height = height != self._reforward_height, height
         if progressed or replica is None or replica.is_primary or ledger.pending() == 0:
             return
+        if replica.mode is not Mode.NORMAL:
+            return  # the view is changing: the next primary proposes from its own pool
         if len(ledger.mempool.in_flight):
             return  # the primary is proposing: it is slow, not idle
         txs = ledger.mempool.reap(
