@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             "query_answers_s_in_process": query_in_process,
             "png": str(png),
             "virtual": virtual,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(children=False),
             "peak_rss_validator_bytes": children,
         },
     )

@@ -382,7 +382,7 @@ def _figures(
         "view": max(ledger.replica.view for ledger in ledgers),
         "null_blocks": max(ledger.null_blocks for ledger in ledgers),
         "tip_hash": ledgers[0].store.get(height).block_hash.hex(),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(children=False),
     }
 
 

@@ -14,12 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process and its waited-for children."""
+def peak_rss_bytes(*, children: bool = True) -> int:
+    """Peak resident set size of this process and (unless ``children`` is
+    false) of its largest waited-for child."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if children else 0
     scale = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB
-    return max(own, children) * scale
+    return max(own, child) * scale
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
