@@ -23,6 +23,7 @@ import trio
 from fedchain.p2p.identity import Identity, PeerId, SignatureMemo
 from fedchain.p2p.node import Node
 from fedchain.p2p.tcp import Address, TcpConfig, TcpTransport, open_tcp_transport
+from fedchain.p2p.wire import MessageType
 
 from .chain import Executor
 from .genesis import Genesis
@@ -76,7 +77,12 @@ async def open_ledger_node(
     async with open_tcp_transport(
         identity, allowed=allowed, rng=rng, listen=listen, peers=peers, config=tcp
     ) as transport:
-        node = Node(identity, transport, start_seq=time.time_ns() // 1000)
+        node = Node(
+            identity,
+            transport,
+            start_seq=time.time_ns() // 1000,
+            priority=(MessageType.CONSENSUS, MessageType.BLOCK_SYNC),
+        )
         ledger = LedgerReplica(
             node,
             Executor(genesis, cache_blocks=16, signatures=signatures, votes=SignatureMemo()),

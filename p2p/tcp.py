@@ -326,6 +326,11 @@ class TcpTransport:
         state.queued_bytes += len(frame)
         return True
 
+    def receive_nowait(self) -> tuple[PeerId, bytes]:
+        """The next inbound ``(peer, frame)`` if one is queued, else
+        ``trio.WouldBlock`` (a node draining for priority uses it)."""
+        return self._inbound_recv.receive_nowait()
+
     async def receive(self) -> tuple[PeerId, bytes]:
         """The next inbound ``(peer, frame)``; ``trio.EndOfChannel`` once closed."""
         return await self._inbound_recv.receive()

@@ -140,3 +140,64 @@ async def test_register_twice_is_a_programming_error(net, make_identities):
     node.register(MessageType.PING, lambda p, e: None)
     with pytest.raises(ValueError):
         node.register(MessageType.PING, lambda p, e: None)
+
+
+async def test_priority_types_overtake_a_queue_of_others_over_tcp() -> None:
+    """A busy node with ``priority={CONSENSUS}`` handles a CONSENSUS frame
+    that arrived behind a queue of GOSSIP frames before most of them; without
+    priority it waits its turn."""
+    import time
+
+    import numpy as np
+
+    from fedchain.p2p.identity import Identity
+    from fedchain.p2p.tcp import TcpConfig, open_tcp_transport
+
+    async def order_seen(priority: tuple[int, ...]) -> int:
+        alice, bob = Identity(b"p" * 32), Identity(b"q" * 32)
+        seen: list[int] = []
+        done = trio.Event()
+
+        def slow(peer, envelope) -> None:
+            seen.append(envelope.type)
+            end = time.perf_counter() + 0.002  # a busy handler: frames queue up
+            while time.perf_counter() < end:
+                pass
+
+        def urgent(peer, envelope) -> None:
+            seen.append(envelope.type)
+            done.set()
+
+        config = TcpConfig(backoff_initial=0.02)
+        keys = [alice.public_key, bob.public_key]
+        with trio.fail_after(20):
+            async with open_tcp_transport(
+                bob, allowed=keys, rng=np.random.default_rng(1), config=config
+            ) as bob_transport:
+                receiver = Node(bob, bob_transport, priority=priority)
+                receiver.register(MessageType.GOSSIP, slow)
+                receiver.register(MessageType.CONSENSUS, urgent)
+                async with (
+                    open_tcp_transport(
+                        alice,
+                        allowed=keys,
+                        rng=np.random.default_rng(2),
+                        listen=None,
+                        peers={bob.public_key: bob_transport.listen_address},
+                        config=config,
+                    ) as alice_transport,
+                    open_node(alice, alice_transport) as sender,
+                    trio.open_nursery() as nursery,
+                ):
+                    await alice_transport.wait_connected(bob.public_key)
+                    for n in range(300):
+                        sender.send(bob.public_key, MessageType.GOSSIP, msgpack.packb(n))
+                    sender.send(bob.public_key, MessageType.CONSENSUS, msgpack.packb("now"))
+                    await trio.sleep(0.05)  # everything is on bob's side
+                    nursery.start_soon(receiver.run)
+                    await done.wait()
+                    nursery.cancel_scope.cancel()
+        return seen.index(MessageType.CONSENSUS)
+
+    assert await order_seen((MessageType.CONSENSUS,)) < 10
+    assert await order_seen(()) == 300
