@@ -10,6 +10,8 @@ invariants and the tests that check them. ``consensus`` builds on
 
 from .block import Block, BlockHeader, decode_block, encode_block
 from .chain import ChainReport, ChainTip, Executor, verify_chain
+from .client import LedgerClient, UntrustedAnswer
+from .client_api import CommitProof, QueryAnswer, SubmitStatus
 from .contracts import BlockContext, Contract, ContractRegistry, TxResult, default_registry
 from .errors import (
     ChainBroken,
@@ -27,6 +29,8 @@ from .errors import (
 from .genesis import ConsensusParams, Genesis, decode_genesis
 from .mempool import Mempool
 from .pbft import Follower, PbftConfig, Replica
+from .replica import LedgerReplica
+from .service import LedgerService
 from .state import State, verify_state_proof
 from .store import BlockStore, MemoryBlockStore, SqliteBlockStore, StoredBlock, open_block_store
 from .tx import Transaction, decode_transaction, sign_transaction
@@ -41,6 +45,7 @@ __all__ = [
     "ChainReport",
     "ChainTip",
     "CommitCertificate",
+    "CommitProof",
     "ConsensusError",
     "ConsensusParams",
     "Contract",
@@ -53,19 +58,25 @@ __all__ = [
     "InvalidBlock",
     "InvalidCertificate",
     "InvalidSignature",
+    "LedgerClient",
+    "LedgerReplica",
+    "LedgerService",
     "MalformedMessage",
     "MemoryBlockStore",
     "Mempool",
     "MempoolFull",
     "PbftConfig",
+    "QueryAnswer",
     "Replica",
     "SqliteBlockStore",
     "State",
     "StoreCorrupted",
     "StoreError",
     "StoredBlock",
+    "SubmitStatus",
     "Transaction",
     "TxResult",
+    "UntrustedAnswer",
     "decode_block",
     "decode_genesis",
     "decode_transaction",
