@@ -151,12 +151,14 @@ class LedgerService:
         return CommitProof.of_block(block, index)
 
     async def wait_committed(self, digest: bytes, timeout: float = math.inf) -> CommitProof:
-        """Wait until ``digest`` commits; its proof. trio.TooSlowError on timeout."""
+        """Wait until ``digest`` commits; its proof. trio.TooSlowError on
+        timeout, MempoolFull (busy) when ``max_waiters`` already wait."""
         proof = self.proof_of(digest)
         if proof is not None:
             return proof
         event = trio.Event()
-        self._add_waiter(digest, None, event)
+        if not self._add_waiter(digest, None, event):
+            raise MempoolFull(f"busy: {self.max_waiters} waiters already")
         try:
             with trio.fail_after(timeout):
                 await event.wait()

@@ -131,3 +131,21 @@ async def test_a_full_mempool_answers_busy_and_keeps_its_bound(tmp_path) -> None
         with pytest.raises(MempoolFull):
             alone.service.submit(txs[29].encoded)
     store.close()
+
+
+async def test_waiters_are_bounded_and_time_out(tmp_path) -> None:
+    validators = sorted(_identities(3, 4), key=lambda i: i.public_key)
+    genesis = Genesis.create(CHAIN, 1_000, [v.public_key for v in validators])
+    store = SqliteBlockStore(tmp_path / "alone.sqlite")
+    async with open_ledger_node(validators[0], genesis, store, tcp=TCP) as alone:
+        alone.service.max_waiters = 1
+        with pytest.raises(trio.TooSlowError):
+            await alone.service.wait_committed(bytes(32), timeout=0.05)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(alone.service.wait_committed, bytes(32), 5.0)
+            await trio.sleep(0.01)
+            with pytest.raises(MempoolFull):
+                await alone.service.wait_committed(bytes(range(32)), timeout=1.0)
+            nursery.cancel_scope.cancel()
+        assert alone.service._waiting == 0
+    store.close()
