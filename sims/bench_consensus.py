@@ -55,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import resource
     import tempfile
 
     import trio
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     query_in_process = measure_query_in_process(args.seed)
     with tempfile.TemporaryDirectory(prefix="fedchain-bench-") as tmp:
         homes = args.keep or Path(tmp)
-        points, queries = trio.run(_real_clock, args, rates, query_rates, homes)
+        points, queries, validator_rss = trio.run(_real_clock, args, rates, query_rates, homes)
     peak = max((p["committed_tx_s"] for p in points), default=0.0)
     print_table(
         f"PBFT, {args.validators} validators (processes, TCP, SQLite), real clock",
@@ -117,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
                 ]
             ],
         )
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     emit_json(
         "consensus",
         {
@@ -133,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             "png": str(png),
             "virtual": virtual,
             "peak_rss_bytes": peak_rss_bytes(children=False),
-            "peak_rss_validator_bytes": children,
+            "peak_rss_validator_bytes": validator_rss,
         },
     )
     return 0
@@ -289,6 +287,19 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
     return [load_home(h) for h in homes], processes
 
 
+def _peak_rss_of(pid: int) -> int:
+    """A live process's peak RSS (Linux ``VmHWM``; 0 where unknown). Not
+    RUSAGE_CHILDREN: a child's maxrss there includes the parent's pages it
+    shared between fork and exec."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 async def _real_clock(
     args: argparse.Namespace, rates: list[int], query_rates: list[int], tmp: Path
 ):
@@ -296,7 +307,8 @@ async def _real_clock(
 
     homes, processes = await _start_validators(args, tmp)
     try:
-        return await _drive(args, rates, query_rates, homes)
+        points, queries = await _drive(args, rates, query_rates, homes)
+        return points, queries, max(_peak_rss_of(p.pid) for p in processes)
     finally:
         for process in processes:
             process.terminate()
@@ -440,6 +452,12 @@ async def _drive(args, rates, query_rates, homes):
                     }
                 )
                 print(queries[-1], flush=True)
+            # Let the nodes work off what is still queued (answers stop
+            # arriving) before the next write point measures them.
+            last = -1
+            while answers["count"] != last:
+                last = answers["count"]
+                await trio.sleep(1.0)
 
         points = []
         cursor = 0
