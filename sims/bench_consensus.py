@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             "png": str(png),
             "virtual": virtual,
             "peak_rss_bytes": peak_rss_bytes(children=False),
-            "peak_rss_validator_bytes": validator_rss,
+            "validator_rss_at_end_bytes": validator_rss,
         },
     )
     return 0
@@ -287,13 +287,13 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
     return [load_home(h) for h in homes], processes
 
 
-def _peak_rss_of(pid: int) -> int:
-    """A live process's peak RSS (Linux ``VmHWM``; 0 where unknown). Not
-    RUSAGE_CHILDREN: a child's maxrss there includes the parent's pages it
-    shared between fork and exec."""
+def _rss_of(pid: int) -> int:
+    """A live process's resident set now (Linux ``VmRSS``; 0 where unknown).
+    Not its peak: both RUSAGE_CHILDREN and ``VmHWM`` count the parent's pages
+    a child shared between fork and exec."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -308,7 +308,7 @@ async def _real_clock(
     homes, processes = await _start_validators(args, tmp)
     try:
         points, queries = await _drive(args, rates, query_rates, homes)
-        return points, queries, max(_peak_rss_of(p.pid) for p in processes)
+        return points, queries, max(_rss_of(p.pid) for p in processes)
     finally:
         for process in processes:
             process.terminate()
