@@ -3,7 +3,8 @@
 Runs until interrupted (Ctrl-C or SIGTERM), storing blocks in
 ``DIR/chain.sqlite``; restarted on the same home, it replays its store and
 catches up from its peers. Prints one JSON line when it is listening, then
-one status line every ``--status-every`` seconds (height, view, mempool).
+one status line every ``--status-every`` seconds on stderr (height, epoch and
+role, mempool, PBFT's view and unexecuted slots, refusals, transport counters).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                                 "mempool": len(ledger.mempool),
                                 "pending": ledger.mempool.pending,
                                 "in_flight": len(ledger.mempool.in_flight),
-                                "refused": dict(ledger.replica.refused),
+                                "refused": dict(ledger.replica.refused) if ledger.replica else {},
                                 "pbft": pbft_status(ledger.replica) if ledger.replica else None,
                                 "node": {
                                     k: v
