@@ -211,15 +211,11 @@ def decode_block(
         raise MalformedMessage("transactions and results are arrays")
     if len(raw_txs) != len(raw_results):
         raise MalformedMessage("one result per transaction")
-    if known is None:
-        txs = tuple(decode_transaction(t, max_bytes=max_tx_bytes) for t in raw_txs)
-    else:
-        txs = tuple(
-            known(t) or decode_transaction(t, max_bytes=max_tx_bytes)
-            if type(t) is bytes
-            else decode_transaction(t, max_bytes=max_tx_bytes)
-            for t in raw_txs
-        )
+    lookup = known if known is not None else lambda raw: None
+    txs = tuple(
+        (type(t) is bytes and lookup(t)) or decode_transaction(t, max_bytes=max_tx_bytes)
+        for t in raw_txs
+    )
     results = [decode_result(r) for r in raw_results]
     certificate = None
     if raw_votes is not None:

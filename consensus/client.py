@@ -34,6 +34,11 @@ from .tx import decode_transaction
 __all__ = ["LedgerClient", "NodeError", "SubmitRefused", "UntrustedAnswer"]
 
 
+_REPLIES = frozenset(
+    {ClientOp.SUBMITTED, ClientOp.COMMIT, ClientOp.ANSWER, ClientOp.BLOCK, ClientOp.ERROR}
+)
+
+
 class UntrustedAnswer(ConsensusError):
     """A node's answer does not verify against the trusted validator set."""
 
@@ -84,14 +89,18 @@ class LedgerClient:
             self.node.counters["client.not_from_server"] += 1
             return
         fields = decode_client_message(envelope.body)
-        op, request = fields[0], fields[1] if len(fields) > 1 else None
+        op = fields[0]
+        if op not in _REPLIES:  # a request sent to a client: nothing to answer
+            self.node.counters["client.unexpected"] += 1
+            return
+        request = fields[1]
         if op == ClientOp.BLOCK and request in self._streams:
             try:
                 self._streams[request].send_nowait((fields[2], fields[3]))
             except trio.WouldBlock:
                 self.node.counters["client.notice_dropped"] += 1
             return
-        waiting = self._pending.pop(request, None)  # type: ignore[arg-type]
+        waiting = self._pending.pop(request, None)
         if waiting is None:
             self.node.counters["client.unexpected"] += 1
             return

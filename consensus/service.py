@@ -232,17 +232,16 @@ class LedgerService:
         if self._forward_timer is not None:
             self._forward_timer.cancel()
             self._forward_timer = None
-        while self._forward:
-            batch, self._forward = (
-                self._forward[: self.forward_batch],
-                self._forward[self.forward_batch :],
-            )
-            frame = self.node.sign(
-                MessageType.CLIENT, encode_client_message(ClientOp.FORWARD, batch)
-            ).frame
-            for peer in self.ledger.validators:
-                if peer != self.node.id:
-                    self.node.send_frame(peer, frame)
+        pending, self._forward = self._forward, []
+        self._send_forwards(pending, [v for v in self.ledger.validators if v != self.node.id])
+
+    def _send_forwards(self, txs: list[bytes], peers: list[PeerId]) -> None:
+        """FORWARD ``txs`` to ``peers`` in batches, one signed frame per batch."""
+        for start in range(0, len(txs), self.forward_batch):
+            body = encode_client_message(ClientOp.FORWARD, txs[start : start + self.forward_batch])
+            frame = self.node.sign(MessageType.CLIENT, body).frame
+            for peer in peers:
+                self.node.send_frame(peer, frame)
 
     def _reforward(self) -> None:
         """PBFT's rule for a backup that holds requests the primary does not
@@ -270,11 +269,7 @@ class LedgerService:
             exclude=ledger.mempool.in_flight,
             next_nonce=lambda sender: next_nonce(ledger.tip.state, sender),
         )
-        primary = replica.primary(replica.view)
-        for start in range(0, len(txs), self.forward_batch):
-            batch = [tx.encoded for tx in txs[start : start + self.forward_batch]]
-            body = encode_client_message(ClientOp.FORWARD, batch)
-            self.node.send(primary, MessageType.CLIENT, body)
+        self._send_forwards([tx.encoded for tx in txs], [replica.primary(replica.view)])
         self.node.counters["client.reforwarded"] += len(txs)
 
     # -- the CLIENT channel ------------------------------------------------------

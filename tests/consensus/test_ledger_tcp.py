@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from fedchain.consensus.client import LedgerClient, UntrustedAnswer
-from fedchain.consensus.client_api import SubmitStatus
+from fedchain.consensus.client_api import ClientOp, SubmitStatus, encode_client_message
 from fedchain.consensus.contracts import kv_key, kv_set
 from fedchain.consensus.errors import MempoolFull
 from fedchain.consensus.genesis import Genesis
@@ -23,6 +23,7 @@ from fedchain.consensus.tx import sign_transaction
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.node import open_node
 from fedchain.p2p.tcp import TcpConfig, open_tcp_transport
+from fedchain.p2p.wire import MessageType
 
 CHAIN = "tcp-ledger"
 TCP = TcpConfig(backoff_initial=0.02, backoff_max=0.2)
@@ -89,6 +90,23 @@ async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) 
             assert all(p.result.ok for p in proofs)
             assert [p.height for p in proofs] == sorted(p.height for p in proofs)
 
+            # Requests sent to a client (here by its own server) are counted
+            # and dropped, never taken for replies, even while a request of
+            # the client's own is pending (its ids are looked up then).
+            never = sign_transaction(
+                alice, CHAIN, type="kv", content=kv_set("never", 0), nonce=99, timestamp=0
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: client.wait_committed(never.encoded, timeout=20))
+                await trio.sleep(0.05)
+                for body in (
+                    encode_client_message(ClientOp.FORWARD, [b"x"]),
+                    encode_client_message(ClientOp.SUBMIT, 1, []),
+                ):
+                    server.node.send(alice.public_key, MessageType.CLIENT, body)
+                while node.counters["client.unexpected"] < 2:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
             answer = await client.query(kv_key(alice.public_key, "k7"))
             assert answer.value == 7 and answer.height >= proofs[7].height
             missing = await client.query(kv_key(alice.public_key, "nope"))
