@@ -56,6 +56,7 @@ async def open_ledger_node(
     pbft: PbftConfig | None = None,
     tcp: TcpConfig | None = None,
     mempool_txs: int = 20_000,
+    queue_seconds: float | None = 2.0,
     open_to_clients: bool = True,
     seed: int = 0,
 ) -> AsyncIterator[LedgerNode]:
@@ -66,7 +67,7 @@ async def open_ledger_node(
     followers; only validators' CONSENSUS messages count, which PBFT
     checks); otherwise only validators may. The node's sequence numbers
     start from the wall clock, so a restarted node is never taken for a
-    replay."""
+    replay. ``queue_seconds``: see :class:`LedgerReplica`."""
     validators = frozenset(genesis.validators)
 
     def allowed(peer: PeerId) -> bool:
@@ -89,6 +90,7 @@ async def open_ledger_node(
             store,
             Mempool(genesis.chain_id, max_txs=mempool_txs, signatures=signatures),
             pbft,
+            queue_seconds=queue_seconds,
         )
         service = LedgerService(ledger)
         async with trio.open_nursery() as nursery:

@@ -5,7 +5,9 @@ Why these choices:
 - Bounded in transactions and bytes, and per sender, with an explicit
   :class:`MempoolFull` (the client's "busy") instead of growing: the
   paper's throughput collapses past saturation; ours refuses early and
-  cheaply so the node keeps its peak.
+  cheaply so the node keeps its peak. Clients' room (``client_limit``) is
+  further paced by the commit rate (:mod:`.admission`), so what is
+  admitted under overload commits within a target delay.
 - Checks run cheapest first (size, decode, duplicate, room) and the
   Ed25519 signature last, once; :meth:`Mempool.verified` then lets block
   validation skip that exact transaction, so a replica verifies each
@@ -57,6 +59,10 @@ class Mempool:
         self.max_bytes = max_bytes
         self.forwarded_headroom = forwarded_headroom
         """Forwarded transactions may fill (1 + this) x the bounds; see :meth:`add`."""
+        self.client_limit = max_txs
+        """Clients' submissions are refused (busy) while this many of the
+        held transactions came from clients rather than as forwards;
+        :class:`~fedchain.consensus.admission.CommitPacedLimit` moves it."""
         self.max_per_sender = max_per_sender
         self.max_tx_bytes = max_tx_bytes
         self.remember_committed = remember_committed
@@ -66,6 +72,7 @@ class Mempool:
         self._committed: OrderedDict[bytes, None] = OrderedDict()
         self._bytes = 0
         self._by_encoding: dict[bytes, Transaction] = {}
+        self._from_clients: set[bytes] = set()
         self._in_flight: set[bytes] = set()
         self._in_flight_here = 0
         """How many of ``_in_flight`` this pool holds, kept as both change."""
@@ -121,11 +128,19 @@ class Mempool:
         queue = self._queues.get(tx.sender)
         if queue is not None and len(queue) >= self.max_per_sender:
             raise MempoolFull("this sender has too many pending transactions")
+        # A transaction below its sender's highest held nonce fills a gap:
+        # never paced, or held transactions behind gaps could take all the
+        # clients' room and refuse the very ones that would let them commit.
+        fills_gap = queue is not None and tx.nonce < queue[-1][0]
+        if not forwarded and not fills_gap and len(self._from_clients) >= self.client_limit:
+            raise MempoolFull("busy: more queued than the chain commits in its target delay")
         ok = self.signatures.verify(tx) if self.signatures else tx.verify(self.chain_id)
         if not ok:
             raise InvalidSignature(f"transaction {digest.hex()[:16]} has a bad signature")
         self._txs[digest] = tx
         self._by_encoding[tx.encoded] = tx
+        if not forwarded:
+            self._from_clients.add(digest)
         if digest in self._in_flight:
             self._in_flight_here += 1
         self._nonces[(tx.sender, tx.nonce)] = digest
@@ -311,6 +326,7 @@ class Mempool:
             if tx is None:
                 continue
             del self._by_encoding[tx.encoded]
+            self._from_clients.discard(digest)
             if digest in self._in_flight:
                 self._in_flight_here -= 1
             self._bytes -= len(tx.encoded)

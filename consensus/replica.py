@@ -101,6 +101,7 @@ from fedchain.p2p.identity import PeerId
 from fedchain.p2p.node import Node, Timer
 from fedchain.p2p.wire import Envelope, MessageType, unpack_body
 
+from .admission import CommitPacedLimit
 from .block import Block, decode_block, encode_block
 from .chain import ChainTip, Executor
 from .contracts import epoch_chain_id, next_nonce
@@ -183,7 +184,9 @@ class LedgerReplica:
     ``timestamp_ms`` gives proposal timestamps (a simulation passes its
     virtual clock so runs are reproducible); ``follow_interval`` is how
     often a follower asks for blocks (default: PBFT's retransmission
-    interval). Call :meth:`start` once the node is running.
+    interval). ``queue_seconds`` paces clients' admissions by the commit
+    rate (:mod:`.admission`; None: only the mempool's static bounds). Call
+    :meth:`start` once the node is running.
     """
 
     def __init__(
@@ -197,6 +200,7 @@ class LedgerReplica:
         timestamp_ms: Callable[[], int] = _wall_ms,
         follow_interval: float | None = None,
         messages: MessageCache | None = None,
+        queue_seconds: float | None = 2.0,
     ) -> None:
         """``executor.votes`` (a SignatureMemo) also serves PBFT's message
         checks, so a commit vote is verified once, as a COMMIT, and not again
@@ -217,6 +221,11 @@ class LedgerReplica:
         self.messages = messages
         self.params = genesis.params
         self.config = config or PbftConfig()
+        self.admission = (
+            None
+            if queue_seconds is None
+            else CommitPacedLimit(floor=2 * self.config.batch_size, queue_seconds=queue_seconds)
+        )
         self.follow_interval = (
             follow_interval if follow_interval is not None else self.config.retransmit_interval
         )
@@ -516,6 +525,11 @@ class LedgerReplica:
         if certified.txs:
             self.mempool.remove_committed(tx.digest for tx in certified.txs)
             self.mempool.advance(tx.sender for tx in certified.txs)
+        if self.admission is not None:
+            limit = self.admission.committed(
+                self.node.now(), len(certified.txs), max(1, len(self.validators))
+            )
+            self.mempool.client_limit = min(self.mempool.max_txs, limit)
         if tip.height in self._spec:
             self._forget(tip.height)
         for listener in self.on_commit:

@@ -41,11 +41,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mempool", type=int, default=3000, help="each validator's mempool bound (transactions)"
     )
+    parser.add_argument(
+        "--queue-seconds",
+        type=float,
+        default=2.0,
+        help="validators' admission pacing (fedchain node --queue-seconds; 0: off)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-consensus"), help="PNG folder")
     parser.add_argument("--virtual-validators", type=int, default=100)
     parser.add_argument("--virtual-blocks", type=int, default=100)
     parser.add_argument("--skip-virtual", action="store_true", help="only the real-clock part")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="validators keep CPython's default collector thresholds (fedchain node --default-gc)",
+    )
     parser.add_argument(
         "--keep",
         type=Path,
@@ -73,7 +84,15 @@ def run(args: argparse.Namespace) -> int:
     peak = max((p["committed_tx_s"] for p in points), default=0.0)
     print_table(
         f"PBFT, {args.validators} validators (processes, TCP, SQLite), real clock",
-        ["offered tx/s", "committed tx/s", "p50 ms", "p99 ms", "busy", "accepted"],
+        [
+            "offered tx/s",
+            "committed tx/s",
+            "p50 ms",
+            "p99 ms",
+            "busy",
+            "accepted",
+            "CPU µs/tx/validator",
+        ],
         [
             [
                 p["offered_tx_s"],
@@ -82,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 p["p99_ms"],
                 p["busy"],
                 p["accepted"],
+                p["validator_cpu_us_per_tx"],
             ]
             for p in points
         ],
@@ -271,7 +291,9 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             str(args.mempool),
             "--status-every",
             "1",
-        ]
+            "--queue-seconds",
+            str(args.queue_seconds),
+        ] + (["--default-gc"] if args.default_gc else [])
         with open(home / "node.log", "wb") as log:  # the child keeps its own copy
             processes.append(
                 await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=log)
@@ -307,7 +329,8 @@ async def _real_clock(
 
     homes, processes = await _start_validators(args, tmp)
     try:
-        points, queries = await _drive(args, rates, query_rates, homes)
+        pids = [p.pid for p in processes]
+        points, queries = await _drive(args, rates, query_rates, homes, pids)
         return points, queries, max(_rss_of(p.pid) for p in processes)
     finally:
         for process in processes:
@@ -346,7 +369,21 @@ def _sign_load(chain_id: str, total: int, seed: int) -> list[bytes]:
     return out
 
 
-async def _drive(args, rates, query_rates, homes):
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the live processes ``pids`` used so far (Linux
+    ``/proc/PID/stat``; 0 where unknown). Per committed transaction, this is
+    the cost figure that a busy or shared machine distorts least."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def _drive(args, rates, query_rates, homes, pids):
     import math
 
     import numpy as np
@@ -467,6 +504,7 @@ async def _drive(args, rates, query_rates, homes):
             names = digests[cursor : cursor + count]
             cursor += count
             before = dict(statuses)
+            cpu_before = _cpu_seconds(pids)
             start = trio.current_time()
             per_tick = rate * TICK
             sent = 0
@@ -491,6 +529,7 @@ async def _drive(args, rates, query_rates, homes):
                 ):
                     await trio.sleep(0.1)
             await trio.sleep(0.2)
+            cpu = _cpu_seconds(pids) - cpu_before
             steady_from = start + min(1.0, args.seconds / 4)
             in_window = sum(1 for d in names if steady_from <= committed.get(d, -1) <= end)
             latencies = np.array([committed[d] - submitted[d] for d in names if d in committed])
@@ -507,6 +546,9 @@ async def _drive(args, rates, query_rates, homes):
                     "busy": statuses["busy"] - before["busy"],
                     "accepted": statuses["accepted"] - before["accepted"],
                     "committed": len(latencies),
+                    "validator_cpu_us_per_tx": round(cpu / len(pids) / len(latencies) * 1e6)
+                    if len(latencies)
+                    else None,
                 }
             )
             print(points[-1], flush=True)

@@ -313,6 +313,7 @@ def _build_validators(
             config,
             timestamp_ms=virtual_ms,
             messages=messages,
+            queue_seconds=None,  # the scripted load is admitted whole (see _multicast)
         )
         ledger.start()
         ledgers.append(ledger)

@@ -4,7 +4,7 @@ Runs until interrupted (Ctrl-C or SIGTERM), storing blocks in
 ``DIR/chain.sqlite``; restarted on the same home, it replays its store and
 catches up from its peers. Prints one JSON line when it is listening, then
 one status line every ``--status-every`` seconds on stderr (height, epoch and
-role, mempool, PBFT's view and unexecuted slots, refusals, transport counters).
+role, mempool and its client limit, PBFT's view and unexecuted slots, refusals, transport counters).
 """
 
 from __future__ import annotations
@@ -20,23 +20,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-timeout", type=float, default=0.02, help="seconds")
     parser.add_argument("--mempool", type=int, default=20_000, help="mempool bound (transactions)")
     parser.add_argument(
+        "--queue-seconds",
+        type=float,
+        default=2.0,
+        help="clients hear busy once more is queued than commits in this many seconds "
+        "(0: only the --mempool bound)",
+    )
+    parser.add_argument(
         "--view-timeout",
         type=float,
         default=5.0,
         help="seconds without progress before a view change (doubles per unproductive view); "
         "must exceed one full batch's validation on the slowest validator",
     )
+    parser.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="keep CPython's default garbage-collector thresholds (for comparison; "
+        "see fedchain.sims.collector)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import trio
 
+    from fedchain.sims.collector import tune_for_throughput
     from fedchain.sims.home import HomeError, load_home
 
     try:
         home = load_home(args.home)
     except HomeError as exc:
         raise SystemExit(f"fedchain node: {exc}") from exc
+    if not args.default_gc:
+        tune_for_throughput()
     trio.run(serve, home, args)
     return 0
 
@@ -87,6 +103,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                 peers=home.peers,
                 pbft=pbft,
                 mempool_txs=args.mempool,
+                queue_seconds=args.queue_seconds or None,
                 seed=home.index,
             ) as running:
                 host, port = running.transport.listen_address
@@ -109,6 +126,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                                 "role": "validator" if ledger.is_validator else "follower",
                                 "mempool": len(ledger.mempool),
                                 "pending": ledger.mempool.pending,
+                                "client_limit": ledger.mempool.client_limit,
                                 "in_flight": len(ledger.mempool.in_flight),
                                 "refused": dict(ledger.replica.refused) if ledger.replica else {},
                                 "pbft": pbft_status(ledger.replica) if ledger.replica else None,

@@ -201,3 +201,37 @@ def test_pending_counts_only_transactions_that_can_commit_next() -> None:
     pool.advance([USERS["b"].public_key])
     assert tx("b", 7).digest not in pool, "a nonce another transaction took is dropped"
     assert pool.pending == 2
+
+
+def test_the_client_limit_counts_and_refuses_clients_only() -> None:
+    pool = Mempool(CHAIN, max_txs=10)
+    pool.client_limit = 2
+    pool.add(tx("a", 0))
+    pool.add(tx("a", 1))
+    with pytest.raises(MempoolFull):
+        pool.add(tx("a", 2))
+    pool.add(tx("b", 0), forwarded=True)  # another validator admitted it
+    pool.add(tx("b", 1), forwarded=True)
+    pool.client_limit = 3  # forwards take none of the clients' room
+    pool.add(tx("a", 2))
+    assert len(pool) == 5
+    pool.remove_committed([tx("a", 0).digest, tx("a", 1).digest])
+    pool.add(tx("c", 0))  # what committed frees its room
+    pool.add(tx("c", 1))
+    with pytest.raises(MempoolFull):
+        pool.add(tx("c", 2))
+
+
+def test_a_transaction_filling_a_nonce_gap_is_never_paced() -> None:
+    """Held transactions behind a gap take the clients' room; refusing the
+    one that fills the gap would strand them all."""
+    pool = Mempool(CHAIN, max_txs=10)
+    pool.track_nonces(lambda sender: 0)
+    pool.client_limit = 2
+    pool.add(tx("a", 1))
+    pool.add(tx("a", 2))
+    assert pool.pending == 0
+    with pytest.raises(MempoolFull):
+        pool.add(tx("a", 3))  # beyond the run: paced
+    pool.add(tx("a", 0))  # fills the gap
+    assert pool.pending == 3

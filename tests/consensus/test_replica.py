@@ -15,7 +15,11 @@ import trio.testing
 from fedchain.consensus.block import decode_block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor, verify_chain
 from fedchain.consensus.contracts import kv_set
-from fedchain.consensus.errors import InvalidCertificate
+from fedchain.consensus.errors import (
+    DuplicateTransaction,
+    InvalidCertificate,
+    MempoolFull,
+)
 from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.pbft import PbftConfig
@@ -46,6 +50,7 @@ def _run_cluster(
     probes: dict[float, list[int]] | None = None,
     extra: bytes | None = None,
     multicast: bool = True,
+    busy: list[int] | None = None,
 ):
     rng = np.random.Generator(np.random.PCG64(seed))
     identities = [Identity(rng.bytes(32)) for _ in range(4)]
@@ -111,13 +116,28 @@ def _run_cluster(
             # Each client sends its transactions, in nonce order, to one
             # live validator, 10 ms apart: a steady stream over 2 s. On lossy
             # or partitioned links clients multicast (as PBFT's clients may),
-            # since a lost forward is not repeated.
-            def submit(k: int) -> None:
-                if (loss or partition) and multicast:
-                    for index in targets:
+            # since a lost forward is not repeated. A validator that answers
+            # busy (admission paced by commits: nothing commits during a
+            # partition) is asked again 0.2 s later, as a client would.
+            def submit(k: int, indices: list[int] | None = None) -> None:
+                if indices is None:
+                    if (loss or partition) and multicast:
+                        indices = targets
+                    else:
+                        indices = [targets[(k // PER_CLIENT) % len(targets)]]
+                refused = []
+                for index in indices:
+                    try:
                         services[index].submit(txs[k])
-                else:
-                    services[targets[(k // PER_CLIENT) % len(targets)]].submit(txs[k])
+                    except MempoolFull:
+                        refused.append(index)
+                    except DuplicateTransaction:  # a forward brought it meanwhile
+                        pass
+                if refused:
+                    if busy is not None:
+                        busy.append(len(refused))
+                    retry_at = trio.current_time() + 0.2
+                    net.schedule(retry_at, lambda: submit(k, refused))
 
             for k in range(len(txs)):
                 at = (k % PER_CLIENT) * 0.1 + (k // PER_CLIENT) * 0.01
@@ -253,12 +273,19 @@ def test_a_two_two_partition_stalls_safely_and_heals() -> None:
     """Neither half has a quorum from 0.5 s to 2.5 s: nothing commits on
     either side, nothing diverges, and after healing everything commits."""
     probes: dict[float, list[int]] = {0.7: [], 2.4: []}
+    busy: list[int] = []
     genesis, txs, live, wall = _run_cluster(
-        crashed=set(), partition=(0.5, 2.5), duration=12.0, probes=probes
+        crashed=set(), partition=(0.5, 2.5), duration=12.0, probes=probes, busy=busy
     )
     _check(genesis, txs, live, wall)
     assert probes[0.7] == probes[2.4], "something committed without a quorum"
     assert max(probes[2.4]) < live[0].store.tip()
+    # Admission is paced by commits: with none, the validators answered busy
+    # past their floor instead of queueing for the heal; clients that asked
+    # again got everything committed (checked above).
+    assert busy, "nothing was refused while nothing could commit"
+    for ledger in live:
+        assert ledger.mempool.client_limit == ledger.admission.limit(4) >= 2 * 64 / 4
 
 
 def test_ten_percent_message_loss_commits_everything_everywhere() -> None:

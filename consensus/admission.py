@@ -1,0 +1,71 @@
+"""How many transactions a validator lets its clients queue: paced by commits.
+
+A static mempool bound is either too small (blocks cannot fill) or, under
+overload, a queue that clients wait through: with 12,000 transactions held
+across four validators that commit 1,400 per second, a transaction admitted
+past saturation waited ~9 s (measured, ``fedchain bench consensus``), and
+the wait grows with the bound, not with the work. Little's law turns a
+target queueing delay into a bound: hold what the chain commits in
+``queue_seconds`` (each validator its share of it, see below). Past saturation clients then hear "busy" at once and
+what is admitted commits within about ``queue_seconds`` plus a block's
+round trip, which is what makes the throughput-latency curve flat instead
+of rising with the offered load (CometBFT bounds its mempool by count and
+bytes only; Fabric's ordering service queues without a bound).
+
+Only clients' submissions are paced. A transaction another validator has
+admitted and forwarded keeps the mempool's static room (refusing it would
+leave it at some validators only; see :meth:`Mempool.add`).
+
+The rate is measured on the node's clock (virtual in a simulation, so runs
+stay reproducible) from the commits themselves; ``floor`` keeps room for
+full blocks after an idle spell, when there is no rate to go by.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+__all__ = ["CommitPacedLimit"]
+
+
+class CommitPacedLimit:
+    """A validator's room for its own clients' transactions: its share of
+    ``max(floor, committed tx/s over the window x queue_seconds)``.
+
+    Each validator counts only what its own clients submitted and it still
+    holds: the other validators' shares reach it as forwards late (they
+    queue behind consensus traffic in a busy node), so a limit on the
+    whole pool would let each validator fill a full share of its own and
+    the cluster queue n times the target. With an even spread of clients
+    the shares add up to the target; with all clients on one validator
+    that one's share is smaller and its queue drains faster than the
+    target, so its limit grows with what it commits. ``floor`` (for the
+    whole cluster: two full blocks, so a proposal can fill while one is in
+    flight) holds while there is no rate to go by."""
+
+    def __init__(self, *, floor: int, queue_seconds: float = 2.0, window: float = 4.0) -> None:
+        if floor < 1 or not queue_seconds > 0 or not window > 0:
+            raise ValueError("floor >= 1, queue_seconds > 0 and window > 0")
+        self.floor = floor
+        self.queue_seconds = queue_seconds
+        self.window = window
+        self._commits: deque[tuple[float, int]] = deque()
+        self._in_window = 0
+
+    def committed(self, now: float, count: int, validators: int = 1) -> int:
+        """Record ``count`` transactions committed at ``now``; the new limit."""
+        self._commits.append((now, count))
+        self._in_window += count
+        horizon = now - self.window
+        while self._commits[0][0] <= horizon:
+            self._in_window -= self._commits.popleft()[1]
+        return self.limit(validators)
+
+    @property
+    def rate(self) -> float:
+        """Committed transactions per second over the window."""
+        return self._in_window / self.window
+
+    def limit(self, validators: int = 1) -> int:
+        return math.ceil(max(self.floor, self.rate * self.queue_seconds) / validators)
