@@ -6,10 +6,10 @@ across four validators that commit 1,400 per second, a transaction admitted
 past saturation waited ~9 s (measured, ``fedchain bench consensus``), and
 the wait grows with the bound, not with the work. Little's law turns a
 target queueing delay into a bound: hold what the chain commits in
-``queue_seconds`` (each validator its share of it, see below). Past saturation clients then hear "busy" at once and
-what is admitted commits within about ``queue_seconds`` plus a block's
-round trip, which is what makes the throughput-latency curve flat instead
-of rising with the offered load (CometBFT bounds its mempool by count and
+``queue_seconds`` (each validator its share of it, see below). Past
+saturation clients then hear "busy" at once and what is admitted commits
+within about ``queue_seconds`` plus a block's round trip, which keeps the
+latency flat instead of rising with the offered load (CometBFT bounds its mempool by count and
 bytes only; Fabric's ordering service queues without a bound).
 
 Only clients' submissions are paced. A transaction another validator has
