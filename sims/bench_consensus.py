@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
+    from fedchain.sims.collector import tune_for_throughput
     from fedchain.sims.report import emit_json, peak_rss_bytes, print_table
 
+    tune_for_throughput()  # for the virtual-time part in this process (validators: their own)
     rates = [int(r) for r in args.rates.split(",") if r]
     query_rates = [int(r) for r in args.query_rates.split(",") if r]
     cores = os.cpu_count() or 1

@@ -43,6 +43,7 @@ def _one_run(nodes: int, payload: int, loss: float, seed: int) -> dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedchain.sims.collector import tune_for_throughput
     from fedchain.sims.report import emit_json, print_table, progress
 
     runs = []
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task("gossip runs", total=len(plan))
         for nodes, payload, loss in plan:
             bar.update(task, description=f"{nodes} nodes, {payload} B, loss {loss:g}")
-            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            with ProcessPoolExecutor(
+                max_workers=1, mp_context=context, initializer=tune_for_throughput
+            ) as pool:
                 runs.append(pool.submit(_one_run, nodes, payload, loss, args.seed).result())
             bar.advance(task)
     rows = [

@@ -7,10 +7,13 @@ votes, state buckets) on top of a heap of hundreds of thousands (its state,
 caches, the loaded modules), so under load those passes took about a third
 of block execution (measured on :class:`fedchain.consensus.state.State`).
 Almost nothing a node allocates forms reference cycles, so collecting
-rarely loses little memory and gains that time back.
+rarely loses little memory and gains that time back. In one process
+simulating many nodes the gain is smaller but real: 6-7% of wall time for
+``bench gossip`` (10,000 nodes) and the virtual-time consensus run, with
+identical results.
 
 This is process-wide state, so only entry points of processes call it
-(``fedchain node``, the simulation commands), never library code.
+(``fedchain node``, ``bench consensus``, ``bench gossip``'s workers), never library code.
 """
 
 from __future__ import annotations
