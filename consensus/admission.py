@@ -37,12 +37,12 @@ class CommitPacedLimit:
     holds: the other validators' shares reach it as forwards late (they
     queue behind consensus traffic in a busy node), so a limit on the
     whole pool would let each validator fill a full share of its own and
-    the cluster queue n times the target. With an even spread of clients
-    the shares add up to the target; with all clients on one validator
-    that one's share is smaller and its queue drains faster than the
-    target, so its limit grows with what it commits. ``floor`` (for the
-    whole cluster: two full blocks, so a proposal can fill while one is in
-    flight) holds while there is no rate to go by."""
+    the cluster queue n times the target. The share is 1/k for the k
+    validators with clients of their own (this one, plus those whose
+    forwards arrived within the window; the replica counts them), so one
+    validator serving every client gets the whole limit and an even spread
+    adds up to it. ``floor`` (two full blocks, so a proposal can fill while
+    one is in flight) holds while there is no rate to go by."""
 
     def __init__(self, *, floor: int, queue_seconds: float = 2.0, window: float = 4.0) -> None:
         if floor < 1 or not queue_seconds > 0 or not window > 0:

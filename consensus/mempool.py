@@ -37,6 +37,8 @@ from .tx import MAX_TX_BYTES, SignatureCache, Transaction, decode_transaction
 
 __all__ = ["Mempool"]
 
+_PACED = "busy: more queued than the chain commits in its target delay"
+
 
 class Mempool:
     def __init__(
@@ -112,6 +114,16 @@ class Mempool:
         primary lacks it the others' view timers run until a view change.
         Clients are refused (busy) first, so under overload the room that is
         left goes to what other validators already accepted."""
+        if (
+            not forwarded
+            and len(self._from_clients) >= self.client_limit < self.max_txs
+            and self._ready_total >= len(self._txs)
+        ):
+            # Paced, and nothing held waits behind a nonce gap, so no
+            # transaction could fill one: refuse before decoding (past
+            # saturation most submissions end here; a resubmitted one hears
+            # busy rather than duplicate).
+            raise MempoolFull(_PACED)
         if not isinstance(tx, Transaction):
             tx = decode_transaction(tx, max_bytes=self.max_tx_bytes)
         elif len(tx.encoded) > self.max_tx_bytes:
@@ -133,7 +145,7 @@ class Mempool:
         # clients' room and refuse the very ones that would let them commit.
         fills_gap = queue is not None and tx.nonce < queue[-1][0]
         if not forwarded and not fills_gap and len(self._from_clients) >= self.client_limit:
-            raise MempoolFull("busy: more queued than the chain commits in its target delay")
+            raise MempoolFull(_PACED)
         ok = self.signatures.verify(tx) if self.signatures else tx.verify(self.chain_id)
         if not ok:
             raise InvalidSignature(f"transaction {digest.hex()[:16]} has a bad signature")

@@ -226,6 +226,8 @@ class LedgerReplica:
             if queue_seconds is None
             else CommitPacedLimit(floor=2 * self.config.batch_size, queue_seconds=queue_seconds)
         )
+        self._forwarders: dict[PeerId, float] = {}
+        """Peers whose forwards arrived lately, with when (see :meth:`_pace`)."""
         self.follow_interval = (
             follow_interval if follow_interval is not None else self.config.retransmit_interval
         )
@@ -346,10 +348,15 @@ class LedgerReplica:
         return admitted
 
     def admit_many(
-        self, txs: Iterable[bytes], *, forwarded: bool = False
+        self, txs: Iterable[bytes], *, forwarded_by: PeerId | None = None
     ) -> list[Transaction | Refusal]:
         """Admit a batch, then tell PBFT once: each entry the transaction or
-        the error that refused it (``forwarded``: see :meth:`Mempool.add`)."""
+        the error that refused it. ``forwarded_by``: the validator that
+        admitted them from its clients and sent them on (see
+        :meth:`Mempool.add`); it counts as one with active clients."""
+        forwarded = forwarded_by is not None
+        if forwarded:
+            self._forwarders[forwarded_by] = self.node.now()
         out: list[Transaction | Refusal] = []
         for data in txs:
             try:
@@ -526,14 +533,22 @@ class LedgerReplica:
             self.mempool.remove_committed(tx.digest for tx in certified.txs)
             self.mempool.advance(tx.sender for tx in certified.txs)
         if self.admission is not None:
-            limit = self.admission.committed(
-                self.node.now(), len(certified.txs), max(1, len(self.validators))
-            )
-            self.mempool.client_limit = min(self.mempool.max_txs, limit)
+            self._pace(len(certified.txs))
         if tip.height in self._spec:
             self._forget(tip.height)
         for listener in self.on_commit:
             listener(certified)
+
+    def _pace(self, committed: int) -> None:
+        """Move the clients' room after a commit: this node's share of the
+        cluster's paced limit, shared with the validators whose forwards
+        arrived within the window (those with clients of their own)."""
+        now = self.node.now()
+        horizon = now - self.admission.window
+        for peer in [p for p, at in self._forwarders.items() if at <= horizon]:
+            del self._forwarders[peer]
+        limit = self.admission.committed(now, committed, 1 + len(self._forwarders))
+        self.mempool.client_limit = min(self.mempool.max_txs, limit)
 
     # -- following --------------------------------------------------------------
 

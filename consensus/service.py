@@ -287,7 +287,7 @@ class LedgerService:
         fields = decode_client_message(envelope.body, max_txs=self.ledger.params.max_block_txs)
         op = fields[0]
         if op == ClientOp.FORWARD:
-            self.ledger.admit_many(fields[1], forwarded=True)
+            self.ledger.admit_many(fields[1], forwarded_by=peer)
         elif op == ClientOp.SUBMIT:
             statuses = self.submit_many(fields[2])
             self._reply(peer, ClientOp.SUBMITTED, fields[1], [list(s) for s in statuses])

@@ -45,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=3.0, help="per-device budget, all steps")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--noise", type=float, default=None, help="fix the noise multiplier")
+    parser.add_argument(
+        "--budget",
+        choices=["uniform", "loss-adaptive"],
+        default="uniform",
+        help="uniform: one noise multiplier for all steps, calibrated to --epsilon for the "
+        "smallest device; loss-adaptive: the paper's policy (LossAdaptiveBudget: eps by local "
+        "data size from --epsilon at 1,500 examples, spending brought forward when a device's "
+        "loss stalls; a device out of budget sits out)",
+    )
     parser.add_argument("--no-dp", action="store_true", help="train without privacy")
     parser.add_argument("--density", type=float, default=1.0, help="top-k density of updates")
     parser.add_argument("--partition", choices=["iid", "dirichlet", "shards"], default="iid")
@@ -71,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         Federation,
         Krum,
         LocalConfig,
+        LossAdaptiveBudget,
         PrivacyAccountant,
         TrimmedMean,
         WeightedMean,
@@ -118,7 +128,14 @@ def run(args: argparse.Namespace) -> int:
     method = "pld" if args.sampling == "poisson" else "rdp"
     accountant = PrivacyAccountant(args.delta, method)
     noise = 0.0
-    if private:
+    policy = None
+    if private and args.budget == "loss-adaptive":
+        if args.noise is not None:
+            raise SystemExit(
+                "fedchain train: --noise and --budget loss-adaptive exclude each other"
+            )
+        policy = LossAdaptiveBudget(base_epsilon=args.epsilon, delta=args.delta, method=method)
+    elif private:
         smallest = min(len(d.indices) for d in devices)
         if args.noise is not None:
             noise = args.noise
@@ -137,23 +154,38 @@ def run(args: argparse.Namespace) -> int:
     fed = Federation(data, devices, config, base=base, aggregator=aggregator)
     state = fed.init(jax.random.key(args.seed))
     rows, history = [], []
+    losses: dict[str, list[float]] = {d.id: [] for d in devices}
+    planner = None if policy is None else _NoisePlanner(policy, accountant, config, args)
     start = time.perf_counter()
     for r in range(args.rounds):
         round_lr = lr
         if args.lr_schedule == "cosine":
             round_lr = lr * (1.0 + math.cos(math.pi * r / args.rounds)) / 2.0
+        if planner is None:
+            plan, sitting_out = noise, set()
+        else:
+            plan, sitting_out = planner.plan(devices, r, losses)
+            if len(sitting_out) == len(devices):
+                print(f"round {r + 1}: every device has spent its budget; stopping", flush=True)
+                break
         state, report = fed.round(
             state,
             jax.random.key(args.seed * 1000 + r + 1),
             learning_rate=round_lr,
-            noise_multipliers=noise,
-            accountant=accountant if private else None,
+            noise_multipliers=plan,
+            accountant=accountant if private and planner is None else None,
             server_learning_rate=args.server_lr,
+            transform=_leaving_out(sitting_out) if sitting_out else None,
         )
+        if planner is not None:
+            planner.record(devices, plan, sitting_out)
+        for device, value in report.losses.items():
+            if device not in sitting_out:
+                losses[device].append(value)
         acc = fed.accuracy(state.params)
         acc_phone = fed.accuracy(state.params, tier=0) if 0 in fed.tiers else acc
         eps = max((s.epsilon for s in accountant.report().values()), default=0.0)
-        loss = float(np.mean(list(report.losses.values())))
+        loss = float(np.mean([v for d, v in report.losses.items() if d not in sitting_out]))
         elapsed = time.perf_counter() - start
         rows.append([r + 1, acc, acc_phone, loss, eps if private else "no DP", elapsed])
         dropped = dict(report.result.dropped)
@@ -167,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if dropped:  # a weaker round than planned: say so loudly
             print(f"round {r + 1}: {len(dropped)} updates left out: {dropped}", flush=True)
+        if sitting_out:
+            print(f"round {r + 1}: {len(sitting_out)} devices out of budget sat out", flush=True)
     print_table(
         "federated training" + (" [MNIST SUBSET]" if data.is_subset else ""),
         ["round", "accuracy", "phones' accuracy", "loss", "max eps", "seconds"],
@@ -190,7 +224,9 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "dp": private,
             "clip": args.clip if private else None,
-            "noise_multiplier": noise,
+            "budget": args.budget if private else None,
+            "noise_multiplier": noise if policy is None else None,
+            "epsilon_per_device": {d: round(s.epsilon, 4) for d, s in accountant.report().items()},
             "delta": args.delta,
             "epsilon": history[-1]["epsilon"] if history else 0.0,
             "density": args.density,
@@ -204,3 +240,71 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     return 0
+
+
+def _leaving_out(devices: set[str]):
+    """A round transform that drops these devices' updates before aggregation."""
+
+    def transform(updates):
+        return [u for u in updates if u.device not in devices]
+
+    return transform
+
+
+class _NoisePlanner:
+    """Each round's noise multiplier per device under a
+    :class:`~fedchain.learning.LossAdaptiveBudget`, and its accounting.
+
+    Devices with the same data size, loss history verdict and past events
+    get the same answer, so calibrations (a PLD search each) are cached on
+    exactly those inputs: with an IID split that is one per round. A device
+    whose budget is spent sits the round out; its update is never released,
+    so the round costs it nothing and nothing is recorded."""
+
+    def __init__(self, policy, accountant, config, args) -> None:
+        self.policy = policy
+        self.accountant = accountant
+        self.config = config
+        self.args = args
+        self._cache: dict[tuple, float | None] = {}
+
+    def plan(self, devices, round_index: int, losses) -> tuple[dict[str, float], set[str]]:
+        from fedchain.learning import BudgetExhaustedError
+
+        args, config = self.args, self.config
+        plan: dict[str, float] = {}
+        out: set[str] = set()
+        for device in devices:
+            size = len(device.indices)
+            history = losses[device.id]
+            target = self.policy.target_epsilon(size, round_index, args.rounds, history)
+            key = (size, target, self.accountant.events(device.id))
+            if key not in self._cache:
+                try:
+                    self._cache[key] = self.policy.noise_for_round(
+                        self.accountant,
+                        device.id,
+                        dataset_size=size,
+                        batch_size=min(args.batch_size, size),
+                        steps=args.local_steps,
+                        round_index=round_index,
+                        rounds=args.rounds,
+                        losses=history,
+                        sampling=args.sampling,
+                        capacity=config.physical_batch if args.sampling == "poisson" else None,
+                    )
+                except BudgetExhaustedError:
+                    self._cache[key] = None
+            z = self._cache[key]
+            if z is None:
+                out.add(device.id)
+                plan[device.id] = 1.0  # computed, never released
+            else:
+                plan[device.id] = z
+        return plan, out
+
+    def record(self, devices, plan: dict[str, float], sitting_out: set[str]) -> None:
+        for device in devices:
+            if device.id not in sitting_out:
+                steps = self.config.dp_steps(plan[device.id], len(device.indices))
+                self.accountant.record(device.id, steps)

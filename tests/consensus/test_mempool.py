@@ -235,3 +235,20 @@ def test_a_transaction_filling_a_nonce_gap_is_never_paced() -> None:
         pool.add(tx("a", 3))  # beyond the run: paced
     pool.add(tx("a", 0))  # fills the gap
     assert pool.pending == 3
+
+
+def test_a_paced_pool_with_no_gap_refuses_before_decoding() -> None:
+    """Past saturation most submissions are refused; with no held
+    transaction behind a gap none could be exempt, so not even the bytes
+    are decoded (garbage hears busy). With a gap, they are."""
+    pool = Mempool(CHAIN, max_txs=10)
+    pool.track_nonces(lambda sender: 0)
+    pool.client_limit = 1
+    pool.add(tx("a", 0))
+    with pytest.raises(MempoolFull):
+        pool.add(b"\xc1 not a transaction")
+    pool.add(tx("b", 1), forwarded=True)  # b waits for nonce 0: a gap
+    with pytest.raises(MalformedMessage):
+        pool.add(b"\xc1 not a transaction")
+    pool.add(tx("b", 0))  # and the gap filler is admitted
+    assert pool.pending == 3

@@ -285,7 +285,7 @@ def test_a_two_two_partition_stalls_safely_and_heals() -> None:
     # again got everything committed (checked above).
     assert busy, "nothing was refused while nothing could commit"
     for ledger in live:
-        assert ledger.mempool.client_limit == ledger.admission.limit(4) >= 2 * 64 / 4
+        assert ledger.admission.limit(4) <= ledger.mempool.client_limit <= ledger.admission.limit(1)
 
 
 def test_ten_percent_message_loss_commits_everything_everywhere() -> None:
