@@ -90,6 +90,12 @@ class Mempool:
     def size_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def from_clients(self) -> int:
+        """Held transactions that came from clients (not as forwards): what
+        ``client_limit`` bounds."""
+        return len(self._from_clients)
+
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._txs
 

@@ -287,12 +287,14 @@ class LedgerService:
         fields = decode_client_message(envelope.body, max_txs=self.ledger.params.max_block_txs)
         op = fields[0]
         if op == ClientOp.FORWARD:
-            # Only a validator of the epoch forwards: anyone else would get
-            # forwards' headroom past the clients' paced room.
+            # Only a validator of the epoch forwards with forwards' headroom;
+            # from anyone else (a follower passing its clients' transactions
+            # on) they are admitted as a client's, within the paced room.
             if peer in self.ledger.validators:
                 self.ledger.admit_many(fields[1], forwarded_by=peer)
             else:
                 self.node.counters["client.forward_not_validator"] += 1
+                self.ledger.admit_many(fields[1])
         elif op == ClientOp.SUBMIT:
             statuses = self.submit_many(fields[2])
             self._reply(peer, ClientOp.SUBMITTED, fields[1], [list(s) for s in statuses])

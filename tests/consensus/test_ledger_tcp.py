@@ -107,16 +107,19 @@ async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) 
                 while node.counters["client.unexpected"] < 2:
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()
-            # A client posing as a forwarding validator (forwards skip the
-            # clients' paced room) is counted and dropped.
+            # A FORWARD from a non-validator (a follower passing its
+            # clients' transactions on, or a client posing as a validator)
+            # is admitted as a client's: it takes the clients' paced room.
             posing = sign_transaction(
                 alice, CHAIN, type="kv", content=kv_set("fwd", 0), nonce=98, timestamp=0
             )
+            held = server.ledger.mempool.from_clients
             forward = encode_client_message(ClientOp.FORWARD, [posing.encoded])
             node.send(server.node.id, MessageType.CLIENT, forward)
             while server.node.counters["client.forward_not_validator"] < 1:
                 await trio.sleep(0.01)
-            assert posing.digest not in server.ledger.mempool
+            assert posing.digest in server.ledger.mempool
+            assert server.ledger.mempool.from_clients == held + 1
             answer = await client.query(kv_key(alice.public_key, "k7"))
             assert answer.value == 7 and answer.height >= proofs[7].height
             missing = await client.query(kv_key(alice.public_key, "nope"))
