@@ -259,7 +259,10 @@ class _NoisePlanner:
     get the same answer, so calibrations (a PLD search each) are cached on
     exactly those inputs: with an IID split that is one per round. A device
     whose budget is spent sits the round out; its update is never released,
-    so the round costs it nothing and nothing is recorded."""
+    so the round costs it nothing and nothing is recorded. Sitting out is
+    for good (``retired``): the error-feedback residual such a round leaves
+    comes from noise nobody accounted and must never reach a released
+    update."""
 
     def __init__(self, policy, accountant, config, args) -> None:
         self.policy = policy
@@ -267,6 +270,7 @@ class _NoisePlanner:
         self.config = config
         self.args = args
         self._cache: dict[tuple, float | None] = {}
+        self.retired: set[str] = set()
 
     def plan(self, devices, round_index: int, losses) -> tuple[dict[str, float], set[str]]:
         from fedchain.learning import BudgetExhaustedError
@@ -275,6 +279,10 @@ class _NoisePlanner:
         plan: dict[str, float] = {}
         out: set[str] = set()
         for device in devices:
+            if device.id in self.retired:
+                out.add(device.id)
+                plan[device.id] = 1.0  # computed, never released
+                continue
             size = len(device.indices)
             history = losses[device.id]
             target = self.policy.target_epsilon(size, round_index, args.rounds, history)
@@ -297,6 +305,7 @@ class _NoisePlanner:
                     self._cache[key] = None
             z = self._cache[key]
             if z is None:
+                self.retired.add(device.id)
                 out.add(device.id)
                 plan[device.id] = 1.0  # computed, never released
             else:

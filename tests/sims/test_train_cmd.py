@@ -53,3 +53,30 @@ def test_the_loss_adaptive_budget_spends_each_devices_budget_and_no_more(capsys)
 def test_a_fixed_noise_and_the_adaptive_budget_are_refused_together() -> None:
     with pytest.raises(SystemExit, match="exclude each other"):
         cli.main(["train", *TINY, "--budget", "loss-adaptive", "--noise", "1.0"])
+
+
+def test_a_device_out_of_budget_sits_out_for_good() -> None:
+    """Once refused, a device never trains for release again: its round's
+    error-feedback residual comes from noise nobody accounted."""
+    import argparse
+
+    import numpy as np
+
+    from fedchain.learning import Device, LocalConfig, PrivacyAccountant
+    from fedchain.learning.accountant import DpSgdSteps
+    from fedchain.sims.train import _NoisePlanner
+
+    args = argparse.Namespace(rounds=4, batch_size=16, local_steps=2, sampling="fixed")
+    config = LocalConfig(steps=2, batch_size=16, sampling="fixed", clip_norm=1.0)
+    accountant = PrivacyAccountant(1e-5, "rdp")
+    policy = LossAdaptiveBudget(base_epsilon=1.0, method="rdp")
+    spent, fresh = Device("spent", 0, np.arange(1500)), Device("fresh", 0, np.arange(1500))
+    accountant.record("spent", DpSgdSteps(0.5, 50, 1500, 16, "fixed"))  # far past eps 1
+    planner = _NoisePlanner(policy, accountant, config, args)
+    plan, out = planner.plan([spent, fresh], 0, {"spent": [], "fresh": []})
+    assert out == {"spent"} and plan["fresh"] > 0
+    planner.record([spent, fresh], plan, out)
+    assert len(accountant.events("spent")) == 1  # nothing recorded for it
+    assert len(accountant.events("fresh")) == 1
+    plan, out = planner.plan([spent], 3, {"spent": []})  # asked again: still out
+    assert out == {"spent"}
