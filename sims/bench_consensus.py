@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         {
             "validators": args.validators,
             "cores": cores,
+            "queue_seconds": args.queue_seconds,
+            "default_gc": args.default_gc,
             "verify_per_s_per_core": round(verify_rate),
             "verification_bound_tx_s": round(bound),
             "peak_committed_tx_s": peak,

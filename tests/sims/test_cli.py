@@ -156,3 +156,26 @@ def test_bench_transport_at_tiny_scale():
     assert figures["ratio_target_1MiB"] == 0.5
     assert figures["handshakes_per_s"] > 0
     assert figures["peak_rss_bytes"] > 0
+
+
+def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
+    """Four real validator processes, a small write and query load: every
+    accepted transaction commits, CPU per transaction and the verification
+    bound are reported, the sample of query answers verifies, the PNG is
+    written."""
+    figures = _last_json_line(
+        ["bench", "consensus", "--skip-virtual", "--rates", "100", "--seconds", "1",
+         "--query-rates", "200", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert figures["benchmark"] == "consensus" and figures["queue_seconds"] == 2.0
+    bound = figures["cores"] * figures["verify_per_s_per_core"] / 4  # one check per validator
+    assert abs(figures["verification_bound_tx_s"] - bound) <= 1
+    (point,) = figures["points"]
+    assert point["offered_tx_s"] == 100 and point["busy"] == 0
+    assert point["committed"] == point["accepted"] == 100
+    assert point["validator_cpu_us_per_tx"] > 0
+    assert 0 < point["p50_ms"] <= point["p99_ms"]
+    (query,) = figures["queries_tcp"]
+    assert query["answered"] > 0 and query["sample_verified"] is True
+    assert figures["query_answers_s_in_process"] > 0
+    assert (tmp_path / "consensus_fig2.png").stat().st_size > 0
