@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 
 import dp_accounting
 from dp_accounting import pld, rdp
+from dp_accounting.mechanism_calibration import NoBracketIntervalFoundError as _NoBracket
 
 from fedchain.learning.errors import BudgetExhaustedError, ConfigError, PrivacyAccountingError
 
@@ -270,7 +271,10 @@ def calibrate_noise_multiplier(
                 tol=tol,
             )
         )
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, _NoBracket) as exc:
+        # No bracket: even a huge noise multiplier leaves the composition
+        # above the target (the prior alone is within PLD's discretization
+        # of it); a typed error, never dp-accounting's own.
         raise PrivacyAccountingError(f"calibration failed: {exc}") from exc
 
 
