@@ -233,21 +233,26 @@ def calibrate_noise_multiplier(
             f"the prior steps already spend eps >= {target_epsilon}; no noise can help"
         )
 
-    guess = 1.0
+    guess: float | None = 1.0
     if method == "pld" and sampling == "poisson":
         # RDP is looser than PLD, so its answer (without truncation) is a
         # good guess from above; it saves most of PLD's bisection steps.
+        # On a long prior RDP may count the whole target spent where PLD
+        # does not: then there is no guess, and the search below finds one.
         rdp_prior = [replace(e, capacity=None) for e in prior if e.sampling == "poisson"]
-        guess = calibrate_noise_multiplier(
-            target_epsilon,
-            target_delta,
-            steps,
-            sampling_rate,
-            method="rdp",
-            prior=rdp_prior,
-            dataset_size=dataset_size,
-            tol=tol,
-        )
+        try:
+            guess = calibrate_noise_multiplier(
+                target_epsilon,
+                target_delta,
+                steps,
+                sampling_rate,
+                method="rdp",
+                prior=rdp_prior,
+                dataset_size=dataset_size,
+                tol=tol,
+            )
+        except PrivacyAccountingError:
+            guess = None
 
     def make_fresh():
         return _fresh(method, sampling)
@@ -258,23 +263,44 @@ def calibrate_noise_multiplier(
             [e.dp_event(method) for e in merge_events([*prior, steps_z])]
         )
 
+    def epsilon_at(z: float) -> float:
+        return make_fresh().compose(make_event(z)).get_epsilon(target_delta)
+
     try:
-        return float(
-            dp_accounting.calibrate_dp_mechanism(
-                make_fresh,
-                make_event,
-                target_epsilon,
-                target_delta,
-                dp_accounting.LowerEndpointAndGuess(
-                    0.5 * guess if method == "pld" else 0.05, guess
-                ),
-                tol=tol,
+        if guess is None:  # the smallest power of two that meets the target
+            guess = 1.0
+            while epsilon_at(guess) > target_epsilon:
+                guess *= 2
+                if guess > 2**30:
+                    raise _NoBracket("no noise multiplier up to 2**30 meets the target")
+        lower = 0.5 * guess if method == "pld" else 0.05
+        try:
+            bracket = dp_accounting.LowerEndpointAndGuess(lower, guess)
+            return float(
+                dp_accounting.calibrate_dp_mechanism(
+                    make_fresh, make_event, target_epsilon, target_delta, bracket, tol=tol
+                )
             )
-        )
+        except _NoBracket:
+            # The search needs its lower endpoint infeasible. Half the RDP
+            # guess is, usually; not when little budget is left on a long
+            # prior, where PLD's answer is under half of RDP's (seen: 9
+            # rounds spent 1.35 of a 1.5 target). Halve until infeasible and
+            # bisect between that and the guess (feasible: RDP is looser).
+            for _ in range(40):
+                if epsilon_at(lower) > target_epsilon:
+                    break
+                lower /= 2
+            else:
+                raise
+            bracket = dp_accounting.ExplicitBracketInterval(lower, guess)
+            return float(
+                dp_accounting.calibrate_dp_mechanism(
+                    make_fresh, make_event, target_epsilon, target_delta, bracket, tol=tol
+                )
+            )
     except (ValueError, RuntimeError, _NoBracket) as exc:
-        # No bracket: even a huge noise multiplier leaves the composition
-        # above the target (the prior alone is within PLD's discretization
-        # of it); a typed error, never dp-accounting's own.
+        # a typed error, never dp-accounting's own
         raise PrivacyAccountingError(f"calibration failed: {exc}") from exc
 
 

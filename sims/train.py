@@ -304,9 +304,8 @@ class _NoisePlanner:
                 except BudgetExhaustedError:
                     self._cache[key] = None
                 except PrivacyAccountingError as exc:
-                    # No noise meets this round's target (seen once in round 9
-                    # of a 20-round PLD run, cause not yet found): releasing
-                    # anyway would be unaccounted, so the device retires.
+                    # No noise meets this round's target: releasing anyway
+                    # would be unaccounted, so the device retires.
                     print(f"{device.id}: {exc}; it sits out for good", flush=True)
                     self._cache[key] = None
             z = self._cache[key]

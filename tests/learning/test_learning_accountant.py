@@ -117,3 +117,20 @@ def test_eq5_is_available_for_comparison():
     assert gaussian_sigma_eq5(1.0, 1e-5, 0.01) == pytest.approx(
         0.01 * math.sqrt(2 * math.log(1.25e5))
     )
+
+
+def test_calibration_still_finds_noise_where_rdp_counts_the_target_spent() -> None:
+    """Late in a schedule, RDP (looser) may count the whole target spent
+    while PLD leaves some: the RDP guess is then missing, and calibration
+    once raised instead of searching. It must find the noise PLD allows."""
+    from fedchain.learning.accountant import DpSgdSteps, epsilon_for
+
+    prior = [DpSgdSteps(z, 5, 1500, 256, "poisson", 304) for z in (9.0757, 5.7071, 4.5697)]
+    spent = epsilon_for(prior, 1e-5, "pld")
+    target = spent + 0.03
+    z = calibrate_noise_multiplier(
+        target, 1e-5, 5, 256 / 1500, method="pld", prior=prior, dataset_size=1500,
+        sampling="poisson", capacity=304,
+    )  # fmt: skip
+    after = epsilon_for([*prior, DpSgdSteps(z, 5, 1500, 256, "poisson", 304)], 1e-5, "pld")
+    assert target - 0.005 <= after <= target
