@@ -5,7 +5,11 @@ allocations and, now and then, a full pass over every tracked object. A
 validator allocates a few dozen objects per transaction (decoded frames,
 votes, state buckets) on top of a heap of hundreds of thousands (its state,
 caches, the loaded modules), so under load those passes took about a third
-of block execution (measured on :class:`fedchain.consensus.state.State`).
+of block execution (an ad-hoc timing of :meth:`fedchain.consensus.state.State.apply`,
+a 1000-transaction block on 80k keys: 96 ms with the default thresholds, 61
+ms with the collector off). ``fedchain bench consensus --default-gc``
+compares whole validators: 343-409 against 290-382 µs of CPU per
+transaction, measured on a busy machine.
 Almost nothing a node allocates forms reference cycles, so collecting
 rarely loses little memory and gains that time back. In one process
 simulating many nodes the gain is smaller but real: 6-7% of wall time for

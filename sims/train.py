@@ -273,42 +273,11 @@ class _NoisePlanner:
         self.retired: set[str] = set()
 
     def plan(self, devices, round_index: int, losses) -> tuple[dict[str, float], set[str]]:
-        from fedchain.learning import BudgetExhaustedError, PrivacyAccountingError
-
-        args, config = self.args, self.config
+        """Each device's noise multiplier this round, and who sits out."""
         plan: dict[str, float] = {}
         out: set[str] = set()
         for device in devices:
-            if device.id in self.retired:
-                out.add(device.id)
-                plan[device.id] = 1.0  # computed, never released
-                continue
-            size = len(device.indices)
-            history = losses[device.id]
-            target = self.policy.target_epsilon(size, round_index, args.rounds, history)
-            key = (size, target, self.accountant.events(device.id))
-            if key not in self._cache:
-                try:
-                    self._cache[key] = self.policy.noise_for_round(
-                        self.accountant,
-                        device.id,
-                        dataset_size=size,
-                        batch_size=min(args.batch_size, size),
-                        steps=args.local_steps,
-                        round_index=round_index,
-                        rounds=args.rounds,
-                        losses=history,
-                        sampling=args.sampling,
-                        capacity=config.physical_batch if args.sampling == "poisson" else None,
-                    )
-                except BudgetExhaustedError:
-                    self._cache[key] = None
-                except PrivacyAccountingError as exc:
-                    # No noise meets this round's target: releasing anyway
-                    # would be unaccounted, so the device retires.
-                    print(f"{device.id}: {exc}; it sits out for good", flush=True)
-                    self._cache[key] = None
-            z = self._cache[key]
+            z = None if device.id in self.retired else self._noise(device, round_index, losses)
             if z is None:
                 self.retired.add(device.id)
                 out.add(device.id)
@@ -316,6 +285,38 @@ class _NoisePlanner:
             else:
                 plan[device.id] = z
         return plan, out
+
+    def _noise(self, device, round_index: int, losses) -> float | None:
+        """The calibrated multiplier, or None when nothing may be spent."""
+        from fedchain.learning import BudgetExhaustedError, PrivacyAccountingError
+
+        args, config = self.args, self.config
+        size = len(device.indices)
+        history = losses[device.id]
+        target = self.policy.target_epsilon(size, round_index, args.rounds, history)
+        key = (size, target, self.accountant.events(device.id))
+        if key not in self._cache:
+            try:
+                self._cache[key] = self.policy.noise_for_round(
+                    self.accountant,
+                    device.id,
+                    dataset_size=size,
+                    batch_size=min(args.batch_size, size),
+                    steps=args.local_steps,
+                    round_index=round_index,
+                    rounds=args.rounds,
+                    losses=history,
+                    sampling=args.sampling,
+                    capacity=config.physical_batch if args.sampling == "poisson" else None,
+                )
+            except BudgetExhaustedError:
+                self._cache[key] = None
+            except PrivacyAccountingError as exc:
+                # No noise meets this round's target: releasing anyway
+                # would be unaccounted, so the device retires.
+                print(f"{device.id}: {exc}; it sits out for good", flush=True)
+                self._cache[key] = None
+        return self._cache[key]
 
     def record(self, devices, plan: dict[str, float], sitting_out: set[str]) -> None:
         for device in devices:
