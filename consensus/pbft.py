@@ -36,6 +36,16 @@ from typing import Protocol
 
 from fedchain.p2p.identity import Identity, PeerId, SignatureMemo
 
+from .pbft_journal import (
+    STABLE_KEY,
+    VIEW_KEY,
+    Journal,
+    SeqRecord,
+    encode_seq_record,
+    encode_stable,
+    encode_view,
+    seq_key,
+)
 from .pbft_messages import (
     NULL_DIGEST,
     Checkpoint,
@@ -61,6 +71,7 @@ __all__ = [
     "Follower",
     "Mode",
     "PbftConfig",
+    "Persist",
     "Phase",
     "Receive",
     "Replica",
@@ -196,7 +207,18 @@ class Suspect:
     reason: str
 
 
-Action = Send | SetTimer | CancelTimer | Committed | FetchBlocks | Suspect
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Store ``value`` under ``key`` durably *before* carrying out any action
+    after this one (the write-ahead rule of :mod:`.pbft_journal`: a message
+    that binds the replica leaves only once the record of it is on disk).
+    Only a replica built with a journal emits these."""
+
+    key: str
+    value: bytes
+
+
+Action = Send | SetTimer | CancelTimer | Committed | FetchBlocks | Suspect | Persist
 
 
 class Application(Protocol):
@@ -312,9 +334,16 @@ class Replica:
         executed: int = 0,
         state: bytes = GENESIS_STATE,
         signatures: SignatureMemo | None = None,
+        journal: Journal | None = None,
     ) -> None:
         """``executed`` and ``state`` restore a replica restarted from its
         store (the last height it holds and its chained state digest).
+
+        ``journal`` makes the replica durable (:mod:`.pbft_journal`): it
+        resumes the view, stable checkpoint, signed digests and prepared
+        certificates the journal holds (``Journal()`` for a fresh one) and
+        emits ``Persist`` before every message that binds it. Without one
+        it journals nothing and a restart counts against f.
 
         ``signatures`` verifies message signatures and fetched certificates
         through a memo of successes: give the block executor's certificate
@@ -368,6 +397,33 @@ class Replica:
         self.parked_total = 0
         """How many PRE-PREPAREs were ever parked (an observation for tests)."""
         self._out: list[Action] = []
+        self.journaling = journal is not None
+        self.signed: dict[int, tuple[int, bytes]] = {}
+        """By seq above h: the (view, digest) of the last PRE-PREPARE or
+        PREPARE this replica signed; never another digest in that view."""
+        if journal is not None:
+            self._restore(journal)
+
+    def _restore(self, journal: Journal) -> None:
+        """Resume from a journal: the view (and view change), the stable
+        checkpoint if this replica executed it, the signed digests and the
+        prepared certificates above it. A primary resumes proposing after
+        the seqs it already signed in this view (never re-proposing one)."""
+        self.view = journal.view
+        self.mode = Mode.VIEW_CHANGE if journal.view_changing else Mode.NORMAL
+        if self.low < journal.stable_seq <= self.executed:
+            self.low = journal.stable_seq
+        if 0 < journal.stable_seq <= self.executed:
+            self.stable_seq = journal.stable_seq
+            self.stable_proof = journal.stable_proof
+        for seq, record in journal.records.items():
+            if seq <= self.stable_seq:
+                continue
+            self.signed[seq] = (record.view, record.digest)
+            if record.prepared is not None:
+                self.prepared[seq] = record.prepared
+        own = [seq for seq, (view, _) in self.signed.items() if view == self.view]
+        self.next_seq = max([self.next_seq, *(seq + 1 for seq in own)])
 
     # -- helpers --------------------------------------------------------------
 
@@ -397,6 +453,33 @@ class Replica:
         if self.timers.pop(name, None) is not None:
             self._out.append(CancelTimer(name))
 
+    def _persist_seq(self, seq: int) -> None:
+        """Journal what this replica signed for ``seq`` (before it is sent)."""
+        if not self.journaling:
+            return
+        view, digest = self.signed[seq]
+        record = SeqRecord(seq, view, digest, self.prepared.get(seq))
+        self._out.append(
+            Persist(seq_key(seq, self.config.window), encode_seq_record(self.chain_id, record))
+        )
+
+    def _persist_view(self) -> None:
+        if self.journaling:
+            changing = self.mode is Mode.VIEW_CHANGE
+            value = encode_view(self.chain_id, self.view, changing, self.config.window)
+            self._out.append(Persist(VIEW_KEY, value))
+
+    def _sign_for(self, view: int, seq: int, digest: bytes) -> bool:
+        """Record that we sign (view, seq, digest), journaled; False (and
+        nothing recorded) if we already signed another digest there."""
+        held = self.signed.get(seq)
+        if held is not None and held[0] == view and held[1] != digest:
+            return False
+        self.signed[seq] = (view, digest)
+        if held != (view, digest):
+            self._persist_seq(seq)
+        return True
+
     def _slot(self, view: int, seq: int) -> _Slot:
         slot = self.log.get((view, seq))
         if slot is None:
@@ -406,8 +489,11 @@ class Replica:
     # -- the one entry point --------------------------------------------------
 
     def start(self) -> list[Action]:
-        """Actions to run once at boot (arms the retransmission timer)."""
+        """Actions to run once at boot (arms the retransmission timer; a
+        replica restored in a view change sends its VIEW-CHANGE again)."""
         self._set_timer("retransmit", self.config.retransmit_interval)
+        if self.mode is Mode.VIEW_CHANGE:
+            self._send_view_change()
         return self._flush()
 
     def step(self, event: Event) -> list[Action]:
@@ -478,6 +564,7 @@ class Replica:
                 self.identity, self.chain_id, self.view, self.next_seq, digest, payload
             )
             self.next_seq += 1
+            self._sign_for(pp.view, pp.seq, pp.digest)  # a fresh seq: never refused
             self._broadcast(pp)
             self._accept_pre_prepare(pp)
             force = self._batch_due = False
@@ -600,6 +687,12 @@ class Replica:
         slot = self._slot(pp.view, pp.seq)
         if slot.phase is not Phase.IDLE:
             return
+        if pp.replica != self.me and not self._sign_for(pp.view, pp.seq, pp.digest):
+            # We PREPAREd another digest here before a restart: the primary
+            # proposed twice for one (view, seq).
+            self._refuse("conflicts_with_signed")
+            self._suspect_primary("equivocation")
+            return
         slot.pre_prepare = pp
         slot.phase = Phase.PRE_PREPARED
         if pp.replica == self.me:
@@ -664,6 +757,7 @@ class Replica:
         chosen = sorted(matching, key=lambda p: p.replica)[: self.quorum - 1]
         proof = PreparedProof(pp, tuple(chosen))
         self.prepared[pp.seq] = proof
+        self._persist_seq(pp.seq)
         commit = Commit.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
         slot.add_commit(commit)
         slot.own.append(commit)
@@ -800,6 +894,11 @@ class Replica:
         self.low = seq
         self.stable_seq = seq
         self.stable_proof = proof[: self.quorum]
+        if self.journaling:
+            self._out.append(
+                Persist(STABLE_KEY, encode_stable(self.chain_id, seq, self.stable_proof))
+            )
+        self.signed = {s: signed for s, signed in self.signed.items() if s > seq}
         self.log = {key: slot for key, slot in self.log.items() if key[1] > seq}
         self.parked = {s: entry for s, entry in self.parked.items() if s > seq}
         self.executed_digests = {s: d for s, d in self.executed_digests.items() if s > seq}
@@ -988,10 +1087,15 @@ class Replica:
         self.mode = Mode.VIEW_CHANGE
         self.parked.clear()
         self._cancel_timer("batch")
+        self._persist_view()
+        self._send_view_change()
+
+    def _send_view_change(self) -> None:
+        """Broadcast our VIEW-CHANGE for ``self.view`` (stable checkpoint and P set)."""
         top = self.stable_seq + self.config.window
         prepared = tuple(p for s, p in sorted(self.prepared.items()) if self.stable_seq < s <= top)
         vc = ViewChange.create(
-            self.identity, self.chain_id, view, self.stable_seq, self.stable_proof, prepared
+            self.identity, self.chain_id, self.view, self.stable_seq, self.stable_proof, prepared
         )
         self.view_changes[self.me] = vc
         self._broadcast(vc)
@@ -1121,6 +1225,8 @@ class Replica:
             PrePrepare.create(self.identity, self.chain_id, self.view, seq, digest, payload)
             for seq, digest, payload in plan
         )
+        for pp in pre_prepares:  # a view we never proposed in: never refused
+            self._sign_for(pp.view, pp.seq, pp.digest)
         nv = NewView.create(self.identity, self.chain_id, self.view, tuple(changes), pre_prepares)
         self._broadcast(nv)
         self._install_new_view(nv)
@@ -1160,6 +1266,7 @@ class Replica:
         """Enter the normal case of ``nv.view`` with its re-issued PRE-PREPAREs."""
         self.view = nv.view
         self.mode = Mode.NORMAL
+        self._persist_view()
         self.parked.clear()
         self.new_view_msg = nv
         self.view_change_attempts = 0

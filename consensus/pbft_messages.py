@@ -52,8 +52,10 @@ __all__ = [
     "Prepare",
     "PreparedProof",
     "ViewChange",
+    "checkpoint_from_wire",
     "decode_message",
     "encode_message",
+    "prepared_proof_from_wire",
 ]
 
 DIGEST_BYTES = 32
@@ -433,6 +435,16 @@ def _new_view(fields: object) -> NewView:
         _bytes(replica, "replica", PUBLIC_KEY_BYTES),
         _bytes(sig, "signature", SIGNATURE_BYTES),
     )
+
+
+def checkpoint_from_wire(fields: object) -> Checkpoint:
+    """A CHECKPOINT from its unpacked ``wire()`` form (the journal keeps proofs so)."""
+    return _checkpoint(fields)
+
+
+def prepared_proof_from_wire(fields: object) -> PreparedProof:
+    """A prepared certificate from its unpacked ``wire()`` form."""
+    return _prepared_proof(fields)
 
 
 _DECODERS = {

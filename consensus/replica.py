@@ -86,8 +86,10 @@ through the executor (:func:`replay_store`: certificates and execution
 checked again) and resumes at its stored height, in that height's epoch
 and role, with the chained state digest recomputed from the stored blocks;
 whatever it missed meanwhile it fetches by state transfer (or follows).
-The PBFT log itself (view, prepared certificates) is not persisted
-(``consensus/SPEC.md``).
+PBFT's journal (view, stable checkpoint, signed digests, prepared
+certificates: :mod:`.pbft_journal`) lives in the same store's meta,
+written before the messages it binds (``Persist`` actions run in order),
+and the replica of the stored height's epoch resumes from it.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ from .pbft import (
     FetchBlocks,
     Mode,
     PbftConfig,
+    Persist,
     Receive,
     Replica,
     RequestsPending,
@@ -130,6 +133,7 @@ from .pbft import (
     TimerFired,
     advance_state,
 )
+from .pbft_journal import load_journal
 from .pbft_messages import NULL_DIGEST, MessageCache, decode_message, encode_message
 from .store import BlockStore, StoredBlock
 from .tx import Transaction
@@ -299,6 +303,7 @@ class LedgerReplica:
                 executed=self.tip.height,
                 state=self.pbft_state,
                 signatures=self.executor.votes,
+                journal=load_journal(self.store.get_meta, self.chain_id, self.config.window),
             )
         else:
             self.replica = None
@@ -405,6 +410,8 @@ class LedgerReplica:
                 self._fetch(action)
             elif isinstance(action, Suspect):
                 self.suspects[action.reason] = self.suspects.get(action.reason, 0) + 1
+            elif isinstance(action, Persist):
+                self.store.put_meta(action.key, action.value)
         # The replica proposes only when poked; after a commit freed window
         # room, leftover transactions need a poke (a new step, not nested).
         replica = self.replica

@@ -80,7 +80,9 @@ __all__ = [
 
 HASH_BYTES = 32
 MAX_BLOCK_BYTES = 64 * 1024 * 1024  # far above any block the ledger builds
-MAX_META_BYTES = 1024 * 1024  # meta is for small state: views, checkpoints
+MAX_META_BYTES = MAX_BLOCK_BYTES + 1024 * 1024
+"""Meta holds small state (views, checkpoints) and PBFT's journal, whose
+prepared certificates carry one proposal's payload (``pbft_journal``)."""
 MAX_META_KEY_BYTES = 255
 MAX_HEIGHT = 2**63 - 1  # SQLite's INTEGER; no chain gets there
 SCHEMA_VERSION = 1

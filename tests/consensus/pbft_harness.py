@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import heapq
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ from fedchain.consensus.pbft import (
     Committed,
     FetchBlocks,
     PbftConfig,
+    Persist,
     Receive,
     Replica,
     RequestsPending,
@@ -39,6 +41,7 @@ from fedchain.consensus.pbft import (
     TimerFired,
     advance_state,
 )
+from fedchain.consensus.pbft_journal import load_journal
 from fedchain.consensus.pbft_messages import (
     NULL_DIGEST,
     Checkpoint,
@@ -137,6 +140,8 @@ class Node:
     epoch: int = 0
     crashed: bool = False
     suspects: Counter[str] = field(default_factory=Counter)
+    journal: dict[str, bytes] = field(default_factory=dict)
+    """What the replica persisted (``Persist`` actions): its disk, with the log."""
 
 
 class Cluster:
@@ -144,6 +149,9 @@ class Cluster:
 
     ``byzantine`` maps a replica index to a behaviour: ``"silent"``,
     ``"equivocate"``, ``"bad_signature"``, ``"wrong_digest"``, ``"future_view"``.
+    ``durable``: replicas journal (``pbft_journal``) and a restart resumes
+    from the journal as well as the committed log; False restarts them from
+    the committed log alone.
     """
 
     def __init__(
@@ -154,7 +162,9 @@ class Cluster:
         config: PbftConfig | None = None,
         network: Network | None = None,
         byzantine: dict[int, str] | None = None,
+        durable: bool = True,
     ) -> None:
+        self.durable = durable
         self.rng = np.random.default_rng(seed)
         self.config = config or PbftConfig(checkpoint_interval=8, batch_size=16)
         self.network = network or Network()
@@ -167,20 +177,26 @@ class Cluster:
         self._heap: list[tuple[float, int, str, int, int, object]] = []
         self._counter = 0
         self.groups: list[set[int]] | None = None
+        self.drop: Callable[[int, int, Message], bool] | None = None
+        """A link filter: ``drop(sender, receiver, message)`` True loses it."""
         self.delivered = 0
         self.dropped: Counter[str] = Counter()
         self.submitted: list[int] = []
         self.acks: dict[int, set[int]] = {}
         self.fetches: Counter[int] = Counter()
         self._acked: set[int] = set()
-        self.nodes = [self._make_node(i, []) for i in range(n)]
+        self.nodes = [self._make_node(i, [], {}) for i in range(n)]
         for i in range(n):
             self._apply(i, self.nodes[i].replica.start())
 
     # -- construction -----------------------------------------------------
 
-    def _make_node(self, i: int, log: list[Committed]) -> Node:
-        app = LogApp(self.config.batch_size, log)
+    def _make_app(self, log: list[Committed]) -> LogApp:
+        """The application of one replica (a subclass may use another)."""
+        return LogApp(self.config.batch_size, log)
+
+    def _make_node(self, i: int, log: list[Committed], journal: dict[str, bytes]) -> Node:
+        app = self._make_app(log)
         state = GENESIS_STATE
         for done in log:
             state = advance_state(state, done.seq, done.digest)
@@ -192,8 +208,11 @@ class Cluster:
             self.config,
             executed=len(log),
             state=state,
+            journal=load_journal(journal.get, CHAIN_ID, self.config.window)
+            if self.durable
+            else None,
         )
-        return Node(replica, app)
+        return Node(replica, app, journal=journal)
 
     @property
     def honest(self) -> list[int]:
@@ -293,6 +312,8 @@ class Cluster:
                 self._serve_fetch(i, action)
             elif isinstance(action, Suspect):
                 node.suspects[action.reason] += 1
+            elif isinstance(action, Persist):
+                node.journal[action.key] = action.value
 
     def _reachable(self, a: int, b: int) -> bool:
         if self.nodes[b].crashed:
@@ -310,6 +331,9 @@ class Cluster:
         behaviour = self.byzantine.get(i)
         for j in targets:
             for message in self._corrupt(i, j, behaviour, action.message):
+                if self.drop is not None and self.drop(i, j, message):
+                    self.dropped["filter"] += 1
+                    continue
                 self._transmit(i, j, encode_message(message))
 
     def _transmit(self, i: int, j: int, body: bytes) -> None:
@@ -377,9 +401,10 @@ class Cluster:
         node.epoch += 1
 
     def restart(self, i: int) -> None:
-        """A fresh replica from the crashed one's committed log (its store)."""
+        """A fresh replica from the crashed one's committed log and journal
+        (its store); all its memory else is gone."""
         old = self.nodes[i]
-        node = self._make_node(i, old.app.log)
+        node = self._make_node(i, old.app.log, dict(old.journal))
         node.epoch = old.epoch + 1
         self.nodes[i] = node
         self._apply(i, node.replica.start())

@@ -10,9 +10,10 @@ invariant specific to the fault.
 from __future__ import annotations
 
 import pytest
-from pbft_harness import Cluster, Network, random_scenario
+from pbft_harness import Cluster, Network, payload_ids, random_scenario
 
 from fedchain.consensus.pbft import Mode, PbftConfig
+from fedchain.consensus.pbft_messages import Commit
 
 
 def _run(cluster: Cluster, *, settle: float = 4.0, limit: float = 40.0) -> None:
@@ -202,3 +203,49 @@ def test_random_fault_mix(seed: int) -> None:
     ok = cluster.run_until(lambda c: c.now > 7 and c.all_committed(), 90)
     assert ok, faults
     cluster.check_all()
+
+
+def _restart_a_quorum_after_one_replica_committed(*, durable: bool) -> Cluster:
+    """Replica 3 alone commits seq 1 (every other COMMIT is lost on the way
+    to 0, 1, 2), is cut off, and 0, 1, 2 all crash and restart at once:
+    2f+1 restarts, more than PBFT's f. What the three prepared is all that
+    can carry seq 1 into the next view, and it is only in their journals."""
+    cluster = Cluster(4, seed=23, durable=durable)
+    cluster.drop = lambda i, j, message: isinstance(message, Commit) and j != 3
+    cluster.submit(list(range(1, 9)))
+    cluster.run(0.3)
+    assert [len(cluster.log_of(i)) for i in range(4)] == [0, 0, 0, 1]
+
+    cluster.drop = None
+    cluster.partition({0, 1, 2}, {3})
+    for i in (0, 1, 2):
+        cluster.crash(i)
+        cluster.restart(i)
+    cluster.submit(list(range(9, 17)))
+    cluster.at(6.0, lambda c: c.heal())
+    cluster.run_until(lambda c: c.now >= 6.0 and c.all_committed(), 30.0)
+    return cluster
+
+
+def test_more_than_f_simultaneous_restarts_keep_what_committed() -> None:
+    """P-DURABLE-LOG: a replica journals its view, stable checkpoint, signed
+    digests and prepared certificates before the messages that bind it
+    (``pbft_journal``), so even 2f+1 replicas restarted at once carry
+    replica 3's committed seq 1 into the next view: agreement, durability
+    and liveness hold once 3 is back."""
+    cluster = _restart_a_quorum_after_one_replica_committed(durable=True)
+    cluster.check_all()
+    assert cluster.views() == [1, 1, 1, 1]  # the stalled seq 1 forced one view change
+    assert payload_ids(cluster.log_of(0)[0].payload) == list(range(1, 9))
+
+
+def test_without_the_journal_the_same_restarts_lose_a_committed_block() -> None:
+    """The same schedule with replicas restarted from their committed blocks
+    alone: the restarted quorum reuses seq 1 for other requests and replica
+    3's committed block is contradicted, which is why restarts count
+    against f without the journal (consensus/SPEC.md, Known gaps)."""
+    cluster = _restart_a_quorum_after_one_replica_committed(durable=False)
+    with pytest.raises(AssertionError):
+        cluster.check_agreement()
+    assert payload_ids(cluster.log_of(0)[0].payload) == list(range(9, 17))
+    assert payload_ids(cluster.log_of(3)[0].payload) == list(range(1, 9))

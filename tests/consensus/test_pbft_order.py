@@ -18,7 +18,6 @@ import pytest
 from pbft_harness import CHAIN_ID, Cluster, LogApp, Network
 
 from fedchain.consensus.pbft import (
-    GENESIS_STATE,
     Committed,
     Mode,
     PbftConfig,
@@ -28,7 +27,6 @@ from fedchain.consensus.pbft import (
     SetTimer,
     Suspect,
     TimerFired,
-    advance_state,
 )
 from fedchain.consensus.pbft_messages import Commit, NewView, Prepare, PrePrepare, ViewChange
 from fedchain.p2p.identity import Identity
@@ -90,23 +88,8 @@ class ParentApp(LogApp):
 class ParentCluster(Cluster):
     """The harness cluster with ``ParentApp`` on every replica."""
 
-    def _make_node(self, i: int, log: list[Committed]):  # type: ignore[no-untyped-def]
-        node = super()._make_node(i, log)
-        app = ParentApp(self.config.batch_size, log)
-        state = GENESIS_STATE
-        for done in log:
-            state = advance_state(state, done.seq, done.digest)
-        node.app = app
-        node.replica = Replica(
-            self.identities[i],
-            self.validators,
-            CHAIN_ID,
-            app,
-            self.config,
-            executed=len(log),
-            state=state,
-        )
-        return node
+    def _make_app(self, log: list[Committed]) -> ParentApp:
+        return ParentApp(self.config.batch_size, log)
 
 
 def backup(i: int = 1, config: PbftConfig | None = None) -> tuple[Replica, ParentApp]:

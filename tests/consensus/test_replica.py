@@ -23,6 +23,7 @@ from fedchain.consensus.errors import (
 from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.pbft import PbftConfig
+from fedchain.consensus.pbft_journal import load_journal
 from fedchain.consensus.replica import LedgerReplica, replay_store
 from fedchain.consensus.service import LedgerService
 from fedchain.consensus.store import MemoryBlockStore, StoredBlock
@@ -245,6 +246,11 @@ def test_a_validator_restarted_on_its_store_resumes_and_catches_up() -> None:
     assert restarted.restarted_from > 0, "the store was not empty at restart"
     assert restarted.replica.executed == restarted.store.tip()
     assert restarted.node.counters["sync.blocks_received"] > 0
+    # PBFT's journal went to the same store and matches the replica's memory.
+    replica = restarted.replica
+    journal = load_journal(restarted.store.get_meta, restarted.chain_id, restarted.config.window)
+    assert journal.stable_seq == replica.stable_seq > 0
+    assert {s: (r.view, r.digest) for s, r in journal.records.items()} == replica.signed
 
 
 def test_replay_refuses_a_stored_block_without_a_quorum() -> None:

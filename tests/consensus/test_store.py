@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 from fedchain.consensus.errors import StoreCorrupted, StoreError
 from fedchain.consensus.store import (
     HASH_BYTES,
+    MAX_META_BYTES,
     MAX_META_KEY_BYTES,
     SCHEMA_VERSION,
     BlockStore,
@@ -203,7 +204,7 @@ def test_meta_is_set_overwritten_and_kept_apart_from_blocks(store):
 
 
 BAD_KEYS = ["", "k" * (MAX_META_KEY_BYTES + 1), "\ud800", b"key", None]
-BAD_VALUES = ["value", None, b"v" * (1024 * 1024 + 1)]
+BAD_VALUES = ["value", None, b"v" * (MAX_META_BYTES + 1)]
 
 
 @pytest.mark.parametrize("key", BAD_KEYS, ids=lambda x: repr(x)[:20])

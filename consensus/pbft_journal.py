@@ -1,0 +1,188 @@
+"""What a PBFT replica must remember across a crash, and its codec.
+
+Castro and Liskov's safety argument counts a replica that forgets what it
+signed as faulty: restarted with only its committed blocks, it could PREPARE
+a second digest for a (view, seq) it already prepared, or leave out of its
+VIEW-CHANGE a proposal it prepared, which a quorum may have committed. With
+at most f such restarts at once the other replicas cover for it; with more,
+a committed block can be lost. CometBFT closes the same hole with its
+validator's last-sign state and consensus WAL. Here the replica emits a
+:class:`~fedchain.consensus.pbft.Persist` action *before* each message that
+binds it, and the reactor writes it durably before carrying out any later
+action (write-ahead), so whatever a peer saw signed is on disk first:
+
+* ``view``: the view entered, and whether in its view change (written
+  before a VIEW-CHANGE and on installing a NEW-VIEW). A restarted replica
+  never goes back to a lower view, and resumes its view change or its
+  normal case where it stopped.
+* ``stable``: the last stable checkpoint and its 2f+1 CHECKPOINT proof, so
+  a restarted replica's VIEW-CHANGE names the same starting point.
+* one record per sequence number in the window: the (view, digest) it
+  signed a PRE-PREPARE or PREPARE for, and its prepared certificate (the
+  PRE-PREPARE with its payload and 2f PREPAREs) once it has one, written
+  before its COMMIT. Records live in ``window`` slots keyed by ``seq %
+  window``; a slot's record names its seq, and only those above the stable
+  checkpoint count, so no record is ever deleted.
+
+Every record names the chain id it was signed under (a validator epoch has
+its own), and a journal loaded for another chain id is empty. The store's
+checksums guard the bytes; a record that fails to decode is a
+:class:`~fedchain.consensus.errors.StoreCorrupted` naming its key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fedchain.p2p.wire import pack_body, unpack_body
+
+from .errors import MalformedMessage, StoreCorrupted
+from .pbft_messages import (
+    DIGEST_BYTES,
+    Checkpoint,
+    PreparedProof,
+    checkpoint_from_wire,
+    prepared_proof_from_wire,
+)
+from .store import MAX_META_BYTES
+
+__all__ = [
+    "STABLE_KEY",
+    "VIEW_KEY",
+    "Journal",
+    "SeqRecord",
+    "encode_seq_record",
+    "encode_stable",
+    "encode_view",
+    "load_journal",
+    "seq_key",
+]
+
+_T = TypeVar("_T")
+
+VIEW_KEY = "pbft.view"
+STABLE_KEY = "pbft.stable"
+
+
+def seq_key(seq: int, window: int) -> str:
+    return _slot_key(seq % window)
+
+
+def _slot_key(slot: int) -> str:
+    return f"pbft.seq.{slot}"
+
+
+@dataclass(frozen=True, slots=True)
+class SeqRecord:
+    """What the replica signed for one sequence number."""
+
+    seq: int
+    view: int
+    """The view of the last PRE-PREPARE or PREPARE it signed for ``seq``."""
+    digest: bytes
+    """...and the digest it named."""
+    prepared: PreparedProof | None = None
+    """Its prepared certificate for ``seq`` (of the highest view), if any."""
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """A replica's durable log as loaded at restart (empty for a new one)."""
+
+    view: int = 0
+    view_changing: bool = False
+    stable_seq: int = 0
+    stable_proof: tuple[Checkpoint, ...] = ()
+    records: dict[int, SeqRecord] = field(default_factory=dict)
+    """By seq: only records above ``stable_seq``."""
+
+
+def encode_view(chain_id: str, view: int, view_changing: bool, window: int) -> bytes:
+    return pack_body([chain_id, view, view_changing, window])
+
+
+def encode_stable(chain_id: str, seq: int, proof: tuple[Checkpoint, ...]) -> bytes:
+    return pack_body([chain_id, seq, [c.wire() for c in proof]])
+
+
+def encode_seq_record(chain_id: str, record: SeqRecord) -> bytes:
+    prepared = None if record.prepared is None else record.prepared.wire()
+    return pack_body([chain_id, record.seq, record.view, record.digest, prepared])
+
+
+def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int) -> Journal:
+    """Read a journal back through ``get`` (a store's ``get_meta``).
+
+    Slots are read up to the larger of ``window`` and the window the
+    journal was written with, so a restart with another checkpoint interval
+    still finds every record."""
+    view, changing, written_window = 0, False, window
+    raw = get(VIEW_KEY)
+    if raw is not None:
+        fields = _fields(VIEW_KEY, raw, 4)
+        if fields[0] == chain_id:
+            view = _uint(VIEW_KEY, fields[1])
+            changing = _bool(VIEW_KEY, fields[2])
+            written_window = _uint(VIEW_KEY, fields[3])
+    stable_seq, proof = 0, ()
+    raw = get(STABLE_KEY)
+    if raw is not None:
+        fields = _fields(STABLE_KEY, raw, 3)
+        if fields[0] == chain_id:
+            stable_seq = _uint(STABLE_KEY, fields[1])
+            items = _list(STABLE_KEY, fields[2])
+            proof = tuple(_decode(STABLE_KEY, checkpoint_from_wire, c) for c in items)
+    records: dict[int, SeqRecord] = {}
+    for slot in range(max(window, written_window)):
+        key = _slot_key(slot)
+        raw = get(key)
+        if raw is None:
+            continue
+        fields = _fields(key, raw, 5)
+        if fields[0] != chain_id:
+            continue
+        seq = _uint(key, fields[1])
+        digest = fields[3]
+        if type(digest) is not bytes or len(digest) != DIGEST_BYTES:
+            raise StoreCorrupted(f"journal record {key!r}: the digest is not 32 bytes")
+        prepared = None if fields[4] is None else _decode(key, prepared_proof_from_wire, fields[4])
+        if seq > stable_seq:
+            records[seq] = SeqRecord(seq, _uint(key, fields[2]), digest, prepared)
+    return Journal(view, changing, stable_seq, proof, records)
+
+
+def _fields(key: str, raw: bytes, length: int) -> list[object]:
+    try:
+        fields = unpack_body(raw, max_len=MAX_META_BYTES, error=MalformedMessage)
+    except MalformedMessage as exc:
+        raise StoreCorrupted(f"journal record {key!r} does not decode: {exc}") from exc
+    if type(fields) is not list or len(fields) != length or type(fields[0]) is not str:
+        raise StoreCorrupted(f"journal record {key!r} has the wrong shape")
+    return fields
+
+
+def _uint(key: str, value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise StoreCorrupted(f"journal record {key!r}: expected an unsigned integer")
+    return value
+
+
+def _bool(key: str, value: object) -> bool:
+    if type(value) is not bool:
+        raise StoreCorrupted(f"journal record {key!r}: expected a boolean")
+    return value
+
+
+def _list(key: str, value: object) -> list[object]:
+    if type(value) is not list:
+        raise StoreCorrupted(f"journal record {key!r}: expected an array")
+    return value
+
+
+def _decode(key: str, decoder: Callable[[object], _T], fields: object) -> _T:
+    try:
+        return decoder(fields)
+    except MalformedMessage as exc:
+        raise StoreCorrupted(f"journal record {key!r}: {exc}") from exc

@@ -1,0 +1,253 @@
+"""PBFT's durable log (``pbft_journal``): what a restarted replica remembers.
+
+A replica built with a journal emits ``Persist`` before each message that
+binds it; these tests replay those records into a fresh replica, as a
+restart from its store does, and check what it may and may not sign then.
+The whole-cluster case (2f+1 replicas restarted at once) is in
+``test_pbft_faults.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedchain.consensus.errors import StoreCorrupted
+from fedchain.consensus.pbft import (
+    Mode,
+    PbftConfig,
+    Persist,
+    Receive,
+    Replica,
+    RequestsPending,
+    Send,
+)
+from fedchain.consensus.pbft_journal import (
+    STABLE_KEY,
+    VIEW_KEY,
+    Journal,
+    SeqRecord,
+    encode_seq_record,
+    encode_stable,
+    encode_view,
+    load_journal,
+    seq_key,
+)
+from fedchain.consensus.pbft_messages import (
+    Checkpoint,
+    Commit,
+    Prepare,
+    PreparedProof,
+    PrePrepare,
+    ViewChange,
+)
+from fedchain.p2p.identity import Identity
+
+CHAIN = "journal-test"
+RNG = np.random.default_rng(5)
+KEYS = [Identity.from_rng(RNG) for _ in range(4)]
+VALIDATORS = [k.public_key for k in KEYS]
+CONFIG = PbftConfig(checkpoint_interval=4)
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class App:
+    """Any non-empty payload is valid; proposes ``pending`` one-byte payloads."""
+
+    def __init__(self, pending: int = 0) -> None:
+        self.count = pending
+
+    def pending(self) -> int:
+        return self.count
+
+    def propose(self, seq: int) -> tuple[bytes, bytes] | None:
+        if not self.count:
+            return None
+        self.count -= 1
+        payload = b"p%d" % seq
+        return payload, sha(payload)
+
+    def validate(self, seq: int, payload: bytes) -> bytes | None:
+        return sha(payload) if payload else None
+
+    def abandon(self) -> None:
+        pass
+
+
+class Disk:
+    """A replica's journal as its store would hold it; restarts read it back."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, bytes] = {}
+
+    def boot(self, i: int, app: App | None = None, config: PbftConfig = CONFIG) -> Replica:
+        journal = load_journal(self.meta.get, CHAIN, config.window)
+        replica = Replica(KEYS[i], VALIDATORS, CHAIN, app or App(), config, journal=journal)
+        self.keep(replica.start())
+        return replica
+
+    def keep(self, actions: list) -> list:
+        """Write the Persist actions in order, checking that the record which
+        binds each PREPARE and COMMIT is on disk before it is sent."""
+        for action in actions:
+            if isinstance(action, Persist):
+                self.meta[action.key] = action.value
+            elif isinstance(action, Send) and isinstance(action.message, Prepare | Commit):
+                message = action.message
+                record = load_journal(self.meta.get, CHAIN, CONFIG.window).records[message.seq]
+                assert (record.view, record.digest) == (message.view, message.digest)
+                assert isinstance(message, Prepare) or record.prepared is not None
+        return actions
+
+
+def pp(seq: int, payload: bytes, view: int = 0) -> PrePrepare:
+    return PrePrepare.create(KEYS[view % 4], CHAIN, view, seq, sha(payload), payload)
+
+
+def sent(actions: list, kind: type) -> list:
+    return [a.message for a in actions if isinstance(a, Send) and isinstance(a.message, kind)]
+
+
+def step(disk: Disk, replica: Replica, sender: int, message: object) -> list:
+    return disk.keep(replica.step(Receive(VALIDATORS[sender], message)))
+
+
+def view_change_by_others(disk: Disk, replica: Replica, view: int) -> list:
+    """f+1 others move to ``view``: the replica joins (PBFT's liveness rule)."""
+    actions = []
+    for i in (0, 3):
+        if VALIDATORS[i] != replica.me:
+            actions += step(disk, replica, i, ViewChange.create(KEYS[i], CHAIN, view, 0, (), ()))
+    return actions
+
+
+def test_a_restarted_backup_never_prepares_a_second_digest() -> None:
+    """The restarted backup PREPAREd d at (0, 1) before the crash: a
+    PRE-PREPARE for d' there is the primary equivocating, refused and
+    suspected; the same d is prepared again."""
+    disk = Disk()
+    backup = disk.boot(1)
+    assert sent(step(disk, backup, 0, pp(1, b"d")), Prepare)
+    restarted = disk.boot(1)
+    assert restarted.signed == {1: (0, sha(b"d"))}
+    assert sent(step(disk, restarted, 0, pp(1, b"d")), Prepare)
+
+    restarted = disk.boot(1)
+    actions = step(disk, restarted, 0, pp(1, b"other"))
+    assert not sent(actions, Prepare)
+    assert restarted.refused["conflicts_with_signed"] == 1
+    assert restarted.mode is Mode.VIEW_CHANGE  # it suspected the primary
+
+
+def test_without_a_journal_the_restarted_backup_would_prepare_it() -> None:
+    """The contrast: restarted from its blocks alone it has no record of d."""
+    backup = Replica(KEYS[1], VALIDATORS, CHAIN, App(), CONFIG)
+    backup.start()
+    assert sent(backup.step(Receive(VALIDATORS[0], pp(1, b"d"))), Prepare)
+    fresh = Replica(KEYS[1], VALIDATORS, CHAIN, App(), CONFIG)
+    fresh.start()
+    assert sent(fresh.step(Receive(VALIDATORS[0], pp(1, b"other"))), Prepare)
+
+
+def test_a_restarted_backup_keeps_its_prepared_certificate_for_the_view_change() -> None:
+    """Prepared before the crash: its VIEW-CHANGE after restart still
+    carries the certificate (the PRE-PREPARE with payload, 2f PREPAREs)."""
+    disk = Disk()
+    backup = disk.boot(1)
+    step(disk, backup, 0, pp(1, b"d"))
+    prepare = Prepare.create(KEYS[2], CHAIN, 0, 1, sha(b"d"))
+    assert sent(step(disk, backup, 2, prepare), Commit)
+    restarted = disk.boot(1)
+    assert restarted.prepared[1].pre_prepare == pp(1, b"d")
+    (vc,) = sent(view_change_by_others(disk, restarted, 1), ViewChange)
+    assert vc.replica == restarted.me
+    assert [p.pre_prepare.seq for p in vc.prepared] == [1]
+    assert vc.prepared[0].pre_prepare.payload == b"d"
+
+
+def test_a_replica_restarted_in_a_view_change_resumes_it() -> None:
+    """It sent VIEW-CHANGE for view 1: restarted, it is in view 1's view
+    change (never back in view 0) and sends its VIEW-CHANGE again."""
+    disk = Disk()
+    backup = disk.boot(2)
+    assert sent(view_change_by_others(disk, backup, 1), ViewChange)
+    journal = load_journal(disk.meta.get, CHAIN, CONFIG.window)
+    restarted = Replica(KEYS[2], VALIDATORS, CHAIN, App(), CONFIG, journal=journal)
+    (again,) = sent(disk.keep(restarted.start()), ViewChange)
+    assert (restarted.view, restarted.mode) == (1, Mode.VIEW_CHANGE)
+    assert again.new_view == 1
+    assert not sent(step(disk, restarted, 0, pp(1, b"late")), Prepare)
+    assert restarted.refused["stale_view"] == 1
+
+
+def test_a_restarted_primary_does_not_propose_again_at_a_signed_seq() -> None:
+    """The primary signed PRE-PREPAREs for seqs 1 and 2; restarted with
+    nothing executed, its next proposal is seq 3, never a second one at 1."""
+    disk = Disk()
+    one_per_batch = PbftConfig(checkpoint_interval=4, batch_size=1)
+    primary = disk.boot(0, App(pending=2), one_per_batch)
+    first = sent(disk.keep(primary.step(RequestsPending(2))), PrePrepare)
+    assert [p.seq for p in first] == [1, 2]
+    restarted = disk.boot(0, App(pending=1), one_per_batch)
+    (proposal,) = sent(disk.keep(restarted.step(RequestsPending(1))), PrePrepare)
+    assert proposal.seq == 3
+
+
+def test_the_stable_checkpoint_survives_and_old_slots_are_ignored() -> None:
+    """A record below the stable checkpoint is stale (its slot is reused
+    seqs later); the checkpoint proof comes back whole."""
+    proof = tuple(Checkpoint.create(k, CHAIN, 4, bytes(32)) for k in KEYS[:3])
+    meta = {
+        STABLE_KEY: encode_stable(CHAIN, 4, proof),
+        VIEW_KEY: encode_view(CHAIN, 2, False, CONFIG.window),
+        seq_key(3, CONFIG.window): encode_seq_record(CHAIN, SeqRecord(3, 0, bytes(32))),
+        seq_key(6, CONFIG.window): encode_seq_record(CHAIN, SeqRecord(6, 2, sha(b"x"))),
+    }
+    journal = load_journal(meta.get, CHAIN, CONFIG.window)
+    assert (journal.view, journal.view_changing, journal.stable_seq) == (2, False, 4)
+    assert journal.stable_proof == proof
+    assert set(journal.records) == {6}
+    replica = Replica(KEYS[1], VALIDATORS, CHAIN, App(), CONFIG, executed=5, journal=journal)
+    assert (replica.low, replica.stable_seq, replica.view) == (4, 4, 2)
+    assert load_journal(meta.get, "another-epoch", CONFIG.window) == Journal()
+
+
+def test_records_round_trip_with_a_prepared_certificate() -> None:
+    cert = PreparedProof(
+        pp(7, b"payload"),
+        tuple(Prepare.create(KEYS[i], CHAIN, 0, 7, sha(b"payload")) for i in (1, 2)),
+    )
+    record = SeqRecord(7, 0, sha(b"payload"), cert)
+    meta = {seq_key(7, CONFIG.window): encode_seq_record(CHAIN, record)}
+    assert load_journal(meta.get, CHAIN, CONFIG.window).records == {7: record}
+
+
+@pytest.mark.parametrize("key", [VIEW_KEY, STABLE_KEY, seq_key(1, CONFIG.window)])
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_any_bytes_in_a_journal_record_load_or_raise_store_corrupted(key: str, data: bytes) -> None:
+    """A damaged record is named, never half-trusted or an untyped crash."""
+    try:
+        load_journal({key: data}.get, CHAIN, CONFIG.window)
+    except StoreCorrupted as exc:
+        assert repr(key) in str(exc)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        (VIEW_KEY, b"\x94\xacjournal-test\x01\x02\x08"),  # changing is not a bool
+        (STABLE_KEY, b"\x93\xacjournal-test\x04\x01"),  # the proof is not an array
+        (seq_key(1, CONFIG.window), b"\x95\xacjournal-test\x01\x00\xc4\x01x\xc0"),  # short digest
+    ],
+)
+def test_malformed_records_are_store_corrupted(key: str, value: bytes) -> None:
+    with pytest.raises(StoreCorrupted, match="journal record"):
+        load_journal({key: value}.get, CHAIN, CONFIG.window)
