@@ -57,6 +57,7 @@ async def open_ledger_node(
     tcp: TcpConfig | None = None,
     mempool_txs: int = 20_000,
     queue_seconds: float | None = 2.0,
+    journal_fsync: bool = True,
     open_to_clients: bool = True,
     seed: int = 0,
 ) -> AsyncIterator[LedgerNode]:
@@ -67,7 +68,7 @@ async def open_ledger_node(
     followers; only validators' CONSENSUS messages count, which PBFT
     checks); otherwise only validators may. The node's sequence numbers
     start from the wall clock, so a restarted node is never taken for a
-    replay. ``queue_seconds``: see :class:`LedgerReplica`."""
+    replay. ``queue_seconds``, ``journal_fsync``: see :class:`LedgerReplica`."""
     validators = frozenset(genesis.validators)
 
     def allowed(peer: PeerId) -> bool:
@@ -91,6 +92,7 @@ async def open_ledger_node(
             Mempool(genesis.chain_id, max_txs=mempool_txs, signatures=signatures),
             pbft,
             queue_seconds=queue_seconds,
+            journal_fsync=journal_fsync,
         )
         service = LedgerService(ledger)
         async with trio.open_nursery() as nursery:

@@ -205,6 +205,7 @@ class LedgerReplica:
         follow_interval: float | None = None,
         messages: MessageCache | None = None,
         queue_seconds: float | None = 2.0,
+        journal_fsync: bool = True,
     ) -> None:
         """``executor.votes`` (a SignatureMemo) also serves PBFT's message
         checks, so a commit vote is verified once, as a COMMIT, and not again
@@ -223,6 +224,10 @@ class LedgerReplica:
         self.mempool = mempool
         self.timestamp_ms = timestamp_ms
         self.messages = messages
+        self.journal_fsync = journal_fsync
+        """Whether PBFT's journal records are fsynced before the messages
+        they bind (CometBFT's rule; False: a process crash is still covered,
+        a power cut only from the next block append on)."""
         self.params = genesis.params
         self.config = config or PbftConfig()
         self.admission = (
@@ -411,7 +416,7 @@ class LedgerReplica:
             elif isinstance(action, Suspect):
                 self.suspects[action.reason] = self.suspects.get(action.reason, 0) + 1
             elif isinstance(action, Persist):
-                self.store.put_meta(action.key, action.value)
+                self.store.put_meta(action.key, action.value, durable=self.journal_fsync)
         # The replica proposes only when poked; after a commit freed window
         # room, leftover transactions need a poke (a new step, not nested).
         replica = self.replica

@@ -127,8 +127,12 @@ class BlockStore(Protocol):
     def blocks(self, start: int = 0) -> Iterator[StoredBlock]:
         """Blocks from ``start`` up to the tip, in order."""
 
-    def put_meta(self, key: str, value: bytes) -> None:
-        """Durably and atomically set a small named value."""
+    def put_meta(self, key: str, value: bytes, *, durable: bool = True) -> None:
+        """Atomically set a named value; on stable storage when it returns.
+
+        ``durable=False`` skips the fsync: the value survives a crash of
+        the process at once (it is in the kernel's page cache) and a power
+        cut from the store's next durable write on."""
 
     def get_meta(self, key: str) -> bytes | None:
         """The value set for ``key``, or None."""
@@ -212,7 +216,7 @@ class _Store:
 
     A backend implements ``_read(height)``, ``_read_range(start, stop)``,
     ``_height_of(block_hash)``, ``_write(blocks)``, ``_read_meta(key)``,
-    ``_write_meta(key, value)``, ``_meta_keys()``, ``_read_tip()`` and
+    ``_write_meta(key, value, durable)``, ``_meta_keys()``, ``_read_tip()`` and
     ``_release()``. The front holds a lock (a node may call it from a
     worker thread so that fsyncs do not stall its event loop) and the tip.
     """
@@ -311,12 +315,12 @@ class _Store:
                 yield block
             height = stop
 
-    def put_meta(self, key: str, value: bytes) -> None:
+    def put_meta(self, key: str, value: bytes, *, durable: bool = True) -> None:
         encoded = _check_key(key)
         value = _check_bytes(value, "a meta value", MAX_META_BYTES)
         with self._lock:
             self._check_open()
-            self._write_meta(encoded, value)
+            self._write_meta(encoded, value, durable)
 
     def get_meta(self, key: str) -> bytes | None:
         encoded = _check_key(key)
@@ -355,7 +359,7 @@ class _Store:
     def _read_meta(self, key: bytes) -> bytes | None:
         raise NotImplementedError
 
-    def _write_meta(self, key: bytes, value: bytes) -> None:
+    def _write_meta(self, key: bytes, value: bytes, durable: bool) -> None:
         raise NotImplementedError
 
     def _meta_keys(self) -> list[bytes]:
@@ -404,7 +408,7 @@ class MemoryBlockStore(_Store):
     def _read_meta(self, key: bytes) -> bytes | None:
         return self._meta.get(key)
 
-    def _write_meta(self, key: bytes, value: bytes) -> None:
+    def _write_meta(self, key: bytes, value: bytes, durable: bool) -> None:
         self._meta[key] = value
 
     def _meta_keys(self) -> list[bytes]:
@@ -625,12 +629,20 @@ class SqliteBlockStore(_Store):
             raise StoreCorrupted(f"{self.path}: meta {name!r} fails its checksum")
         return value
 
-    def _write_meta(self, key: bytes, value: bytes) -> None:
-        self._transaction(
-            "writing meta",
-            "INSERT OR REPLACE INTO meta (key, checksum, value) VALUES (?, ?, ?)",
-            [(key, _meta_checksum(key, value), value)],
-        )
+    def _write_meta(self, key: bytes, value: bytes, durable: bool) -> None:
+        # In WAL mode synchronous=NORMAL commits without syncing the log;
+        # the next FULL commit (any block append) syncs these frames too.
+        if not durable:
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            self._transaction(
+                "writing meta",
+                "INSERT OR REPLACE INTO meta (key, checksum, value) VALUES (?, ?, ?)",
+                [(key, _meta_checksum(key, value), value)],
+            )
+        finally:
+            if not durable:
+                self._conn.execute("PRAGMA synchronous = FULL")
 
     def _meta_keys(self) -> list[bytes]:
         with _sqlite_errors("listing meta"):

@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2.0,
         help="validators' admission pacing (fedchain node --queue-seconds; 0: off)",
     )
+    parser.add_argument(
+        "--journal-sync",
+        choices=("full", "normal"),
+        default="full",
+        help="validators' PBFT journal sync (fedchain node --journal-sync)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-consensus"), help="PNG folder")
     parser.add_argument("--virtual-validators", type=int, default=100)
     parser.add_argument("--virtual-blocks", type=int, default=100)
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             "validators": args.validators,
             "cores": cores,
             "queue_seconds": args.queue_seconds,
+            "journal_sync": args.journal_sync,
             "default_gc": args.default_gc,
             "verify_per_s_per_core": round(verify_rate),
             "verification_bound_tx_s": round(bound),
@@ -297,6 +304,8 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             "1",
             "--queue-seconds",
             str(args.queue_seconds),
+            "--journal-sync",
+            args.journal_sync,
         ] + (["--default-gc"] if args.default_gc else [])
         with open(home / "node.log", "wb") as log:  # the child keeps its own copy
             processes.append(

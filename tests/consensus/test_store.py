@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -343,6 +344,25 @@ def test_blocks_and_meta_survive_reopening(tmp_path):
         assert contents(store) == blocks
         assert store.get_meta("view") == b"3"
         assert store.verify() == 20
+
+
+def test_a_meta_write_without_fsync_survives_its_process_being_killed(tmp_path):
+    """``durable=False`` (PBFT's journal under ``--journal-sync normal``)
+    skips the fsync, not the write: a SIGKILL right after it returns loses
+    nothing, and the connection is back at FULL for the next block."""
+    path = tmp_path / "s.db"
+    code = (
+        "import os, signal, sys\n"
+        "from fedchain.consensus.store import SqliteBlockStore\n"
+        "store = SqliteBlockStore(sys.argv[1])\n"
+        "store.put_meta('pbft.view', b'fast', durable=False)\n"
+        "assert store._conn.execute('PRAGMA synchronous').fetchone()[0] == 2\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    with SqliteBlockStore(path) as store:
+        assert store.get_meta("pbft.view") == b"fast"
 
 
 def test_the_store_runs_wal_with_full_sync_and_locks_out_a_second_opener(tmp_path):
