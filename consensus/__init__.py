@@ -10,7 +10,7 @@ invariants and the tests that check them. ``consensus`` builds on
 
 from .block import Block, BlockHeader, decode_block, encode_block
 from .chain import ChainReport, ChainTip, Executor, verify_chain
-from .client import LedgerClient, UntrustedAnswer
+from .client import LedgerClient, TrustedValidators, UntrustedAnswer
 from .client_api import CommitProof, QueryAnswer, SubmitStatus
 from .contracts import BlockContext, Contract, ContractRegistry, TxResult, default_registry
 from .errors import (
@@ -75,6 +75,7 @@ __all__ = [
     "StoredBlock",
     "SubmitStatus",
     "Transaction",
+    "TrustedValidators",
     "TxResult",
     "UntrustedAnswer",
     "decode_block",

@@ -2,9 +2,19 @@
 
 :class:`LedgerClient` talks to one node on the CLIENT channel (over TCP in
 practice: any :class:`~fedchain.p2p.node.Node` transport works) and checks
-each commit proof and query answer against the chain id and the validator
-set it was given, so a lying node can only fail to answer, never make the
-client believe something false (:class:`UntrustedAnswer`).
+each commit proof and query answer against the validator set it trusts
+(:class:`TrustedValidators`), so a lying node can only fail to answer,
+never make the client believe something false (:class:`UntrustedAnswer`).
+
+The trusted set starts as the one the client was given (the genesis set)
+and moves forward only by proof, as CometBFT's light client verifies
+sequentially: a change of set is a committed transaction, so the state
+after its block holds the new ``sys/validators`` and that block is
+certified by the old set. The node hands out those proofs (``EPOCHS``);
+the client checks each against the set it trusts, then trusts the next.
+An answer that does not verify makes the client follow first and check
+again, so a client built with the genesis set keeps working across any
+number of changes.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from fedchain.p2p.node import Node
 from fedchain.p2p.wire import Envelope, MessageType
 
 from .client_api import (
+    MAX_EPOCH_ANSWERS,
     ClientOp,
     CommitProof,
     QueryAnswer,
@@ -27,15 +38,22 @@ from .client_api import (
     decode_client_message,
     encode_client_message,
 )
-from .contracts import epoch_chain_id
+from .contracts import VALIDATORS_KEY, epoch_chain_id
 from .errors import ConsensusError, MalformedMessage, MempoolFull
 from .tx import decode_transaction
 
-__all__ = ["LedgerClient", "NodeError", "SubmitRefused", "UntrustedAnswer"]
+__all__ = ["LedgerClient", "NodeError", "SubmitRefused", "TrustedValidators", "UntrustedAnswer"]
 
 
 _REPLIES = frozenset(
-    {ClientOp.SUBMITTED, ClientOp.COMMIT, ClientOp.ANSWER, ClientOp.BLOCK, ClientOp.ERROR}
+    {
+        ClientOp.SUBMITTED,
+        ClientOp.COMMIT,
+        ClientOp.ANSWER,
+        ClientOp.BLOCK,
+        ClientOp.ERROR,
+        ClientOp.EPOCH_PROOFS,
+    }
 )
 
 
@@ -57,13 +75,53 @@ class NodeError(ConsensusError):
     reason = "node_error"
 
 
+class TrustedValidators:
+    """The validator set a client trusts: ``validators`` of ``chain_id`` in
+    validator ``epoch`` (0: the genesis set), moved forward only by
+    :meth:`advance` with a proof certified by the set trusted now."""
+
+    def __init__(self, chain_id: str, validators: Sequence[PeerId], epoch: int = 0) -> None:
+        self.chain = chain_id
+        self.epoch = epoch
+        self.validators = tuple(validators)
+
+    @property
+    def chain_id(self) -> str:
+        """What the trusted set's commit votes sign (its epoch's chain id)."""
+        return epoch_chain_id(self.chain, self.epoch)
+
+    def verifies_commit(self, proof: CommitProof, tx: bytes) -> bool:
+        return proof.verify(tx, self.chain_id, self.validators)
+
+    def verifies_answer(self, answer: QueryAnswer) -> bool:
+        return answer.verify(self.chain_id, self.validators)
+
+    def advance(self, answer: QueryAnswer) -> None:
+        """Trust the next epoch's set, proved by ``answer``: ``sys/validators``
+        = [epoch + 1, sorted keys] after a block the current set certified.
+        UntrustedAnswer (nothing changed) if any of that fails."""
+        value = answer.value
+        if answer.key != VALIDATORS_KEY or not self.verifies_answer(answer):
+            raise UntrustedAnswer("the validator-change proof does not verify")
+        if (
+            type(value) is not list
+            or len(value) != 2
+            or value[0] != self.epoch + 1
+            or type(value[1]) is not list
+            or not value[1]
+            or any(type(k) is not bytes or len(k) != 32 for k in value[1])
+            or value[1] != sorted(set(value[1]))
+        ):
+            raise UntrustedAnswer(f"the proof is not a change to epoch {self.epoch + 1}")
+        self.epoch, self.validators = value[0], tuple(value[1])
+
+
 class LedgerClient:
-    """Requests to ``server`` from ``node``; answers verified against
-    ``validators`` of ``chain_id`` in validator ``epoch`` (0: the genesis
-    set). A client that outlives a set change must be given the new set and
-    epoch (following changes from headers alone is not implemented: a proof
-    from another epoch is refused, never trusted). Build it before the
-    node's first ``await`` (it registers the CLIENT handler)."""
+    """Requests to ``server`` from ``node``; answers verified against the
+    ``validators`` of ``chain_id`` in validator ``epoch`` it starts from
+    (0: the genesis set), following set changes on chain by proof (see the
+    module docstring). Build it before the node's first ``await`` (it
+    registers the CLIENT handler)."""
 
     def __init__(
         self,
@@ -76,9 +134,7 @@ class LedgerClient:
     ) -> None:
         self.node = node
         self.server = server
-        self.chain_id = epoch_chain_id(chain_id, epoch)
-        """What the trusted set's commit votes sign."""
-        self.validators = tuple(validators)
+        self.trusted = TrustedValidators(chain_id, validators, epoch)
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[trio.Event, list]] = {}
         self._streams: dict[int, trio.MemorySendChannel] = {}
@@ -155,8 +211,10 @@ class LedgerClient:
         if reply[2] is None:
             raise trio.TooSlowError
         proof = CommitProof.from_list(reply[2])
-        if not proof.verify(tx, self.chain_id, self.validators):
-            raise UntrustedAnswer("the commit proof does not verify")
+        if not self.trusted.verifies_commit(proof, tx):
+            await self.follow_validator_changes(timeout=timeout)
+            if not self.trusted.verifies_commit(proof, tx):
+                raise UntrustedAnswer("the commit proof does not verify")
         return proof
 
     async def query(self, key: str, *, timeout: float = 10.0) -> QueryAnswer:
@@ -165,9 +223,26 @@ class LedgerClient:
         if reply[0] != ClientOp.ANSWER:
             raise MalformedMessage("the node answered a query with something else")
         answer = QueryAnswer.from_list(reply[2])
-        if answer.key != key or not answer.verify(self.chain_id, self.validators):
-            raise UntrustedAnswer("the query answer does not verify")
+        if answer.key != key:
+            raise UntrustedAnswer("the query answer is about another key")
+        if not self.trusted.verifies_answer(answer):
+            await self.follow_validator_changes(timeout=timeout)
+            if not self.trusted.verifies_answer(answer):
+                raise UntrustedAnswer("the query answer does not verify")
         return answer
+
+    async def follow_validator_changes(self, *, timeout: float = 10.0) -> int:
+        """Move the trusted set forward through every change the node
+        proves (checked one epoch at a time); the epoch trusted now.
+        UntrustedAnswer if a proof fails (the epochs before it stay)."""
+        while True:
+            reply = await self._request(timeout, ClientOp.EPOCHS, self.trusted.epoch)
+            if reply[0] != ClientOp.EPOCH_PROOFS:
+                raise MalformedMessage("the node answered epochs with something else")
+            for raw in reply[2]:
+                self.trusted.advance(QueryAnswer.from_list(raw))
+            if len(reply[2]) < MAX_EPOCH_ANSWERS:
+                return self.trusted.epoch
 
     async def blocks(self, *, buffer: int = 1024) -> AsyncIterator[tuple[int, list[bytes]]]:
         """(height, transaction digests) of each block the node commits from

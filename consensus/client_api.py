@@ -15,6 +15,7 @@ echoes::
     [WAIT, id, digest, timeout_ms]   -> [COMMIT, id, proof or nil (timed out)]
     [QUERY, id, key]                 -> [ANSWER, id, answer]
     [SUBSCRIBE, id]                  -> [BLOCK, id, height, [digest, ...]] per block
+    [EPOCHS, id, epoch]              -> [EPOCH_PROOFS, id, [answer, ...]]
     [FORWARD, [tx, ...]]             (validator to validator, no reply)
     any malformed request            -> [ERROR, id, reason]
 
@@ -23,6 +24,13 @@ carry the digest, busy and refused a reason. Busy is the explicit
 back-pressure answer of a full mempool: retry later. Decoding is strict
 (:func:`decode_client_message` raises :class:`~.errors.MalformedMessage`
 for anything else), like every decoder a peer can reach.
+
+``EPOCH_PROOFS`` lets a client follow validator-set changes without
+trusting the node: for each epoch after the one asked about (up to
+``MAX_EPOCH_ANSWERS`` per reply), the query answer for ``sys/validators``
+in the state after the block that changed the set, so it is certified by
+the *previous* set, which the client already trusts
+(:class:`~.client.TrustedValidators`).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ __all__ = [
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_PATH = 64
 MAX_REASON_CHARS = 200
+MAX_EPOCH_ANSWERS = 64
 
 
 class ClientOp(enum.IntEnum):
@@ -74,6 +83,8 @@ class ClientOp(enum.IntEnum):
     BLOCK = 7
     FORWARD = 8
     ERROR = 9
+    EPOCHS = 10
+    EPOCH_PROOFS = 11
 
 
 class SubmitStatus(enum.IntEnum):
@@ -298,6 +309,8 @@ _SHAPES: dict[int, int] = {
     ClientOp.BLOCK: 4,
     ClientOp.FORWARD: 2,
     ClientOp.ERROR: 3,
+    ClientOp.EPOCHS: 3,
+    ClientOp.EPOCH_PROOFS: 3,
 }
 
 
@@ -345,4 +358,12 @@ def decode_client_message(body: bytes, *, max_txs: int = 10_000) -> list:
             raise MalformedMessage("a block notice is [op, id, height, [digest, ...]]")
     elif op == ClientOp.ERROR and type(fields[2]) is not str:
         raise MalformedMessage("an error carries a reason")
+    elif op == ClientOp.EPOCHS and not _is_u63(fields[2]):
+        raise MalformedMessage("epochs is [op, id, epoch]")
+    elif op == ClientOp.EPOCH_PROOFS and (
+        type(fields[2]) is not list
+        or len(fields[2]) > MAX_EPOCH_ANSWERS
+        or any(type(a) is not list for a in fields[2])
+    ):
+        raise MalformedMessage(f"epoch proofs are a list of up to {MAX_EPOCH_ANSWERS} answers")
     return fields

@@ -106,7 +106,8 @@ from fedchain.p2p.wire import Envelope, MessageType, unpack_body
 from .admission import CommitPacedLimit
 from .block import Block, decode_block, encode_block
 from .chain import ChainTip, Executor
-from .contracts import epoch_chain_id, next_nonce
+from .client_api import QueryAnswer
+from .contracts import VALIDATORS_KEY, epoch_chain_id, next_nonce
 from .errors import (
     ConsensusError,
     InvalidBlock,
@@ -155,7 +156,11 @@ Refusal = ConsensusError | MalformedMessage
 """Why a transaction was not admitted (its ``reason`` names it)."""
 
 
-def replay_store(executor: Executor, store: BlockStore) -> tuple[ChainTip, bytes]:
+def replay_store(
+    executor: Executor,
+    store: BlockStore,
+    on_block: Callable[[Block, ChainTip, ChainTip], None] | None = None,
+) -> tuple[ChainTip, bytes]:
     """Re-verify a replica's stored chain: its tip and PBFT's chained state
     digest after it (what a restarted replica resumes from).
 
@@ -163,7 +168,8 @@ def replay_store(executor: Executor, store: BlockStore) -> tuple[ChainTip, bytes
     its epoch) and execution is checked again, as ``fedchain chain verify``
     would: the store's checksums catch a torn page, not a chain that was
     wrong when written. The digest chains across validator epochs. A block that fails raises
-    :class:`~.errors.ConsensusError` naming its height.
+    :class:`~.errors.ConsensusError` naming its height. ``on_block`` hears
+    each block with the tips before and after it.
     """
     tip = ChainTip.of_genesis(executor.genesis)
     state = GENESIS_STATE
@@ -173,9 +179,12 @@ def replay_store(executor: Executor, store: BlockStore) -> tuple[ChainTip, bytes
             raise InvalidBlock(f"the store has no block at height {height}")
         block = decode_block(stored.data, max_bytes=executor.params.max_block_bytes + 1024 * 1024)
         try:
-            tip = executor.apply_final(tip, block)
+            after = executor.apply_final(tip, block)
         except ConsensusError as exc:
             raise type(exc)(f"stored block {height}: {exc}") from exc
+        if on_block is not None:
+            on_block(block, tip, after)
+        tip = after
         state = advance_state(state, height, block.certified_digest)
     return tip, state
 
@@ -240,7 +249,11 @@ class LedgerReplica:
         self.follow_interval = (
             follow_interval if follow_interval is not None else self.config.retransmit_interval
         )
-        self.tip, self.pbft_state = replay_store(executor, store)
+        self.validator_changes: dict[int, tuple[QueryAnswer, bytes]] = {}
+        """By epoch from 1: the proof of ``sys/validators`` after the block
+        that began it (with the value's encoding), certified by the set
+        before; a client follows set changes with these (``client_api``)."""
+        self.tip, self.pbft_state = replay_store(executor, store, self._note_change)
         # Pending (what PBFT proposes and backups' view timers wait for) is
         # what can commit next: contiguous from each sender's committed nonce.
         mempool.track_nonces(lambda sender: next_nonce(self.tip.state, sender))
@@ -517,6 +530,15 @@ class LedgerReplica:
 
     # -- committing -------------------------------------------------------------
 
+    def _note_change(self, block: Block, before: ChainTip, after: ChainTip) -> None:
+        if after.epoch == before.epoch or block.certificate is None:
+            return
+        value, proof = after.state.prove(VALIDATORS_KEY)
+        answer = QueryAnswer(VALIDATORS_KEY, value, block.header, block.certificate, proof)
+        encoded = after.state.get_encoded(VALIDATORS_KEY)
+        assert encoded is not None  # a new epoch is a write of this key
+        self.validator_changes[after.epoch] = (answer, encoded)
+
     def _commit(self, done: Committed) -> None:
         if done.digest == NULL_DIGEST:
             # A null request's canonical block, certified like any other.
@@ -538,6 +560,7 @@ class LedgerReplica:
 
     def _append(self, certified: Block, tip: ChainTip) -> None:
         """Store a final block (``tip`` is the tip after it) and tell the listeners."""
+        self._note_change(certified, self.tip, tip)
         self.tip = tip
         self.store.append(StoredBlock(tip.height, certified.hash, encode_block(certified)))
         self.pbft_state = advance_state(self.pbft_state, tip.height, certified.certified_digest)

@@ -41,6 +41,7 @@ from fedchain.p2p.wire import Envelope, MessageType
 
 from .block import Block, decode_block
 from .client_api import (
+    MAX_EPOCH_ANSWERS,
     ClientOp,
     CommitProof,
     QueryAnswer,
@@ -176,6 +177,13 @@ class LedgerService:
         value, proof = self.ledger.tip.state.prove(key)
         return QueryAnswer(key, value, block.header, block.certificate, proof)
 
+    def validator_changes(self, since_epoch: int) -> list[tuple[QueryAnswer, bytes]]:
+        """The proofs of the set changes after ``since_epoch``, in order, up
+        to ``MAX_EPOCH_ANSWERS`` (with each value's encoding, for the wire)."""
+        changes = self.ledger.validator_changes
+        epochs = sorted(e for e in changes if e > since_epoch)[:MAX_EPOCH_ANSWERS]
+        return [changes[e] for e in epochs]
+
     # -- commits -----------------------------------------------------------------
 
     def _on_commit(self, block: Block) -> None:
@@ -308,6 +316,9 @@ class LedgerService:
                 return
             encoded = self.ledger.tip.state.get_encoded(fields[2])
             self._reply(peer, ClientOp.ANSWER, fields[1], answer.as_list(encoded))
+        elif op == ClientOp.EPOCHS:
+            answers = [a.as_list(encoded) for a, encoded in self.validator_changes(fields[2])]
+            self._reply(peer, ClientOp.EPOCH_PROOFS, fields[1], answers)
         elif op == ClientOp.SUBSCRIBE:
             if len(self._subscribers) >= self.max_subscribers:
                 self._reply(peer, ClientOp.ERROR, fields[1], "busy: too many subscribers")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fedchain.consensus.block import encode_block
 from fedchain.consensus.chain import ChainTip, Executor
 from fedchain.consensus.client_api import (
+    MAX_EPOCH_ANSWERS,
     ClientOp,
     CommitProof,
     QueryAnswer,
@@ -75,7 +76,12 @@ def test_a_query_answer_round_trips_and_proves_presence_and_absence() -> None:
 def test_requests_decode_and_bad_shapes_are_refused() -> None:
     assert decode_client_message(encode_client_message(ClientOp.SUBMIT, 1, [b"x"]))[2] == [b"x"]
     assert decode_client_message(encode_client_message(ClientOp.WAIT, 2, bytes(32), 5))[3] == 5
+    assert decode_client_message(encode_client_message(ClientOp.EPOCHS, 3, 0))[2] == 0
+    assert decode_client_message(encode_client_message(ClientOp.EPOCH_PROOFS, 3, [[]]))[2] == [[]]
     for bad in (
+        encode_client_message(ClientOp.EPOCHS, 3, -1),
+        encode_client_message(ClientOp.EPOCH_PROOFS, 3, [b"not an answer"]),
+        encode_client_message(ClientOp.EPOCH_PROOFS, 3, [[]] * (MAX_EPOCH_ANSWERS + 1)),
         encode_client_message(ClientOp.SUBMIT, 1, [3]),
         encode_client_message(ClientOp.SUBMIT, -1, []),
         encode_client_message(ClientOp.WAIT, 2, b"short", 5),

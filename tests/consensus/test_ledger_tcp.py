@@ -138,7 +138,7 @@ async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) 
             bad = replace(proofs[3], index=(proofs[3].index + 1) % proofs[3].size)
             assert not bad.verify(txs[3].encoded, CHAIN, keys)
             # A client that trusts another set (only two of these) refuses the answer.
-            client.validators = (*keys[:2], alice.public_key, bytes(range(32)))
+            client.trusted.validators = (*keys[:2], alice.public_key, bytes(range(32)))
             with pytest.raises(UntrustedAnswer):
                 await client.query(kv_key(alice.public_key, "k7"))
 

@@ -15,10 +15,12 @@ import trio.testing
 
 from fedchain.consensus.block import Block, decode_block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor, verify_chain
+from fedchain.consensus.client import LedgerClient, TrustedValidators, UntrustedAnswer
 from fedchain.consensus.client_api import CommitProof
 from fedchain.consensus.contracts import (
     TxResult,
     epoch_chain_id,
+    kv_key,
     kv_set,
     sign_validator_change,
     validator_change_content,
@@ -54,9 +56,18 @@ def _certify(block: Block, signers: list[Identity], chain_id: str) -> Block:
     return block.with_certificate(CommitCertificate.of(block.height, block.hash, votes, view=0))
 
 
-def _run(*, seed: int = 11, duration: float = 5.0, restarts=(), forge: bool = False):
+def _run(
+    *,
+    seed: int = 11,
+    duration: float = 5.0,
+    restarts=(),
+    forge: bool = False,
+    client_at: float | None = None,
+):
     """Run the cluster; ``restarts`` are (index, down_at, up_at) crashes
-    followed by a new process on the same store."""
+    followed by a new process on the same store. ``client_at``: then a
+    LedgerClient that trusts only the genesis set queries node 0 and waits
+    for a late transaction (what it got lands in ``seen``)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     identities = sorted((Identity(rng.bytes(32)) for _ in range(4)), key=lambda i: i.public_key)
     identities.append(Identity(rng.bytes(32)))
@@ -160,6 +171,21 @@ def _run(*, seed: int = 11, duration: float = 5.0, restarts=(), forge: bool = Fa
                 net.schedule(down_at, crash)
                 net.schedule(up_at, reboot)
 
+            if client_at is not None:
+                reader = Identity(b"r" * 32)
+                client = LedgerClient(
+                    node_for(reader, net.add_node(reader.public_key)), ids[0], CHAIN, ids[:4]
+                )
+
+                async def read_late() -> None:
+                    await trio.sleep(client_at)
+                    answer = await client.query(kv_key(clients[0].public_key, "k5"))
+                    seen["client_query"] = (answer.value, answer.height, client.trusted.epoch)
+                    proof = await client.wait_committed(txs[-1].encoded, timeout=5.0)
+                    seen["client_proof_height"] = proof.height
+
+                nursery.start_soon(read_late)
+
             if forge:
                 forger_node = node_for(forger, net.add_node(forger.public_key))
                 fakes = [Identity(rng.bytes(32)) for _ in range(4)]
@@ -251,8 +277,13 @@ def test_a_validator_is_replaced_under_load_and_the_nodes_switch_roles() -> None
     """The change commits at h; the new set (chain id of epoch 1) certifies
     every block after h; the removed validator keeps following, refusing a
     forged block and malformed answers; the extra node follows, then votes."""
-    genesis, ids, new_set, change, txs, ledgers, seen = _run(forge=True)
+    genesis, ids, new_set, change, txs, ledgers, seen = _run(forge=True, client_at=3.0)
     h = _check(genesis, ids, new_set, change, txs, ledgers)
+    # A client given only the genesis set followed the change by proof
+    # (EPOCHS over the network) and accepted answers of epoch 1.
+    value, height, epoch = seen["client_query"]
+    assert (value, epoch) == (5, 1) and height > h
+    assert seen["client_proof_height"] > h
     assert ledgers[OUT].epoch_changes == 1 and ledgers[EXTRA].epoch_changes == 1
     assert ledgers[OUT].node.counters["follow.blocks"] > 0, "the removed validator follows"
     assert ledgers[EXTRA].node.counters["follow.blocks"] >= h
@@ -262,6 +293,42 @@ def test_a_validator_is_replaced_under_load_and_the_nodes_switch_roles() -> None
     assert counters["follow.refused.invalid_certificate"] >= 1
     assert sum(v for k, v in counters.items() if k.startswith("rejected.")) >= 2
     assert ledgers[OUT].store.tip() > seen["forged_at"] + 1
+
+
+def test_a_client_trusts_the_next_set_only_by_a_proof_the_current_set_certified() -> None:
+    """``TrustedValidators``: every node holds the proof of the change (the
+    state after block h, certified by the genesis set), restarted or not;
+    it moves a client from the genesis set to the new one, and a forged or
+    replayed change moves nothing."""
+    genesis, ids, new_set, change, txs, ledgers, _ = _run(restarts=[(OUT, 1.2, 1.5)], duration=4.0)
+    h = _check(genesis, ids, new_set, change, txs, ledgers)
+    answers = {ledger.node.id: ledger.validator_changes for ledger in ledgers}
+    assert all(list(changes) == [1] for changes in answers.values())
+    (answer, _), (rebuilt, _) = ledgers[0].validator_changes[1], ledgers[OUT].validator_changes[1]
+    assert answer == rebuilt and answer.height == h  # replay rebuilt it after the restart
+
+    late = next(
+        decode_block(ledgers[0].store.get(x).data)
+        for x in range(h + 1, ledgers[0].store.tip() + 1)
+        if decode_block(ledgers[0].store.get(x).data).txs
+    )
+    proof = CommitProof.of_block(late, 0)
+    trusted = TrustedValidators(CHAIN, ids[:4])
+    assert not trusted.verifies_commit(proof, late.txs[0].encoded)
+    forged = answer._replace(value=[1, sorted([*ids[:3], bytes(32)])])
+    with pytest.raises(UntrustedAnswer):
+        trusted.advance(forged)
+    assert (trusted.epoch, trusted.validators) == (0, tuple(ids[:4]))
+    trusted.advance(answer)
+    assert (trusted.epoch, trusted.validators, trusted.chain_id) == (
+        1,
+        tuple(new_set),
+        f"{CHAIN}#1",
+    )
+    assert trusted.verifies_commit(proof, late.txs[0].encoded)
+    with pytest.raises(UntrustedAnswer):
+        trusted.advance(answer)  # replayed: the genesis set's votes do not certify for epoch 1
+    assert trusted.epoch == 1
 
 
 def test_nodes_restarted_after_the_change_resume_in_their_epoch_and_role() -> None:
