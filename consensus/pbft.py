@@ -469,12 +469,17 @@ class Replica:
             value = encode_view(self.chain_id, self.view, changing, self.config.window)
             self._out.append(Persist(VIEW_KEY, value))
 
+    def _conflicts(self, view: int, seq: int, digest: bytes) -> bool:
+        """We signed another digest for (view, seq) (before a restart)."""
+        held = self.signed.get(seq)
+        return held is not None and held[0] == view and held[1] != digest
+
     def _sign_for(self, view: int, seq: int, digest: bytes) -> bool:
         """Record that we sign (view, seq, digest), journaled; False (and
         nothing recorded) if we already signed another digest there."""
-        held = self.signed.get(seq)
-        if held is not None and held[0] == view and held[1] != digest:
+        if self._conflicts(view, seq, digest):
             return False
+        held = self.signed.get(seq)
         self.signed[seq] = (view, digest)
         if held != (view, digest):
             self._persist_seq(seq)
@@ -564,7 +569,10 @@ class Replica:
                 self.identity, self.chain_id, self.view, self.next_seq, digest, payload
             )
             self.next_seq += 1
-            self._sign_for(pp.view, pp.seq, pp.digest)  # a fresh seq: never refused
+            if not self._sign_for(pp.view, pp.seq, pp.digest):
+                # Unreachable: a restored primary resumes past its signed seqs.
+                self._refuse("conflicts_with_signed")
+                return
             self._broadcast(pp)
             self._accept_pre_prepare(pp)
             force = self._batch_due = False
@@ -1225,7 +1233,13 @@ class Replica:
             PrePrepare.create(self.identity, self.chain_id, self.view, seq, digest, payload)
             for seq, digest, payload in plan
         )
-        for pp in pre_prepares:  # a view we never proposed in: never refused
+        if any(self._conflicts(pp.view, pp.seq, pp.digest) for pp in pre_prepares):
+            # Restarted after sending a NEW-VIEW with another plan (other
+            # VIEW-CHANGEs): a second one would equivocate. The view timer
+            # moves everyone to the next view instead.
+            self._refuse("conflicts_with_signed")
+            return
+        for pp in pre_prepares:
             self._sign_for(pp.view, pp.seq, pp.digest)
         nv = NewView.create(self.identity, self.chain_id, self.view, tuple(changes), pre_prepares)
         self._broadcast(nv)

@@ -40,6 +40,7 @@ from fedchain.consensus.pbft_journal import (
 from fedchain.consensus.pbft_messages import (
     Checkpoint,
     Commit,
+    NewView,
     Prepare,
     PreparedProof,
     PrePrepare,
@@ -251,3 +252,36 @@ def test_any_bytes_in_a_journal_record_load_or_raise_store_corrupted(key: str, d
 def test_malformed_records_are_store_corrupted(key: str, value: bytes) -> None:
     with pytest.raises(StoreCorrupted, match="journal record"):
         load_journal({key: value}.get, CHAIN, CONFIG.window)
+
+
+def _prepared_vc(sender: int, view: int, payload: bytes) -> ViewChange:
+    """A VIEW-CHANGE to ``view`` carrying a certificate for seq 1 = payload."""
+    proof = PreparedProof(
+        pp(1, payload),
+        tuple(Prepare.create(KEYS[i], CHAIN, 0, 1, sha(payload)) for i in (2, 3)),
+    )
+    return ViewChange.create(KEYS[sender], CHAIN, view, 0, (), (proof,))
+
+
+def test_a_new_primary_restarted_after_its_new_view_never_sends_another_plan() -> None:
+    """Replica 1 (view 1's primary) sent a NEW-VIEW re-issuing d at seq 1
+    and crashed before it installed it. Restarted in view 1's view change,
+    it is shown VIEW-CHANGEs whose plan puts d' at seq 1: it sends no
+    second NEW-VIEW (the view timer moves on to view 2 instead)."""
+    disk = Disk()
+    primary = disk.boot(1)
+    actions = []
+    for sender in (0, 2):
+        actions += primary.step(Receive(VALIDATORS[sender], _prepared_vc(sender, 1, b"d")))
+    (nv,) = sent(actions, NewView)
+    assert [p.digest for p in nv.pre_prepares] == [sha(b"d")]
+    upto = next(i for i, a in enumerate(actions) if isinstance(a, Send) and a.message is nv)
+    disk.keep(actions[: upto + 1])  # killed right after the NEW-VIEW left
+
+    restarted = disk.boot(1)
+    assert (restarted.view, restarted.mode) == (1, Mode.VIEW_CHANGE)
+    actions = []
+    for sender in (2, 3):
+        actions += step(disk, restarted, sender, _prepared_vc(sender, 1, b"e"))
+    assert not sent(actions, NewView)
+    assert restarted.refused["conflicts_with_signed"] >= 1
