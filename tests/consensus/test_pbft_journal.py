@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -285,3 +286,31 @@ def test_a_new_primary_restarted_after_its_new_view_never_sends_another_plan() -
         actions += step(disk, restarted, sender, _prepared_vc(sender, 1, b"e"))
     assert not sent(actions, NewView)
     assert restarted.refused["conflicts_with_signed"] >= 1
+
+
+_fields = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 2**64 - 1)
+    | st.binary(max_size=40)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=7),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.sampled_from([VIEW_KEY, STABLE_KEY, seq_key(1, CONFIG.window)]),
+    rest=st.lists(_fields, min_size=2, max_size=4),
+)
+def test_any_record_of_the_right_chain_loads_or_raises_store_corrupted(
+    key: str, rest: list
+) -> None:
+    """Structured junk (the chain id right, every other field arbitrary)
+    reaches every field check: still StoreCorrupted or a journal."""
+    value = msgpack.packb([CHAIN, *rest], use_bin_type=True)
+    try:
+        load_journal({key: value}.get, CHAIN, CONFIG.window)
+    except StoreCorrupted as exc:
+        assert repr(key) in str(exc)
