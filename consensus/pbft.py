@@ -401,6 +401,10 @@ class Replica:
         self.signed: dict[int, tuple[int, bytes]] = {}
         """By seq above h: the (view, digest) of the last PRE-PREPARE or
         PREPARE this replica signed; never another digest in that view."""
+        self.proposals: dict[int, PrePrepare] = {}
+        """By seq above h: our own PRE-PREPAREs as primary (journaled)."""
+        self._resume: list[PrePrepare] = []
+        """Own PRE-PREPAREs of the current view from the journal, for start()."""
         if journal is not None:
             self._restore(journal)
 
@@ -422,8 +426,18 @@ class Replica:
             self.signed[seq] = (record.view, record.digest)
             if record.prepared is not None:
                 self.prepared[seq] = record.prepared
+            mine = record.proposal or (record.prepared and record.prepared.pre_prepare)
+            if (
+                mine
+                and mine.replica == self.me
+                and mine.view == self.view == record.view
+                and seq > self.executed
+            ):
+                self.proposals[seq] = mine
         own = [seq for seq, (view, _) in self.signed.items() if view == self.view]
         self.next_seq = max([self.next_seq, *(seq + 1 for seq in own)])
+        if self.mode is Mode.NORMAL:
+            self._resume = [self.proposals[seq] for seq in sorted(self.proposals)]
 
     # -- helpers --------------------------------------------------------------
 
@@ -458,7 +472,9 @@ class Replica:
         if not self.journaling:
             return
         view, digest = self.signed[seq]
-        record = SeqRecord(seq, view, digest, self.prepared.get(seq))
+        prepared = self.prepared.get(seq)
+        proposal = self.proposals.get(seq) if prepared is None else None
+        record = SeqRecord(seq, view, digest, prepared, proposal)
         self._out.append(
             Persist(seq_key(seq, self.config.window), encode_seq_record(self.chain_id, record))
         )
@@ -499,6 +515,9 @@ class Replica:
         self._set_timer("retransmit", self.config.retransmit_interval)
         if self.mode is Mode.VIEW_CHANGE:
             self._send_view_change()
+        resume, self._resume = self._resume, []
+        for pp in resume:  # in seq order: each one's predecessor comes first
+            self._install_pre_prepare(pp)
         return self._flush()
 
     def step(self, event: Event) -> list[Action]:
@@ -569,6 +588,7 @@ class Replica:
                 self.identity, self.chain_id, self.view, self.next_seq, digest, payload
             )
             self.next_seq += 1
+            self.proposals[pp.seq] = pp
             if not self._sign_for(pp.view, pp.seq, pp.digest):
                 # Unreachable: a restored primary resumes past its signed seqs.
                 self._refuse("conflicts_with_signed")
@@ -907,6 +927,7 @@ class Replica:
                 Persist(STABLE_KEY, encode_stable(self.chain_id, seq, self.stable_proof))
             )
         self.signed = {s: signed for s, signed in self.signed.items() if s > seq}
+        self.proposals = {s: pp for s, pp in self.proposals.items() if s > seq}
         self.log = {key: slot for key, slot in self.log.items() if key[1] > seq}
         self.parked = {s: entry for s, entry in self.parked.items() if s > seq}
         self.executed_digests = {s: d for s, d in self.executed_digests.items() if s > seq}

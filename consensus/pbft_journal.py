@@ -20,7 +20,10 @@ action (write-ahead), so whatever a peer saw signed is on disk first:
 * one record per sequence number in the window: the (view, digest) it
   signed a PRE-PREPARE or PREPARE for, and its prepared certificate (the
   PRE-PREPARE with its payload and 2f PREPAREs) once it has one, written
-  before its COMMIT. Records live in ``window`` slots keyed by ``seq %
+  before its COMMIT. A primary's record also holds its own PRE-PREPARE
+  (with the payload) until that is in the certificate, so a primary
+  restarted mid-flight proposes those seqs again instead of leaving them
+  to a view change. Records live in ``window`` slots keyed by ``seq %
   window``; a slot's record names its seq, and only those above the stable
   checkpoint count, so no record is ever deleted.
 
@@ -43,7 +46,9 @@ from .pbft_messages import (
     DIGEST_BYTES,
     Checkpoint,
     PreparedProof,
+    PrePrepare,
     checkpoint_from_wire,
+    pre_prepare_from_wire,
     prepared_proof_from_wire,
 )
 from .store import MAX_META_BYTES
@@ -85,6 +90,8 @@ class SeqRecord:
     """...and the digest it named."""
     prepared: PreparedProof | None = None
     """Its prepared certificate for ``seq`` (of the highest view), if any."""
+    proposal: PrePrepare | None = None
+    """Its own PRE-PREPARE for ``seq`` as primary, until it is prepared."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +116,8 @@ def encode_stable(chain_id: str, seq: int, proof: tuple[Checkpoint, ...]) -> byt
 
 def encode_seq_record(chain_id: str, record: SeqRecord) -> bytes:
     prepared = None if record.prepared is None else record.prepared.wire()
-    return pack_body([chain_id, record.seq, record.view, record.digest, prepared])
+    proposal = None if record.proposal is None else record.proposal.wire()
+    return pack_body([chain_id, record.seq, record.view, record.digest, prepared, proposal])
 
 
 def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int) -> Journal:
@@ -140,7 +148,7 @@ def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int)
         raw = get(key)
         if raw is None:
             continue
-        fields = _fields(key, raw, 5)
+        fields = _fields(key, raw, 6)
         if fields[0] != chain_id:
             continue
         seq = _uint(key, fields[1])
@@ -148,8 +156,9 @@ def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int)
         if type(digest) is not bytes or len(digest) != DIGEST_BYTES:
             raise StoreCorrupted(f"journal record {key!r}: the digest is not 32 bytes")
         prepared = None if fields[4] is None else _decode(key, prepared_proof_from_wire, fields[4])
+        proposal = None if fields[5] is None else _decode(key, pre_prepare_from_wire, fields[5])
         if seq > stable_seq:
-            records[seq] = SeqRecord(seq, _uint(key, fields[2]), digest, prepared)
+            records[seq] = SeqRecord(seq, _uint(key, fields[2]), digest, prepared, proposal)
     return Journal(view, changing, stable_seq, proof, records)
 
 

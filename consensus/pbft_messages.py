@@ -55,6 +55,7 @@ __all__ = [
     "checkpoint_from_wire",
     "decode_message",
     "encode_message",
+    "pre_prepare_from_wire",
     "prepared_proof_from_wire",
 ]
 
@@ -440,6 +441,11 @@ def _new_view(fields: object) -> NewView:
 def checkpoint_from_wire(fields: object) -> Checkpoint:
     """A CHECKPOINT from its unpacked ``wire()`` form (the journal keeps proofs so)."""
     return _checkpoint(fields)
+
+
+def pre_prepare_from_wire(fields: object) -> PrePrepare:
+    """A PRE-PREPARE from its unpacked ``wire()`` form."""
+    return _pre_prepare(fields)
 
 
 def prepared_proof_from_wire(fields: object) -> PreparedProof:

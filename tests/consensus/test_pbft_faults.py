@@ -235,7 +235,9 @@ def test_more_than_f_simultaneous_restarts_keep_what_committed() -> None:
     and liveness hold once 3 is back."""
     cluster = _restart_a_quorum_after_one_replica_committed(durable=True)
     cluster.check_all()
-    assert cluster.views() == [1, 1, 1, 1]  # the stalled seq 1 forced one view change
+    # The restarted primary proposed seq 1 again from its journal: no view
+    # change was needed among the three (3, cut off alone, timed out).
+    assert cluster.views()[:3] == [0, 0, 0]
     assert payload_ids(cluster.log_of(0)[0].payload) == list(range(1, 9))
 
 

@@ -189,17 +189,25 @@ def test_a_replica_restarted_in_a_view_change_resumes_it() -> None:
     assert restarted.refused["stale_view"] == 1
 
 
-def test_a_restarted_primary_does_not_propose_again_at_a_signed_seq() -> None:
+def test_a_restarted_primary_resumes_its_proposals_and_never_reuses_a_seq() -> None:
     """The primary signed PRE-PREPAREs for seqs 1 and 2; restarted with
-    nothing executed, its next proposal is seq 3, never a second one at 1."""
+    nothing executed, it proposes them again from its journal and its next
+    proposal is seq 3, never a second one at 1."""
     disk = Disk()
     one_per_batch = PbftConfig(checkpoint_interval=4, batch_size=1)
     primary = disk.boot(0, App(pending=2), one_per_batch)
     first = sent(disk.keep(primary.step(RequestsPending(2))), PrePrepare)
     assert [p.seq for p in first] == [1, 2]
     restarted = disk.boot(0, App(pending=1), one_per_batch)
+    # It holds its proposals for 1 and 2 again (validated anew by the
+    # application), so the backups' PREPAREs complete them, no view change.
+    assert [restarted.log[(0, seq)].pre_prepare for seq in (1, 2)] == first
     (proposal,) = sent(disk.keep(restarted.step(RequestsPending(1))), PrePrepare)
     assert proposal.seq == 3
+    for i in (1, 2):
+        prepare = Prepare.create(KEYS[i], CHAIN, 0, 1, first[0].digest)
+        actions = step(disk, restarted, i, prepare)
+    assert [c.seq for c in sent(actions, Commit)] == [1]
 
 
 def test_the_stable_checkpoint_survives_and_old_slots_are_ignored() -> None:
