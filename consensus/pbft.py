@@ -513,6 +513,9 @@ class Replica:
         """Actions to run once at boot (arms the retransmission timer; a
         replica restored in a view change sends its VIEW-CHANGE again)."""
         self._set_timer("retransmit", self.config.retransmit_interval)
+        # The view record names this run's window, so a restart with another
+        # checkpoint interval still reads every slot this run writes.
+        self._persist_view()
         if self.mode is Mode.VIEW_CHANGE:
             self._send_view_change()
         resume, self._resume = self._resume, []

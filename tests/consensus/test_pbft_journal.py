@@ -322,3 +322,22 @@ def test_any_record_of_the_right_chain_loads_or_raises_store_corrupted(
         load_journal({key: value}.get, CHAIN, CONFIG.window)
     except StoreCorrupted as exc:
         assert repr(key) in str(exc)
+
+
+def test_a_restart_with_a_smaller_window_still_reads_every_slot() -> None:
+    """Records of a run with window 8 sit in slots up to 7; restarted with
+    checkpoint interval 2 (window 4) the replica still finds them, since the
+    view record written at start names the window they were written with."""
+    disk = Disk()
+    backup = disk.boot(1)
+    for seq in range(1, 8):
+        step(disk, backup, 0, pp(seq, b"d%d" % seq))
+    small = PbftConfig(checkpoint_interval=2)
+    journal = load_journal(disk.meta.get, CHAIN, small.window)
+    assert sorted(journal.records) == list(range(1, 8))
+    restarted = Replica(KEYS[1], VALIDATORS, CHAIN, App(), small, journal=journal)
+    for seq in (1, 2, 3):  # the same proposals again: prepared again
+        assert sent(restarted.step(Receive(VALIDATORS[0], pp(seq, b"d%d" % seq))), Prepare)
+    # seq 4 is inside the new window (0, 4] and its record is in slot 4.
+    assert not sent(restarted.step(Receive(VALIDATORS[0], pp(4, b"other"))), Prepare)
+    assert restarted.refused["conflicts_with_signed"] == 1
