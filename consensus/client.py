@@ -76,44 +76,73 @@ class NodeError(ConsensusError):
 
 
 class TrustedValidators:
-    """The validator set a client trusts: ``validators`` of ``chain_id`` in
-    validator ``epoch`` (0: the genesis set), moved forward only by
-    :meth:`advance` with a proof certified by the set trusted now."""
+    """The validator sets a client trusts: ``validators`` of ``chain_id`` in
+    validator ``epoch`` (0: the genesis set) from the start, and each later
+    epoch's set from the height it began, added only by :meth:`advance`
+    with a proof certified by the set trusted before it.
+
+    A proof is checked against the set of the epoch its height falls in,
+    so a proof from before a change still verifies after the client moved
+    on, and the retired set's keys certify nothing above its last height
+    (they could otherwise be used, leaked or sold, to forge later blocks)."""
 
     def __init__(self, chain_id: str, validators: Sequence[PeerId], epoch: int = 0) -> None:
         self.chain = chain_id
-        self.epoch = epoch
-        self.validators = tuple(validators)
+        self._epochs: list[tuple[int, int, tuple[PeerId, ...]]] = [(epoch, 0, tuple(validators))]
+        """(epoch, first height it certifies, set), oldest first."""
+
+    @property
+    def epoch(self) -> int:
+        """The newest epoch trusted."""
+        return self._epochs[-1][0]
+
+    @property
+    def validators(self) -> tuple[PeerId, ...]:
+        """The newest set trusted."""
+        return self._epochs[-1][2]
 
     @property
     def chain_id(self) -> str:
-        """What the trusted set's commit votes sign (its epoch's chain id)."""
+        """What the newest set's commit votes sign (its epoch's chain id)."""
         return epoch_chain_id(self.chain, self.epoch)
 
+    def _set_at(self, height: int) -> tuple[str, tuple[PeerId, ...]]:
+        for epoch, first, validators in reversed(self._epochs):
+            if height >= first:
+                return epoch_chain_id(self.chain, epoch), validators
+        raise AssertionError("the first epoch starts at height 0")
+
     def verifies_commit(self, proof: CommitProof, tx: bytes) -> bool:
-        return proof.verify(tx, self.chain_id, self.validators)
+        return proof.verify(tx, *self._set_at(proof.height))
 
     def verifies_answer(self, answer: QueryAnswer) -> bool:
-        return answer.verify(self.chain_id, self.validators)
+        return answer.verify(*self._set_at(answer.height))
 
     def advance(self, answer: QueryAnswer) -> None:
         """Trust the next epoch's set, proved by ``answer``: ``sys/validators``
-        = [epoch + 1, sorted keys] after a block the current set certified.
-        UntrustedAnswer (nothing changed) if any of that fails."""
+        = [epoch + 1, sorted keys] after a block the newest set certified
+        (at or above the height it began). UntrustedAnswer, and nothing
+        changed, if any of that fails."""
         value = answer.value
-        if answer.key != VALIDATORS_KEY or not self.verifies_answer(answer):
+        epoch, first, validators = self._epochs[-1]
+        if (
+            answer.key != VALIDATORS_KEY
+            or answer.height < first
+            or not answer.verify(epoch_chain_id(self.chain, epoch), validators)
+        ):
             raise UntrustedAnswer("the validator-change proof does not verify")
         if (
             type(value) is not list
             or len(value) != 2
-            or value[0] != self.epoch + 1
+            or value[0] != epoch + 1
             or type(value[1]) is not list
             or not value[1]
             or any(type(k) is not bytes or len(k) != 32 for k in value[1])
             or value[1] != sorted(set(value[1]))
         ):
-            raise UntrustedAnswer(f"the proof is not a change to epoch {self.epoch + 1}")
-        self.epoch, self.validators = value[0], tuple(value[1])
+            raise UntrustedAnswer(f"the proof is not a change to epoch {epoch + 1}")
+        # The change block is the old set's last; the new set certifies the next.
+        self._epochs.append((epoch + 1, answer.height + 1, tuple(value[1])))
 
 
 class LedgerClient:

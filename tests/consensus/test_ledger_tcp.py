@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from fedchain.consensus.client import LedgerClient, UntrustedAnswer
+from fedchain.consensus.client import LedgerClient, TrustedValidators, UntrustedAnswer
 from fedchain.consensus.client_api import ClientOp, SubmitStatus, encode_client_message
 from fedchain.consensus.contracts import kv_key, kv_set
 from fedchain.consensus.errors import MempoolFull
@@ -138,7 +138,9 @@ async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) 
             bad = replace(proofs[3], index=(proofs[3].index + 1) % proofs[3].size)
             assert not bad.verify(txs[3].encoded, CHAIN, keys)
             # A client that trusts another set (only two of these) refuses the answer.
-            client.trusted.validators = (*keys[:2], alice.public_key, bytes(range(32)))
+            client.trusted = TrustedValidators(
+                CHAIN, (*keys[:2], alice.public_key, bytes(range(32)))
+            )
             with pytest.raises(UntrustedAnswer):
                 await client.query(kv_key(alice.public_key, "k7"))
 

@@ -56,6 +56,15 @@ def _certify(block: Block, signers: list[Identity], chain_id: str) -> Block:
     return block.with_certificate(CommitCertificate.of(block.height, block.hash, votes, view=0))
 
 
+def _identities(seed: int) -> tuple[np.random.Generator, list[Identity]]:
+    """The four genesis validators (in key order) and the extra node, and
+    the generator the run goes on drawing from."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    identities = sorted((Identity(rng.bytes(32)) for _ in range(4)), key=lambda i: i.public_key)
+    identities.append(Identity(rng.bytes(32)))
+    return rng, identities
+
+
 def _run(
     *,
     seed: int = 11,
@@ -68,9 +77,7 @@ def _run(
     followed by a new process on the same store. ``client_at``: then a
     LedgerClient that trusts only the genesis set queries node 0 and waits
     for a late transaction (what it got lands in ``seen``)."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    identities = sorted((Identity(rng.bytes(32)) for _ in range(4)), key=lambda i: i.public_key)
-    identities.append(Identity(rng.bytes(32)))
+    rng, identities = _identities(seed)
     ids = [i.public_key for i in identities]
     genesis = Genesis.create(CHAIN, 1_000, ids[:4])
     new_set = sorted([ids[i] for i in range(4) if i != OUT] + [ids[EXTRA]])
@@ -319,6 +326,9 @@ def test_a_client_trusts_the_next_set_only_by_a_proof_the_current_set_certified(
     with pytest.raises(UntrustedAnswer):
         trusted.advance(forged)
     assert (trusted.epoch, trusted.validators) == (0, tuple(ids[:4]))
+    early = decode_block(ledgers[0].store.get(h).data)  # the change block itself
+    early_proof = CommitProof.of_block(early, 0)
+    assert trusted.verifies_commit(early_proof, early.txs[0].encoded)
     trusted.advance(answer)
     assert (trusted.epoch, trusted.validators, trusted.chain_id) == (
         1,
@@ -326,6 +336,12 @@ def test_a_client_trusts_the_next_set_only_by_a_proof_the_current_set_certified(
         f"{CHAIN}#1",
     )
     assert trusted.verifies_commit(proof, late.txs[0].encoded)
+    # A proof from before the change still verifies, by the genesis set...
+    assert trusted.verifies_commit(early_proof, early.txs[0].encoded)
+    # ...but the genesis set certifies nothing above the change: the same
+    # votes on a later height (a retired set forging) are refused.
+    forged_late = CommitProof.of_block(_certify(late, _identities(11)[1][:3], CHAIN), 0)
+    assert not trusted.verifies_commit(forged_late, late.txs[0].encoded)
     with pytest.raises(UntrustedAnswer):
         trusted.advance(answer)  # replayed: the genesis set's votes do not certify for epoch 1
     assert trusted.epoch == 1
