@@ -11,10 +11,11 @@ validator's last-sign state and consensus WAL. Here the replica emits a
 binds it, and the reactor writes it durably before carrying out any later
 action (write-ahead), so whatever a peer saw signed is on disk first:
 
-* ``view``: the view entered, and whether in its view change (written
-  before a VIEW-CHANGE and on installing a NEW-VIEW). A restarted replica
-  never goes back to a lower view, and resumes its view change or its
-  normal case where it stopped.
+* ``view``: the view entered, whether in its view change, and the window
+  the records below are kept in (written at start, before a VIEW-CHANGE and
+  on installing a NEW-VIEW). A restarted replica never goes back to a
+  lower view, and resumes its view change or its normal case where it
+  stopped.
 * ``stable``: the last stable checkpoint and its 2f+1 CHECKPOINT proof, so
   a restarted replica's VIEW-CHANGE names the same starting point.
 * one record per sequence number in the window: the (view, digest) it
