@@ -17,7 +17,10 @@ from importlib.metadata import version
 
 import pytest
 
+from fedchain.consensus.pbft_journal import VIEW_KEY, load_journal
+from fedchain.consensus.store import SqliteBlockStore
 from fedchain.sims import cli
+from fedchain.sims.home import load_home
 
 
 def _commands() -> list[tuple[list[str], list[str]]]:
@@ -165,9 +168,20 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     written."""
     figures = _last_json_line(
         ["bench", "consensus", "--skip-virtual", "--rates", "100", "--seconds", "1",
-         "--query-rates", "200", "--out", str(tmp_path)]
+         "--query-rates", "200", "--out", str(tmp_path), "--journal-sync", "normal",
+         "--keep", str(tmp_path / "homes")]
     )  # fmt: skip
     assert figures["benchmark"] == "consensus" and figures["queue_seconds"] == 2.0
+    assert figures["journal_sync"] == "normal"
+    # Each validator's PBFT journal is in its SQLite store, at the view it ran in.
+    homes = sorted(p.parent for p in (tmp_path / "homes").glob("*/chain.sqlite"))
+    assert len(homes) == 4
+    for path in homes:
+        home = load_home(path)
+        with SqliteBlockStore(home.store_path) as store:
+            assert store.tip() > 0 and store.get_meta(VIEW_KEY) is not None
+            journal = load_journal(store.get_meta, home.genesis.chain_id, 32)
+            assert journal.view == 0
     bound = figures["cores"] * figures["verify_per_s_per_core"] / 4  # one check per validator
     assert abs(figures["verification_bound_tx_s"] - bound) <= 1
     (point,) = figures["points"]
