@@ -128,29 +128,22 @@ def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int)
     journal was written with, so a restart with another checkpoint interval
     still finds every record."""
     view, changing, written_window = 0, False, window
-    raw = get(VIEW_KEY)
-    if raw is not None:
-        fields = _fields(VIEW_KEY, raw, 4)
-        if fields[0] == chain_id:
-            view = _uint(VIEW_KEY, fields[1])
-            changing = _bool(VIEW_KEY, fields[2])
-            written_window = _uint(VIEW_KEY, fields[3])
+    fields = _ours(get, VIEW_KEY, 4, chain_id)
+    if fields is not None:
+        view = _uint(VIEW_KEY, fields[1])
+        changing = _bool(VIEW_KEY, fields[2])
+        written_window = _uint(VIEW_KEY, fields[3])
     stable_seq, proof = 0, ()
-    raw = get(STABLE_KEY)
-    if raw is not None:
-        fields = _fields(STABLE_KEY, raw, 3)
-        if fields[0] == chain_id:
-            stable_seq = _uint(STABLE_KEY, fields[1])
-            items = _list(STABLE_KEY, fields[2])
-            proof = tuple(_decode(STABLE_KEY, checkpoint_from_wire, c) for c in items)
+    fields = _ours(get, STABLE_KEY, 3, chain_id)
+    if fields is not None:
+        stable_seq = _uint(STABLE_KEY, fields[1])
+        items = _list(STABLE_KEY, fields[2])
+        proof = tuple(_decode(STABLE_KEY, checkpoint_from_wire, c) for c in items)
     records: dict[int, SeqRecord] = {}
     for slot in range(max(window, written_window)):
         key = _slot_key(slot)
-        raw = get(key)
-        if raw is None:
-            continue
-        fields = _fields(key, raw, 6)
-        if fields[0] != chain_id:
+        fields = _ours(get, key, 6, chain_id)
+        if fields is None:
             continue
         seq = _uint(key, fields[1])
         digest = fields[3]
@@ -161,6 +154,17 @@ def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int)
         if seq > stable_seq:
             records[seq] = SeqRecord(seq, _uint(key, fields[2]), digest, prepared, proposal)
     return Journal(view, changing, stable_seq, proof, records)
+
+
+def _ours(
+    get: Callable[[str], bytes | None], key: str, length: int, chain_id: str
+) -> list[object] | None:
+    """The record's fields if it is there and of ``chain_id`` (checked shape)."""
+    raw = get(key)
+    if raw is None:
+        return None
+    fields = _fields(key, raw, length)
+    return fields if fields[0] == chain_id else None
 
 
 def _fields(key: str, raw: bytes, length: int) -> list[object]:

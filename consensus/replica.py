@@ -531,6 +531,7 @@ class LedgerReplica:
     # -- committing -------------------------------------------------------------
 
     def _note_change(self, block: Block, before: ChainTip, after: ChainTip) -> None:
+        """Keep the proof of a validator change (``validator_changes``)."""
         if after.epoch == before.epoch or block.certificate is None:
             return
         value, proof = after.state.prove(VALIDATORS_KEY)
