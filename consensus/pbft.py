@@ -37,10 +37,12 @@ from typing import Protocol
 from fedchain.p2p.identity import Identity, PeerId, SignatureMemo
 
 from .pbft_journal import (
+    NEW_VIEW_KEY,
     STABLE_KEY,
     VIEW_KEY,
     Journal,
     SeqRecord,
+    encode_new_view,
     encode_seq_record,
     encode_stable,
     encode_view,
@@ -405,6 +407,8 @@ class Replica:
         """By seq above h: our own PRE-PREPAREs as primary (journaled)."""
         self._resume: list[PrePrepare] = []
         """Own PRE-PREPAREs of the current view from the journal, for start()."""
+        self._resume_new_view: NewView | None = None
+        """Our own NEW-VIEW for the current view from the journal, for start()."""
         if journal is not None:
             self._restore(journal)
 
@@ -434,10 +438,18 @@ class Replica:
                 and seq > self.executed
             ):
                 self.proposals[seq] = mine
-        own = [seq for seq, (view, _) in self.signed.items() if view == self.view]
-        self.next_seq = max([self.next_seq, *(seq + 1 for seq in own)])
+        self.next_seq = self._after_signed(self.view, self.next_seq)
         if self.mode is Mode.NORMAL:
             self._resume = [self.proposals[seq] for seq in sorted(self.proposals)]
+        nv = journal.new_view
+        if nv is not None and nv.view == self.view and nv.replica == self.me:
+            # Sent before the crash (installed or not): this view is ours.
+            self._resume_new_view = nv
+
+    def _after_signed(self, view: int, floor: int) -> int:
+        """The next seq to propose in ``view``: ``floor`` or past every seq
+        signed in it (after a restart, the journal's), so none twice."""
+        return max([floor, *(seq + 1 for seq, (v, _) in self.signed.items() if v == view)])
 
     # -- helpers --------------------------------------------------------------
 
@@ -516,11 +528,19 @@ class Replica:
         # The view record names this run's window, so a restart with another
         # checkpoint interval still reads every slot this run writes.
         self._persist_view()
-        if self.mode is Mode.VIEW_CHANGE:
+        nv, self._resume_new_view = self._resume_new_view, None
+        if nv is not None:
+            # Restarted after sending our NEW-VIEW: the backups that missed
+            # it would otherwise wait out their view timers for the next view.
+            self._broadcast(nv)
+            self._install_new_view(nv)
+        elif self.mode is Mode.VIEW_CHANGE:
             self._send_view_change()
         resume, self._resume = self._resume, []
         for pp in resume:  # in seq order: each one's predecessor comes first
-            self._install_pre_prepare(pp)
+            slot = self.log.get((pp.view, pp.seq))
+            if slot is None or slot.pre_prepare is None:  # not re-issued by the NEW-VIEW
+                self._install_pre_prepare(pp)
         return self._flush()
 
     def step(self, event: Event) -> list[Action]:
@@ -1266,6 +1286,8 @@ class Replica:
         for pp in pre_prepares:
             self._sign_for(pp.view, pp.seq, pp.digest)
         nv = NewView.create(self.identity, self.chain_id, self.view, tuple(changes), pre_prepares)
+        if self.journaling:
+            self._out.append(Persist(NEW_VIEW_KEY, encode_new_view(self.chain_id, nv)))
         self._broadcast(nv)
         self._install_new_view(nv)
 
@@ -1318,7 +1340,7 @@ class Replica:
         for pp in nv.pre_prepares:
             if self._in_window(pp.seq) or pp.seq > self.executed:
                 self._install_pre_prepare(pp)
-        self.next_seq = max(self.executed, min_s + len(plan)) + 1
+        self.next_seq = self._after_signed(nv.view, max(self.executed, min_s + len(plan)) + 1)
         if self.is_primary:
             self._propose(force=False)
             if self.app.pending() > 0:

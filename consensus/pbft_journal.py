@@ -27,6 +27,12 @@ action (write-ahead), so whatever a peer saw signed is on disk first:
   to a view change. Records live in ``window`` slots keyed by ``seq %
   window``; a slot's record names its seq, and only those above the stable
   checkpoint count, so no record is ever deleted.
+* ``new_view``: a new primary's own NEW-VIEW, written before it is sent
+  (bounded by the frame limit, since it went out as one frame). Restarted
+  in that view, the primary installs it again and sends it again, so the
+  backups that missed it need not wait for their view timers to move
+  everyone to the next view, and its re-issued PRE-PREPAREs are back in
+  its log for the backups' PREPAREs and COMMITs to match.
 
 Every record names the chain id it was signed under (a validator epoch has
 its own), and a journal loaded for another chain id is empty. The store's
@@ -46,19 +52,23 @@ from .errors import MalformedMessage, StoreCorrupted
 from .pbft_messages import (
     DIGEST_BYTES,
     Checkpoint,
+    NewView,
     PreparedProof,
     PrePrepare,
     checkpoint_from_wire,
+    new_view_from_wire,
     pre_prepare_from_wire,
     prepared_proof_from_wire,
 )
 from .store import MAX_META_BYTES
 
 __all__ = [
+    "NEW_VIEW_KEY",
     "STABLE_KEY",
     "VIEW_KEY",
     "Journal",
     "SeqRecord",
+    "encode_new_view",
     "encode_seq_record",
     "encode_stable",
     "encode_view",
@@ -70,6 +80,7 @@ _T = TypeVar("_T")
 
 VIEW_KEY = "pbft.view"
 STABLE_KEY = "pbft.stable"
+NEW_VIEW_KEY = "pbft.new_view"
 
 
 def seq_key(seq: int, window: int) -> str:
@@ -105,6 +116,8 @@ class Journal:
     stable_proof: tuple[Checkpoint, ...] = ()
     records: dict[int, SeqRecord] = field(default_factory=dict)
     """By seq: only records above ``stable_seq``."""
+    new_view: NewView | None = None
+    """The last NEW-VIEW this replica sent as a new primary (any view)."""
 
 
 def encode_view(chain_id: str, view: int, view_changing: bool, window: int) -> bytes:
@@ -113,6 +126,10 @@ def encode_view(chain_id: str, view: int, view_changing: bool, window: int) -> b
 
 def encode_stable(chain_id: str, seq: int, proof: tuple[Checkpoint, ...]) -> bytes:
     return pack_body([chain_id, seq, [c.wire() for c in proof]])
+
+
+def encode_new_view(chain_id: str, new_view: NewView) -> bytes:
+    return pack_body([chain_id, new_view.wire()])
 
 
 def encode_seq_record(chain_id: str, record: SeqRecord) -> bytes:
@@ -153,7 +170,11 @@ def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int)
         proposal = None if fields[5] is None else _decode(key, pre_prepare_from_wire, fields[5])
         if seq > stable_seq:
             records[seq] = SeqRecord(seq, _uint(key, fields[2]), digest, prepared, proposal)
-    return Journal(view, changing, stable_seq, proof, records)
+    new_view = None
+    fields = _ours(get, NEW_VIEW_KEY, 2, chain_id)
+    if fields is not None:
+        new_view = _decode(NEW_VIEW_KEY, new_view_from_wire, fields[1])
+    return Journal(view, changing, stable_seq, proof, records, new_view)
 
 
 def _ours(

@@ -55,6 +55,7 @@ __all__ = [
     "checkpoint_from_wire",
     "decode_message",
     "encode_message",
+    "new_view_from_wire",
     "pre_prepare_from_wire",
     "prepared_proof_from_wire",
 ]
@@ -451,6 +452,11 @@ def pre_prepare_from_wire(fields: object) -> PrePrepare:
 def prepared_proof_from_wire(fields: object) -> PreparedProof:
     """A prepared certificate from its unpacked ``wire()`` form."""
     return _prepared_proof(fields)
+
+
+def new_view_from_wire(fields: object) -> NewView:
+    """A NEW-VIEW from its unpacked ``wire()`` form (a new primary journals its own)."""
+    return _new_view(fields)
 
 
 _DECODERS = {

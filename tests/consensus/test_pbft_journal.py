@@ -28,6 +28,7 @@ from fedchain.consensus.pbft import (
     Send,
 )
 from fedchain.consensus.pbft_journal import (
+    NEW_VIEW_KEY,
     STABLE_KEY,
     VIEW_KEY,
     Journal,
@@ -239,7 +240,7 @@ def test_records_round_trip_with_a_prepared_certificate() -> None:
     assert load_journal(meta.get, CHAIN, CONFIG.window).records == {7: record}
 
 
-@pytest.mark.parametrize("key", [VIEW_KEY, STABLE_KEY, seq_key(1, CONFIG.window)])
+@pytest.mark.parametrize("key", [VIEW_KEY, STABLE_KEY, NEW_VIEW_KEY, seq_key(1, CONFIG.window)])
 @settings(max_examples=150, deadline=None)
 @given(data=st.binary(max_size=200))
 def test_any_bytes_in_a_journal_record_load_or_raise_store_corrupted(key: str, data: bytes) -> None:
@@ -256,6 +257,7 @@ def test_any_bytes_in_a_journal_record_load_or_raise_store_corrupted(key: str, d
         (VIEW_KEY, b"\x94\xacjournal-test\x01\x02\x08"),  # changing is not a bool
         (STABLE_KEY, b"\x93\xacjournal-test\x04\x01"),  # the proof is not an array
         (seq_key(1, CONFIG.window), b"\x95\xacjournal-test\x01\x00\xc4\x01x\xc0"),  # short digest
+        (NEW_VIEW_KEY, b"\x92\xacjournal-test\x92\x05\x01"),  # not a NEW-VIEW
     ],
 )
 def test_malformed_records_are_store_corrupted(key: str, value: bytes) -> None:
@@ -272,20 +274,63 @@ def _prepared_vc(sender: int, view: int, payload: bytes) -> ViewChange:
     return ViewChange.create(KEYS[sender], CHAIN, view, 0, (), (proof,))
 
 
-def test_a_new_primary_restarted_after_its_new_view_never_sends_another_plan() -> None:
-    """Replica 1 (view 1's primary) sent a NEW-VIEW re-issuing d at seq 1
-    and crashed before it installed it. Restarted in view 1's view change,
-    it is shown VIEW-CHANGEs whose plan puts d' at seq 1: it sends no
-    second NEW-VIEW (the view timer moves on to view 2 instead)."""
-    disk = Disk()
+def _new_primary_sends_new_view(disk: Disk) -> tuple[Replica, NewView, list]:
+    """Replica 1, view 1's primary, receives two VIEW-CHANGEs carrying d at
+    seq 1 and sends its NEW-VIEW; its actions are not yet on disk."""
     primary = disk.boot(1)
     actions = []
     for sender in (0, 2):
         actions += primary.step(Receive(VALIDATORS[sender], _prepared_vc(sender, 1, b"d")))
     (nv,) = sent(actions, NewView)
     assert [p.digest for p in nv.pre_prepares] == [sha(b"d")]
+    return primary, nv, actions
+
+
+def test_a_new_primary_restarted_after_its_new_view_sends_it_again() -> None:
+    """Killed right after its NEW-VIEW left (before installing it), view 1's
+    primary restarts into view 1 with the same NEW-VIEW: sent again (so a
+    backup that missed it installs it instead of timing out to view 2) and
+    installed, its re-issued PRE-PREPARE back in the log. VIEW-CHANGEs with
+    another plan get no second NEW-VIEW."""
+    disk = Disk()
+    _, nv, actions = _new_primary_sends_new_view(disk)
     upto = next(i for i, a in enumerate(actions) if isinstance(a, Send) and a.message is nv)
-    disk.keep(actions[: upto + 1])  # killed right after the NEW-VIEW left
+    disk.keep(actions[: upto + 1])
+    assert load_journal(disk.meta.get, CHAIN, CONFIG.window).new_view == nv
+
+    journal = load_journal(disk.meta.get, CHAIN, CONFIG.window)
+    restarted = Replica(KEYS[1], VALIDATORS, CHAIN, App(), CONFIG, journal=journal)
+    booted = disk.keep(restarted.start())
+    assert sent(booted, NewView) == [nv]
+    assert (restarted.view, restarted.mode) == (1, Mode.NORMAL)
+    assert restarted.log[(1, 1)].pre_prepare == nv.pre_prepares[0]
+    assert restarted.next_seq == 2
+
+    backup = Disk().boot(2)  # missed the first send, in view 1's view change
+    view_change_by_others(Disk(), backup, 1)
+    assert (backup.view, backup.mode) == (1, Mode.VIEW_CHANGE)
+    prepares = sent(backup.step(Receive(VALIDATORS[1], nv)), Prepare)
+    assert (backup.view, backup.mode) == (1, Mode.NORMAL)
+    assert [(p.view, p.seq, p.digest) for p in prepares] == [(1, 1, sha(b"d"))]
+
+    later = []
+    for sender in (2, 3):
+        later += step(disk, restarted, sender, _prepared_vc(sender, 1, b"e"))
+    assert not sent(later, NewView)
+
+
+def test_a_new_primary_restarted_before_its_new_view_was_journaled_sends_no_other_plan() -> None:
+    """Killed after journaling the digests its NEW-VIEW re-issues but before
+    the NEW-VIEW itself: restarted in view 1's view change and shown
+    VIEW-CHANGEs whose plan puts d' at seq 1, it sends no NEW-VIEW (the view
+    timer moves on to view 2 instead), because it signed d there."""
+    disk = Disk()
+    _, _, actions = _new_primary_sends_new_view(disk)
+    upto = next(
+        i for i, a in enumerate(actions) if isinstance(a, Persist) and a.key == NEW_VIEW_KEY
+    )
+    disk.keep(actions[:upto])
+    assert load_journal(disk.meta.get, CHAIN, CONFIG.window).new_view is None
 
     restarted = disk.boot(1)
     assert (restarted.view, restarted.mode) == (1, Mode.VIEW_CHANGE)
@@ -309,7 +354,7 @@ _fields = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    key=st.sampled_from([VIEW_KEY, STABLE_KEY, seq_key(1, CONFIG.window)]),
+    key=st.sampled_from([VIEW_KEY, STABLE_KEY, NEW_VIEW_KEY, seq_key(1, CONFIG.window)]),
     rest=st.lists(_fields, min_size=2, max_size=4),
 )
 def test_any_record_of_the_right_chain_loads_or_raises_store_corrupted(
