@@ -17,6 +17,8 @@ from fedchain.consensus.state import (
     StateProof,
     _levels,
     _path,
+    _tree_root,
+    bucket_of,
     decode_value,
     encode_value,
     verify_state_proof,
@@ -82,6 +84,7 @@ def test_levels_and_paths_match_rfc6962() -> None:
         leaves = [bytes([i]) * 3 for i in range(n)]
         levels = _levels([merkle.leaf_hash(leaf) for leaf in leaves])
         assert levels[-1][0] == merkle.root(leaves)
+        assert _tree_root([merkle.leaf_hash(leaf) for leaf in leaves]) == merkle.root(leaves)
         for i in range(n):
             assert list(_path(levels, i)) == merkle.inclusion_proof(leaves, i)
 
@@ -207,3 +210,38 @@ def test_property_apply_equals_building_from_scratch(base: dict, changes: dict) 
     merged = {**base, **changes}
     merged = {k: v for k, v in merged.items() if v is not None}
     assert State(base, buckets=4).update(changes).root == State(merged, buckets=4).root
+
+
+def _reference_root(content: dict, buckets: int) -> bytes:
+    """The root from its definition alone, with plain :func:`merkle.root`:
+    per bucket the RFC 6962 tree over its sorted [key, value] leaves, then
+    the tree over the buckets' (size, root) commitments."""
+    commitments = []
+    for index in range(buckets):
+        members = sorted(k for k in content if bucket_of(k, buckets) == index)
+        leaves = [encode_value([k, content[k]]) for k in members]
+        commitments.append(len(leaves).to_bytes(8, "big") + merkle.root(leaves))
+    top = merkle.root(commitments)
+    return hashlib.sha256(b"fedchain/state/v1\x00" + buckets.to_bytes(4, "big") + top).digest()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.dictionaries(keys, stored | st.none(), max_size=12), max_size=6),
+    st.sampled_from([1, 2, 8, 64]),
+)
+def test_property_many_small_applies_match_a_plain_reference(batches: list, buckets: int) -> None:
+    """The incremental bucket and top-tree hashing (in place, flat levels)
+    gives the root of the plain definition, built in one go or block by block."""
+    state = State(buckets=buckets)
+    merged: dict = {}
+    for batch in batches:
+        state = state.update(batch)
+        merged.update(batch)
+    content = {k: v for k, v in merged.items() if v is not None}
+    assert state.root == State(content, buckets=buckets).root == _reference_root(content, buckets)
+    assert len(state) == len(content)
+    for key in [*list(content)[:3], "absent?"]:
+        value, proof = state.prove(key)
+        assert value == content.get(key)
+        assert verify_state_proof(key, value, proof, state.root)
