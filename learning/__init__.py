@@ -1,7 +1,8 @@
 """Private, compressed local learning in JAX (DESIGN.md "Learning").
 
-Data (:mod:`.data`, :mod:`.partition`), the tiered CNN family
-(:mod:`.models`), canonical model bytes and hash (:mod:`.serialize`),
+Data (:mod:`.data`, :mod:`.partition`), the tiered CNN family and a linear
+model on fixed scattering features (:mod:`.models`, :mod:`.scattering`),
+canonical model bytes and hash (:mod:`.serialize`),
 DP-SGD and top-k as optax-style transformations (:mod:`.privacy`,
 :mod:`.compression`), the privacy accountant and budget policy
 (:mod:`.accountant`), deterministic aggregation rules (:mod:`.aggregation`),
@@ -62,6 +63,8 @@ from fedchain.learning.models import (
     DEVICE_CLASSES,
     CnnSpec,
     DevicePerformance,
+    LinearSpec,
+    ModelSpec,
     apply,
     choose_tier,
     init_params,
@@ -76,6 +79,7 @@ from fedchain.learning.privacy import (
     normalize_by_batch,
     paper_learning_rate,
 )
+from fedchain.learning.scattering import scatter_images
 from fedchain.learning.serialize import model_from_bytes, model_hash, model_to_bytes
 
 __all__ = [
@@ -100,8 +104,10 @@ __all__ = [
     "FederationState",
     "Krum",
     "LearningError",
+    "LinearSpec",
     "LocalConfig",
     "LossAdaptiveBudget",
+    "ModelSpec",
     "NoiseState",
     "NormBound",
     "PayloadError",
@@ -139,6 +145,7 @@ __all__ = [
     "normalize_by_batch",
     "paper_learning_rate",
     "read_idx",
+    "scatter_images",
     "shards",
     "tier_spec",
     "top_k",

@@ -39,13 +39,13 @@ from fedchain.learning.errors import AggregationError, ConfigError
 from fedchain.learning.local import (
     DeviceData,
     LocalConfig,
-    accuracy,
+    evaluation_set,
     make_evaluator,
     make_local_round,
     pad_devices,
     zero_residual,
 )
-from fedchain.learning.models import CnnSpec, init_params, param_shapes, tier_spec
+from fedchain.learning.models import ModelSpec, init_params, param_shapes, tier_spec
 
 __all__ = ["Device", "Federation", "FederationState", "RoundReport"]
 
@@ -91,7 +91,7 @@ class Federation:
         devices: Sequence[Device],
         config: LocalConfig,
         *,
-        base: CnnSpec | None = None,
+        base: ModelSpec | None = None,
         aggregator: Aggregator | None = None,
     ):
         if not devices:
@@ -113,6 +113,7 @@ class Federation:
         }
         self._rounds = {t: make_local_round(self.specs[t], config) for t in self.tiers}
         self._evaluate = {t: make_evaluator(self.specs[t]) for t in self.tiers}
+        self._test: tuple[jax.Array, jax.Array] | None = None
 
     def members(self, tier: int) -> list[Device]:
         return list(self._members[tier])
@@ -240,9 +241,7 @@ class Federation:
         """Test accuracy of the global model as tier ``tier`` (default: the
         deepest) sees it."""
         tier = self.tiers[-1] if tier is None else tier
-        return accuracy(
-            self._evaluate[tier],
-            self.tier_params(params, tier),
-            self.dataset.test_images,
-            self.dataset.test_labels,
-        )
+        if self._test is None:  # once: scattering features are 159 MB
+            self._test = evaluation_set(self.dataset.test_images, self.dataset.test_labels)
+        correct = self._evaluate[tier](self.tier_params(params, tier), *self._test)
+        return float(correct) / len(self.dataset.test_labels)

@@ -53,7 +53,7 @@ from jax.flatten_util import ravel_pytree
 from fedchain.learning.accountant import SAMPLINGS, DpSgdSteps
 from fedchain.learning.compression import TopKState, sparsify, top_k, top_k_count
 from fedchain.learning.errors import ConfigError
-from fedchain.learning.models import CnnSpec, apply, dropout_masks, param_shapes
+from fedchain.learning.models import ModelSpec, apply, dropout_masks, param_shapes
 from fedchain.learning.privacy import add_gaussian_noise, clip_per_example, normalize_by_batch
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "LocalConfig",
     "RoundOutput",
     "accuracy",
+    "evaluation_set",
     "make_evaluator",
     "make_local_round",
     "pad_devices",
@@ -136,7 +137,8 @@ class LocalConfig:
 
 class DeviceData(NamedTuple):
     """Padded data of the devices of one tier: images (D, n_max, 28, 28)
-    uint8, labels (D, n_max) int32, counts (D,) int32."""
+    uint8 (or features of the model's input shape and dtype), labels
+    (D, n_max) int32, counts (D,) int32."""
 
     images: jax.Array
     labels: jax.Array
@@ -147,7 +149,7 @@ def pad_devices(images: np.ndarray, labels: np.ndarray, parts: list[np.ndarray])
     """Stack each device's examples (``parts`` are index arrays), padded with
     zeros to the largest device."""
     n_max = max(len(p) for p in parts)
-    x = np.zeros((len(parts), n_max, *images.shape[1:]), np.uint8)
+    x = np.zeros((len(parts), n_max, *images.shape[1:]), images.dtype)
     y = np.zeros((len(parts), n_max), np.int32)
     for d, idx in enumerate(parts):
         x[d, : len(idx)] = images[idx]
@@ -195,7 +197,7 @@ def _sample(key, count, n_max: int, config: LocalConfig):
     return idx, mask, batch, truncated
 
 
-def make_local_round(spec: CnnSpec, config: LocalConfig) -> Callable[..., RoundOutput]:
+def make_local_round(spec: ModelSpec, config: LocalConfig) -> Callable[..., RoundOutput]:
     """The jitted round of local training for every device of ``spec``'s tier.
 
     ``round_fn(global_params, data, keys, noise_multipliers, learning_rate,
@@ -297,7 +299,7 @@ def make_local_round(spec: CnnSpec, config: LocalConfig) -> Callable[..., RoundO
     return round_fn
 
 
-def zero_residual(spec: CnnSpec, devices: int) -> dict[str, jax.Array]:
+def zero_residual(spec: ModelSpec, devices: int) -> dict[str, jax.Array]:
     """The initial (all-zero) top-k residual of ``devices`` devices."""
     return {
         name: jnp.zeros((devices, *shape), jnp.float32)
@@ -305,7 +307,7 @@ def zero_residual(spec: CnnSpec, devices: int) -> dict[str, jax.Array]:
     }
 
 
-def make_evaluator(spec: CnnSpec, chunk: int = 1000) -> Callable[..., jax.Array]:
+def make_evaluator(spec: ModelSpec, chunk: int = 1000) -> Callable[..., jax.Array]:
     """Jitted ``evaluate(params, images, labels) -> number correct`` over
     ``images`` whose count is a multiple of ``chunk`` (see :func:`accuracy`)."""
 
@@ -322,11 +324,18 @@ def make_evaluator(spec: CnnSpec, chunk: int = 1000) -> Callable[..., jax.Array]
     return evaluate
 
 
+def evaluation_set(
+    images: np.ndarray, labels: np.ndarray, chunk: int = 1000
+) -> tuple[jax.Array, jax.Array]:
+    """Test data padded to whole chunks (padding labelled -1, never counted)
+    as device arrays: build it once for an evaluator run every round."""
+    pad = (-len(labels)) % chunk
+    x = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    y = np.concatenate([labels.astype(np.int32), np.full(pad, -1, np.int32)])
+    return jnp.asarray(x), jnp.asarray(y)
+
+
 def accuracy(evaluate, params, images: np.ndarray, labels: np.ndarray, chunk: int = 1000) -> float:
     """Accuracy of ``params`` on all of ``images`` (padded to whole chunks;
     padding is not counted)."""
-    n = len(labels)
-    pad = (-n) % chunk
-    x = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    y = np.concatenate([labels.astype(np.int32), np.full(pad, -1, np.int32)])
-    return float(evaluate(params, jnp.asarray(x), jnp.asarray(y))) / n
+    return float(evaluate(params, *evaluation_set(images, labels, chunk))) / len(labels)

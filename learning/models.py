@@ -35,6 +35,11 @@ accuracy (see ``fedchain bench learning`` and the module docs of
 Parameters are a flat ``dict[str, Array]`` with names like ``"conv1/w"``: a
 pytree that optax and ``vmap`` accept as it is, and whose names are the
 aggregation and serialization keys.
+
+Beside the CNNs, :class:`LinearSpec` is a linear classifier on fixed
+features (the scattering features of :mod:`fedchain.learning.scattering`):
+the model that learns best under per-device DP (``learning/README.md``).
+Every function here takes either spec.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ __all__ = [
     "DEVICE_CLASSES",
     "CnnSpec",
     "DevicePerformance",
+    "LinearSpec",
+    "ModelSpec",
     "apply",
     "choose_tier",
     "dropout_masks",
@@ -100,8 +107,47 @@ class CnnSpec:
         return self.blocks
 
 
-def tier_spec(tier: int, base: CnnSpec | None = None) -> CnnSpec:
-    """The spec of ``tier`` with the widths of ``base`` (default widths)."""
+@dataclass(frozen=True)
+class LinearSpec:
+    """A linear classifier on fixed per-example features (C, H, W), each
+    example's features normalized per group of channels first.
+
+    Why the normalization: scattering channels differ in scale by orders of
+    magnitude (order 0 against order 2), and one clip norm for the whole
+    gradient would let the largest drown the rest. Per-example group
+    normalization (Tramer and Boneh's choice for ScatterNet under DP) needs
+    no statistics of the data, so it spends no privacy. One tier: every
+    device trains the whole model (``tier_spec`` returns it unchanged).
+    """
+
+    channels: int = 81
+    size: int = 7
+    groups: int = 27
+    classes: int = 10
+
+    def __post_init__(self):
+        if min(self.channels, self.size, self.groups, self.classes) < 1:
+            raise ConfigError(f"invalid linear model sizes: {self}")
+        if self.channels % self.groups:
+            raise ConfigError(f"{self.groups} groups do not divide {self.channels} channels")
+
+    @property
+    def tier(self) -> int:
+        return 0
+
+    @property
+    def features(self) -> int:
+        return self.channels * self.size * self.size
+
+
+ModelSpec = CnnSpec | LinearSpec
+
+
+def tier_spec(tier: int, base: ModelSpec | None = None) -> ModelSpec:
+    """The spec of ``tier`` with the widths of ``base`` (default widths); a
+    :class:`LinearSpec` has one tier and is its own spec at every tier."""
+    if isinstance(base, LinearSpec):
+        return base
     base = base or CnnSpec()
     return CnnSpec(
         conv1=base.conv1,
@@ -153,8 +199,10 @@ def choose_tier(
     return max(0, min(by_compute, by_memory, max_tier))
 
 
-def param_shapes(spec: CnnSpec) -> dict[str, tuple[int, ...]]:
+def param_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter of ``spec``, in canonical order."""
+    if isinstance(spec, LinearSpec):
+        return {"linear/w": (spec.features, spec.classes), "linear/b": (spec.classes,)}
     shapes: dict[str, tuple[int, ...]] = {
         "conv1/w": (9 * 1, spec.conv1),
         "conv1/b": (spec.conv1,),
@@ -171,10 +219,13 @@ def param_shapes(spec: CnnSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def init_params(key: jax.Array, spec: CnnSpec) -> Params:
+def init_params(key: jax.Array, spec: ModelSpec) -> Params:
     """Fresh parameters: LeCun-normal kernels, zero biases, zero residual
-    kernels (so each block starts as the identity)."""
+    kernels (so each block starts as the identity); a linear model starts
+    at zero (its loss is convex, so no symmetry needs breaking)."""
     shapes = param_shapes(spec)
+    if isinstance(spec, LinearSpec):
+        return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
     keys = jax.random.split(key, len(shapes))
     params: Params = {}
     for k, (name, shape) in zip(keys, shapes.items(), strict=True):
@@ -186,9 +237,12 @@ def init_params(key: jax.Array, spec: CnnSpec) -> Params:
     return params
 
 
-def dropout_masks(key: jax.Array, spec: CnnSpec, batch: int) -> jax.Array:
+def dropout_masks(key: jax.Array, spec: ModelSpec, batch: int) -> jax.Array:
     """Inverted-dropout multipliers for a batch, (batch, hidden): 0 or
-    1 / (1 - rate). One draw for the whole batch keeps compiled code small."""
+    1 / (1 - rate). One draw for the whole batch keeps compiled code small.
+    A linear model has no dropout: (batch, 1) ones, which it ignores."""
+    if isinstance(spec, LinearSpec):
+        return jnp.ones((batch, 1), jnp.float32)
     if spec.dropout == 0.0:
         return jnp.ones((batch, spec.hidden), jnp.float32)
     keep = jax.random.bernoulli(key, 1.0 - spec.dropout, (batch, spec.hidden))
@@ -219,17 +273,20 @@ _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 def apply(
     params: Mapping[str, jax.Array],
     image: jax.Array,
-    spec: CnnSpec,
+    spec: ModelSpec,
     *,
     dropout_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Logits of ONE image (28, 28) or (28, 28, 1), uint8 or float.
+    """Logits of ONE image (28, 28) or (28, 28, 1), uint8 or float (for a
+    :class:`LinearSpec`: one example's features (C, H, W)).
 
     Written per example on purpose: batching is ``vmap``, so per-example
     gradients are ``vmap(grad(...))`` and need no other code. Dropout is
     active only when ``dropout_mask`` (this example's row of
     :func:`dropout_masks`) is given.
     """
+    if isinstance(spec, LinearSpec):
+        return _apply_linear(params, image, spec)
     act = _ACTIVATIONS[spec.activation]
     x = image.astype(jnp.float32).reshape(28, 28, 1)
     if image.dtype == jnp.uint8:
@@ -248,3 +305,11 @@ def apply(
     if dropout_mask is not None:
         h = h * dropout_mask
     return h @ params["fc2/w"] + params["fc2/b"]
+
+
+def _apply_linear(params: Mapping[str, jax.Array], features: jax.Array, spec: LinearSpec):
+    x = features.astype(jnp.float32).reshape(spec.groups, -1)
+    mean = jnp.mean(x, axis=1, keepdims=True)
+    var = jnp.var(x, axis=1, keepdims=True)
+    x = ((x - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(-1)
+    return x @ params["linear/w"] + params["linear/b"]

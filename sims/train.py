@@ -12,6 +12,7 @@ docs of ``fedchain.learning`` for what each knob does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -19,6 +20,13 @@ import time
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="folder with the MNIST IDX files (else FEDCHAIN_DATA...)")
     parser.add_argument("--devices", type=int, default=40)
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="train on this many training images (a seeded draw; default all); the test set "
+        "stays whole, so accuracies stay comparable",
+    )
     parser.add_argument("--phones", type=int, default=15, help="devices on tier 0; rest tier 2")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=50)
@@ -61,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--aggregator", choices=["mean", "median", "trimmed", "krum"], default="mean"
     )
+    parser.add_argument(
+        "--model",
+        choices=["cnn", "scatter"],
+        default="cnn",
+        help="cnn: the tiered CNNs (--widths, --phones on tier 0); scatter: a linear model on "
+        "fixed scattering features, one tier (learning/README.md, 'Scattering')",
+    )
     parser.add_argument("--widths", default="8,16,32", help="conv1,conv2,hidden")
     parser.add_argument("--activation", choices=["tanh", "relu"], default="tanh")
     parser.add_argument("--dropout", type=float, default=0.0)
@@ -79,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         Device,
         Federation,
         Krum,
+        LinearSpec,
         LocalConfig,
         LossAdaptiveBudget,
         PrivacyAccountant,
@@ -87,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         calibrate_noise_multiplier,
         load_mnist,
         partition,
+        scatter_images,
     )
     from fedchain.sims.report import emit_json, print_table
 
@@ -95,8 +112,26 @@ def run(args: argparse.Namespace) -> int:
     data = load_mnist(args.data)
     if data.is_subset:
         print(data.notes[0])
-    c1, c2, hidden = (int(x) for x in args.widths.split(","))
-    base = CnnSpec(c1, c2, hidden, dropout=args.dropout, activation=args.activation)
+    if args.examples is not None:
+        if not 0 < args.examples <= len(data.train_labels):
+            raise SystemExit(f"fedchain train: --examples must be 1..{len(data.train_labels)}")
+        draw = np.random.default_rng([args.seed, 1]).permutation(len(data.train_labels))
+        keep = np.sort(draw[: args.examples])
+        data = dataclasses.replace(
+            data, train_images=data.train_images[keep], train_labels=data.train_labels[keep]
+        )
+    if args.model == "scatter":
+        started = time.perf_counter()
+        data = dataclasses.replace(
+            data,
+            train_images=scatter_images(data.train_images),
+            test_images=scatter_images(data.test_images),
+        )
+        print(f"scattering features in {time.perf_counter() - started:.0f}s", flush=True)
+        base = LinearSpec()
+    else:
+        c1, c2, hidden = (int(x) for x in args.widths.split(","))
+        base = CnnSpec(c1, c2, hidden, dropout=args.dropout, activation=args.activation)
     rng = np.random.default_rng(args.seed)
     n = len(data.train_labels)
     if args.partition == "iid":
@@ -105,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         parts = partition.dirichlet(data.train_labels, args.devices, args.alpha, rng, min_size=64)
     else:
         parts = partition.shards(data.train_labels, args.devices, 2, rng)
-    devices = [Device(f"dev{i:03d}", 0 if i < args.phones else 2, p) for i, p in enumerate(parts)]
+    phones = args.devices if args.model == "scatter" else args.phones  # one tier
+    devices = [Device(f"dev{i:03d}", 0 if i < phones else 2, p) for i, p in enumerate(parts)]
     private = not args.no_dp
     config = LocalConfig(
         steps=args.local_steps,
@@ -183,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
             if device not in sitting_out:
                 losses[device].append(value)
         acc = fed.accuracy(state.params)
-        acc_phone = fed.accuracy(state.params, tier=0) if 0 in fed.tiers else acc
+        several = len(fed.tiers) > 1 and 0 in fed.tiers
+        acc_phone = fed.accuracy(state.params, tier=0) if several else acc
         eps = max((s.epsilon for s in accountant.report().values()), default=0.0)
         loss = float(np.mean([v for d, v in report.losses.items() if d not in sitting_out]))
         elapsed = time.perf_counter() - start
@@ -210,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
         "train",
         {
             "devices": args.devices,
-            "phones": args.phones,
+            "examples": len(data.train_labels),
+            "phones": phones,
             "rounds": args.rounds,
             "local_steps": args.local_steps,
             "batch_size": args.batch_size,
@@ -232,8 +270,9 @@ def run(args: argparse.Namespace) -> int:
             "density": args.density,
             "partition": args.partition,
             "aggregator": args.aggregator,
-            "widths": args.widths,
-            "activation": args.activation,
+            "model": args.model,
+            "widths": args.widths if args.model == "cnn" else None,
+            "activation": args.activation if args.model == "cnn" else None,
             "data": "subset" if data.is_subset else "mnist",
             "final_accuracy": history[-1]["accuracy"] if history else None,
             "history": history,

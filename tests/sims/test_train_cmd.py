@@ -32,6 +32,27 @@ def test_training_without_privacy_learns(capsys) -> None:
     assert accuracies[-1] > 0.4, accuracies  # chance is 0.1
 
 
+def test_the_scattering_model_learns_under_dp_on_a_draw_of_the_data(capsys) -> None:
+    """``--model scatter``: one tier (every device trains the linear model on
+    scattering features), DP accounted, and ``--examples`` trains on a
+    seeded draw of the training images while testing on all of them."""
+    out = _train(
+        capsys, "--model", "scatter", "--examples", "800", "--rounds", "2",
+        "--local-steps", "4", "--batch-size", "32", "--lr", "1",
+    )  # fmt: skip
+    assert out["model"] == "scatter" and out["widths"] is None
+    assert out["examples"] == 800 and out["phones"] == 4
+    assert 0 < out["epsilon"] <= 3.0 * 1.001 and len(out["epsilon_per_device"]) == 4
+    accuracies = [h["accuracy"] for h in out["history"]]
+    assert accuracies[-1] > 0.5, accuracies  # chance is 0.1
+    assert all(h["accuracy_tier0"] == h["accuracy"] for h in out["history"])
+
+
+def test_examples_out_of_range_are_refused() -> None:
+    with pytest.raises(SystemExit, match="--examples"):
+        cli.main(["train", *TINY, "--examples", "0"])
+
+
 def test_the_loss_adaptive_budget_spends_each_devices_budget_and_no_more(capsys) -> None:
     out = _train(
         capsys, "--budget", "loss-adaptive", "--sampling", "fixed", "--rounds", "2",
