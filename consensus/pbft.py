@@ -523,7 +523,9 @@ class Replica:
 
     def start(self) -> list[Action]:
         """Actions to run once at boot (arms the retransmission timer; a
-        replica restored in a view change sends its VIEW-CHANGE again)."""
+        replica restored in a view change sends its VIEW-CHANGE again, a new
+        primary restored after its NEW-VIEW sends and installs it again, and
+        a primary re-installs its own unfinished PRE-PREPAREs)."""
         self._set_timer("retransmit", self.config.retransmit_interval)
         # The view record names this run's window, so a restart with another
         # checkpoint interval still reads every slot this run writes.
