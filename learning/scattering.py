@@ -150,7 +150,7 @@ def scattering(images: jax.Array) -> jax.Array:
 def scatter_images(images: np.ndarray, *, chunk: int = 500) -> np.ndarray:
     """:func:`scattering` of any number of images, ``chunk`` at a time: one
     compiled shape, and bounded memory (order 2 alone is 64 complex 32 x 32
-    planes per image, 268 MB per array at 500 images)."""
+    planes per image, 262 MB per array at 500 images)."""
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1:] != (_SIZE, _SIZE):
         raise ConfigError(f"scattering takes images (N, 28, 28), got {images.shape}")
