@@ -11,7 +11,7 @@ invariants and the tests that check them. ``consensus`` builds on
 from .block import Block, BlockHeader, decode_block, encode_block
 from .chain import ChainReport, ChainTip, Executor, verify_chain
 from .client import LedgerClient, TrustedValidators, UntrustedAnswer
-from .client_api import CommitProof, QueryAnswer, SubmitStatus
+from .client_api import CommitProof, HeaderChain, QueryAnswer, SubmitStatus
 from .contracts import BlockContext, Contract, ContractRegistry, TxResult, default_registry
 from .errors import (
     ChainBroken,
@@ -55,6 +55,7 @@ __all__ = [
     "Executor",
     "Follower",
     "Genesis",
+    "HeaderChain",
     "InvalidBlock",
     "InvalidCertificate",
     "InvalidSignature",

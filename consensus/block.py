@@ -61,6 +61,7 @@ __all__ = [
     "decode_result",
     "encode_block",
     "encode_certificate",
+    "header_and_votes",
     "results_root",
     "tx_root",
 ]
@@ -225,6 +226,27 @@ def decode_block(
     if encode_block(block) != data:
         raise MalformedMessage("non-canonical block encoding")
     return block
+
+
+def header_and_votes(data: bytes) -> tuple[BlockHeader, object]:
+    """A block's header and its certificate's wire form (None if it has
+    none), without decoding its transactions: what a light client's header
+    chain needs, at a few microseconds per block instead of a full decode.
+    MalformedMessage if the bytes are not shaped like a block."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(data), 1), max_map_len=0)
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() != 4:
+            raise MalformedMessage("a block is an array of 4 fields")
+        header = decode_header(unpacker.unpack())
+        unpacker.skip()
+        unpacker.skip()
+        votes = unpacker.unpack()
+    except MalformedMessage:
+        raise
+    except Exception as exc:
+        raise MalformedMessage(f"not a block: {exc.__class__.__name__}") from exc
+    return header, votes
 
 
 def decode_result(value: object) -> TxResult:

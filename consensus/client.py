@@ -15,6 +15,16 @@ the client checks each against the set it trusts, then trusts the next.
 An answer that does not verify makes the client follow first and check
 again, so a client built with the genesis set keeps working across any
 number of changes.
+
+A client built with a later set (``epoch=e``) can still check a commit
+proof from before epoch ``e``, whose certificate is by a set it never
+trusted: it walks back, as CometBFT's light client verifies backwards. The
+first block of epoch ``e`` is certified by the set it trusts; each header's
+``prev_hash`` names its parent, so the headers from the proof's height up
+to that block (``HEADERS``, a page at a time from the top down) make the
+proof's header an ancestor of a trusted one. Where epoch ``e`` starts is
+only a hint from the node (its ``EPOCHS`` answer); a wrong hint fails the
+certificate check like any other lie.
 """
 
 from __future__ import annotations
@@ -29,12 +39,15 @@ from fedchain.p2p.identity import PeerId
 from fedchain.p2p.node import Node
 from fedchain.p2p.wire import Envelope, MessageType
 
+from .block import NULL_PROPOSER, BlockHeader
 from .client_api import (
     MAX_EPOCH_ANSWERS,
     ClientOp,
     CommitProof,
+    HeaderChain,
     QueryAnswer,
     SubmitStatus,
+    certifies_header,
     decode_client_message,
     encode_client_message,
 )
@@ -53,8 +66,12 @@ _REPLIES = frozenset(
         ClientOp.BLOCK,
         ClientOp.ERROR,
         ClientOp.EPOCH_PROOFS,
+        ClientOp.HEADER_CHAIN,
     }
 )
+MAX_NULL_ANCHORS = 16
+"""How many null blocks in a row a backward walk steps over to find a
+certified header (a null block's certificate binds no header)."""
 
 
 class UntrustedAnswer(ConsensusError):
@@ -117,6 +134,20 @@ class TrustedValidators:
 
     def verifies_answer(self, answer: QueryAnswer) -> bool:
         return answer.verify(*self._set_at(answer.height))
+
+    def certifies(self, chain: HeaderChain) -> bool:
+        """Whether the trusted set of its height's epoch certifies ``chain``'s
+        top header (never a null block's: ``client_api.certifies_header``)."""
+        top = chain.top
+        return chain.certificate is not None and certifies_header(
+            top, chain.certificate, *self._set_at(top.height)
+        )
+
+    @property
+    def oldest_epoch(self) -> int:
+        """The epoch the client started from: below its first height, only a
+        backward walk vouches for a header."""
+        return self._epochs[0][0]
 
     def advance(self, answer: QueryAnswer) -> None:
         """Trust the next epoch's set, proved by ``answer``: ``sys/validators``
@@ -242,9 +273,56 @@ class LedgerClient:
         proof = CommitProof.from_list(reply[2])
         if not self.trusted.verifies_commit(proof, tx):
             await self.follow_validator_changes(timeout=timeout)
-            if not self.trusted.verifies_commit(proof, tx):
+            if not self.trusted.verifies_commit(proof, tx) and not (
+                proof.includes(tx) and await self.is_trusted_ancestor(proof.header, timeout=timeout)
+            ):
                 raise UntrustedAnswer("the commit proof does not verify")
         return proof
+
+    async def is_trusted_ancestor(self, header: BlockHeader, *, timeout: float = 10.0) -> bool:
+        """Whether ``header`` is on the chain below the first block the
+        oldest trusted set certifies (the module docstring's backward walk).
+        False where there is nothing to walk back from (a client that
+        started from the genesis set checks every height directly) or the
+        node knows no such block; UntrustedAnswer if the node's headers do
+        not link or are not certified."""
+        anchor = await self._first_height_of_oldest_epoch(timeout)
+        if anchor is None or header.height >= anchor:
+            return False
+        high, expected = anchor, None
+        while True:
+            reply = await self._request(timeout, ClientOp.HEADERS, header.height, high)
+            if reply[0] != ClientOp.HEADER_CHAIN:
+                raise MalformedMessage("the node answered headers with something else")
+            chain = HeaderChain.from_fields(reply[2], reply[3])
+            lowest, top = chain.headers[0], chain.top
+            if top.height != high or lowest.height < header.height or not chain.linked():
+                raise UntrustedAnswer("the node's headers do not link")
+            if expected is None:
+                if top.proposer == NULL_PROPOSER and high < anchor + MAX_NULL_ANCHORS:
+                    high += 1  # a null block anchors nothing: try the block above it
+                    continue
+                if not self.trusted.certifies(chain):
+                    raise UntrustedAnswer("the trusted set does not certify the walk's start")
+            elif top.hash != expected:
+                raise UntrustedAnswer("the node's headers do not link")
+            if lowest.height == header.height:
+                return lowest == header
+            expected, high = lowest.prev_hash, lowest.height - 1
+
+    async def _first_height_of_oldest_epoch(self, timeout: float) -> int | None:
+        """Where the oldest trusted epoch begins, by the node's word (the
+        change block to it, plus one); None for epoch 0 or if the node does
+        not say. Only a hint: the walk checks the certificate it leads to."""
+        epoch = self.trusted.oldest_epoch
+        if epoch == 0:
+            return None
+        reply = await self._request(timeout, ClientOp.EPOCHS, epoch - 1)
+        if reply[0] != ClientOp.EPOCH_PROOFS:
+            raise MalformedMessage("the node answered epochs with something else")
+        if not reply[2]:
+            return None
+        return QueryAnswer.from_list(reply[2][0]).height + 1
 
     async def query(self, key: str, *, timeout: float = 10.0) -> QueryAnswer:
         """``key``'s value in the node's last committed state, checked."""

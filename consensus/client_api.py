@@ -16,6 +16,7 @@ echoes::
     [QUERY, id, key]                 -> [ANSWER, id, answer]
     [SUBSCRIBE, id]                  -> [BLOCK, id, height, [digest, ...]] per block
     [EPOCHS, id, epoch]              -> [EPOCH_PROOFS, id, [answer, ...]]
+    [HEADERS, id, low, high]         -> [HEADER_CHAIN, id, [header, ...], votes or nil]
     [FORWARD, [tx, ...]]             (validator to validator, no reply)
     any malformed request            -> [ERROR, id, reason]
 
@@ -31,11 +32,19 @@ trusting the node: for each epoch after the one asked about (up to
 in the state after the block that changed the set, so it is certified by
 the *previous* set, which the client already trusts
 (:class:`~.client.TrustedValidators`).
+
+``HEADER_CHAIN`` lets a client that trusts only a later set check a proof
+from before that set's epoch, by walking back, as CometBFT's light client
+verifies backwards: the headers of consecutive heights ending at ``high``
+(the top ``MAX_HEADERS`` of ``low..high``) and the certificate of the one at
+``high``. Each header's ``prev_hash`` names the one below, so one header
+the client trusts vouches for every one under it (:class:`HeaderChain`).
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,6 +54,7 @@ from fedchain.p2p.wire import pack_body, unpack_body
 
 from . import merkle
 from .block import (
+    NULL_PROPOSER,
     Block,
     BlockHeader,
     decode_certificate,
@@ -60,8 +70,10 @@ from .votes import CommitCertificate
 __all__ = [
     "ClientOp",
     "CommitProof",
+    "HeaderChain",
     "QueryAnswer",
     "SubmitStatus",
+    "certifies_header",
     "decode_client_message",
     "encode_client_message",
 ]
@@ -70,6 +82,9 @@ MAX_CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_PATH = 64
 MAX_REASON_CHARS = 200
 MAX_EPOCH_ANSWERS = 64
+MAX_HEADERS = 512
+"""Headers per HEADER_CHAIN answer: about 90 KB, and a node reads them
+without decoding the blocks' transactions."""
 
 
 class ClientOp(enum.IntEnum):
@@ -85,6 +100,8 @@ class ClientOp(enum.IntEnum):
     ERROR = 9
     EPOCHS = 10
     EPOCH_PROOFS = 11
+    HEADERS = 12
+    HEADER_CHAIN = 13
 
 
 class SubmitStatus(enum.IntEnum):
@@ -112,12 +129,20 @@ def _certified(header: BlockHeader) -> bytes:
     return Block(header, (), ()).certified_digest
 
 
-def _certificate_holds(
+def certifies_header(
     header: BlockHeader, cert: CommitCertificate, chain_id: str, validators: Sequence[PeerId]
 ) -> bool:
+    """Whether ``cert`` makes ``header`` final under a quorum of ``validators``.
+
+    Never for a null block's header: its votes sign NULL_DIGEST, which names
+    the height but no header, so any header with the null marker would pass
+    with them (a forged transaction root or state root included). A null
+    block proves nothing to a client; its parent's header (same state root)
+    or a later block does."""
     return (
-        cert.height == header.height
-        and cert.block_hash == _certified(header)
+        header.proposer != NULL_PROPOSER
+        and cert.height == header.height
+        and cert.block_hash == header.hash
         and cert.is_valid(chain_id, validators)
     )
 
@@ -159,15 +184,19 @@ class CommitProof:
 
     def verify(self, tx_bytes: bytes, chain_id: str, validators: Sequence[PeerId]) -> bool:
         """Whether this proves ``tx_bytes`` final under a quorum of ``validators``."""
+        return certifies_header(
+            self.header, self.certificate, chain_id, validators
+        ) and self.includes(tx_bytes)
+
+    def includes(self, tx_bytes: bytes) -> bool:
+        """Whether ``tx_bytes`` and the result are in this header's roots
+        (the header itself is vouched for by its certificate, or by a later
+        trusted header it is an ancestor of: :class:`HeaderChain`)."""
         header = self.header
-        return (
-            _certificate_holds(header, self.certificate, chain_id, validators)
-            and merkle.verify_inclusion(
-                tx_bytes, self.index, self.size, self.tx_path, header.tx_root
-            )
-            and merkle.verify_inclusion(
-                self.result.encode(), self.index, self.size, self.result_path, header.results_root
-            )
+        return merkle.verify_inclusion(
+            tx_bytes, self.index, self.size, self.tx_path, header.tx_root
+        ) and merkle.verify_inclusion(
+            self.result.encode(), self.index, self.size, self.result_path, header.results_root
         )
 
     def as_list(self) -> list[object]:
@@ -249,7 +278,7 @@ class QueryAnswer(NamedTuple):
         return self.header.height
 
     def verify(self, chain_id: str, validators: Sequence[PeerId]) -> bool:
-        return _certificate_holds(
+        return certifies_header(
             self.header, self.certificate, chain_id, validators
         ) and verify_state_proof(self.key, self.value, self.proof, self.header.state_root)
 
@@ -282,6 +311,47 @@ class QueryAnswer(NamedTuple):
         )
 
 
+class HeaderChain(NamedTuple):
+    """The headers of consecutive heights, lowest first, and the commit
+    certificate of the last one (None if the node sent none)."""
+
+    headers: tuple[BlockHeader, ...]
+    certificate: CommitCertificate | None
+
+    @property
+    def top(self) -> BlockHeader:
+        return self.headers[-1]
+
+    def linked(self) -> bool:
+        """Whether each header's ``prev_hash`` is the hash of the one below."""
+        return all(
+            upper.prev_hash == lower.hash for lower, upper in itertools.pairwise(self.headers)
+        )
+
+    def as_fields(self) -> list[object]:
+        """``[[header, ...], votes or nil]``, the reply's last two fields."""
+        votes = None if self.certificate is None else encode_certificate(self.certificate)
+        return [[h.as_list() for h in self.headers], votes]
+
+    @classmethod
+    def from_fields(cls, raw_headers: object, raw_votes: object) -> HeaderChain:
+        """Strictly decode a HEADER_CHAIN reply's fields (shape, types and
+        consecutive heights); whether they link and are certified is for
+        :meth:`linked` and the client's trusted set."""
+        if type(raw_headers) is not list or not 1 <= len(raw_headers) <= MAX_HEADERS:
+            raise MalformedMessage(f"a header chain has 1 to {MAX_HEADERS} headers")
+        headers = tuple(decode_header(h) for h in raw_headers)
+        if any(b.height != a.height + 1 for a, b in itertools.pairwise(headers)):
+            raise MalformedMessage("a header chain's heights are consecutive")
+        top = headers[-1]
+        certificate = (
+            None
+            if raw_votes is None
+            else decode_certificate(raw_votes, top.height, _certified(top))
+        )
+        return cls(headers, certificate)
+
+
 def encode_client_message(*fields: object) -> bytes:
     return pack_body(list(fields))
 
@@ -311,6 +381,8 @@ _SHAPES: dict[int, int] = {
     ClientOp.ERROR: 3,
     ClientOp.EPOCHS: 3,
     ClientOp.EPOCH_PROOFS: 3,
+    ClientOp.HEADERS: 4,
+    ClientOp.HEADER_CHAIN: 4,
 }
 
 
@@ -366,4 +438,14 @@ def decode_client_message(body: bytes, *, max_txs: int = 10_000) -> list:
         or any(type(a) is not list for a in fields[2])
     ):
         raise MalformedMessage(f"epoch proofs are a list of up to {MAX_EPOCH_ANSWERS} answers")
+    elif op == ClientOp.HEADERS and not (
+        _is_u63(fields[2]) and _is_u63(fields[3]) and 1 <= fields[2] <= fields[3]
+    ):
+        raise MalformedMessage("headers is [op, id, low, high] with 1 <= low <= high")
+    elif op == ClientOp.HEADER_CHAIN and (
+        type(fields[2]) is not list
+        or len(fields[2]) > MAX_HEADERS
+        or (fields[3] is not None and type(fields[3]) is not list)
+    ):
+        raise MalformedMessage("a header chain is [op, id, [header, ...], votes or nil]")
     return fields

@@ -29,6 +29,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -39,11 +40,13 @@ from fedchain.p2p.identity import PeerId
 from fedchain.p2p.node import Timer
 from fedchain.p2p.wire import Envelope, MessageType
 
-from .block import Block, decode_block
+from .block import Block, decode_block, decode_certificate, header_and_votes
 from .client_api import (
     MAX_EPOCH_ANSWERS,
+    MAX_HEADERS,
     ClientOp,
     CommitProof,
+    HeaderChain,
     QueryAnswer,
     SubmitStatus,
     decode_client_message,
@@ -72,6 +75,7 @@ class LedgerService:
         index_size: int = 1_000_000,
         max_waiters: int = 100_000,
         max_subscribers: int = 64,
+        max_headers: int = MAX_HEADERS,
         reforward_interval: float = 0.5,
     ) -> None:
         self.ledger = ledger
@@ -81,6 +85,7 @@ class LedgerService:
         self.index_size = index_size
         self.max_waiters = max_waiters
         self.max_subscribers = max_subscribers
+        self.max_headers = min(max_headers, MAX_HEADERS)
         self._forward: list[bytes] = []
         self._forward_timer: Timer | None = None
         self._index: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
@@ -88,7 +93,11 @@ class LedgerService:
         self._waiting = 0
         self._subscribers: dict[tuple[PeerId, int], None] = {}
         self._last: Block | None = None
-        """The last certified block, for queries (its header and certificate)."""
+        """The last certified block that is not null, for queries (its header
+        and certificate). A null block keeps its parent's state but its
+        certificate binds no header (``client_api.certifies_header``), so
+        queries are answered with the block below it, whose state root is
+        the same."""
         self._load_tip()
         ledger.on_commit.append(self._on_commit)
         self.node.register(MessageType.CLIENT, self._on_client)
@@ -99,11 +108,13 @@ class LedgerService:
         )
 
     def _load_tip(self) -> None:
-        height = self.ledger.store.tip()
-        if height >= 1:
+        for height in range(self.ledger.store.tip(), 0, -1):
             stored = self.ledger.store.get(height)
             assert stored is not None
-            self._last = decode_block(stored.data, max_bytes=2**31)
+            block = decode_block(stored.data, max_bytes=2**31)
+            if not block.is_null:
+                self._last = block
+                return
 
     # -- in process --------------------------------------------------------------
 
@@ -184,10 +195,30 @@ class LedgerService:
         epochs = sorted(e for e in changes if e > since_epoch)[:MAX_EPOCH_ANSWERS]
         return [changes[e] for e in epochs]
 
+    def header_chain(self, low: int, high: int) -> HeaderChain:
+        """The stored headers from ``low`` (>= 1) to ``high``, at most the top
+        ``max_headers`` of them, and the certificate of the one at ``high``:
+        what a client walking back from a header it trusts asks for.
+        NothingCommitted if ``high`` is above this node's tip."""
+        if high > self.ledger.store.tip():
+            raise NothingCommitted(f"no block at height {high} here yet")
+        start = max(low, high - self.max_headers + 1)
+        pairs = [
+            header_and_votes(stored.data)
+            for stored in itertools.islice(self.ledger.store.blocks(start), high - start + 1)
+        ]
+        headers = tuple(header for header, _ in pairs)
+        top = headers[-1]
+        votes = pairs[-1][1]
+        certified = Block(top, (), ()).certified_digest
+        certificate = None if votes is None else decode_certificate(votes, high, certified)
+        return HeaderChain(headers, certificate)
+
     # -- commits -----------------------------------------------------------------
 
     def _on_commit(self, block: Block) -> None:
-        self._last = block
+        if not block.is_null:
+            self._last = block
         index = self._index
         height = block.height
         for i, tx in enumerate(block.txs):
@@ -319,6 +350,13 @@ class LedgerService:
         elif op == ClientOp.EPOCHS:
             answers = [a.as_list(encoded) for a, encoded in self.validator_changes(fields[2])]
             self._reply(peer, ClientOp.EPOCH_PROOFS, fields[1], answers)
+        elif op == ClientOp.HEADERS:
+            try:
+                chain = self.header_chain(fields[2], fields[3])
+            except NothingCommitted as exc:
+                self._reply(peer, ClientOp.ERROR, fields[1], str(exc))
+                return
+            self._reply(peer, ClientOp.HEADER_CHAIN, fields[1], *chain.as_fields())
         elif op == ClientOp.SUBSCRIBE:
             if len(self._subscribers) >= self.max_subscribers:
                 self._reply(peer, ClientOp.ERROR, fields[1], "busy: too many subscribers")

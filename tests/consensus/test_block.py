@@ -16,7 +16,10 @@ from fedchain.consensus.block import (
     BlockHeader,
     check_body,
     decode_block,
+    decode_certificate,
     encode_block,
+    encode_certificate,
+    header_and_votes,
     results_root,
     tx_root,
 )
@@ -84,6 +87,13 @@ def test_roundtrip(n_txs: int, certified: bool) -> None:
     assert encode_block(decoded) == data
     assert decoded.certificate == block.certificate
     check_body(decoded)
+    header, votes = header_and_votes(data)
+    assert header == block.header
+    if certified:
+        assert decode_certificate(votes, header.height, header.hash) == block.certificate
+        assert votes == encode_certificate(block.certificate)
+    else:
+        assert votes is None
 
 
 def test_with_certificate_refuses_another_blocks_certificate() -> None:
@@ -156,10 +166,15 @@ def test_check_body_catches_swapped_transactions_and_results() -> None:
 @given(st.binary(max_size=400))
 def test_property_any_bytes_decode_or_raise_malformed(data: bytes) -> None:
     try:
+        header, _ = header_and_votes(data)
+    except MalformedMessage:
+        header = None
+    try:
         block = decode_block(data)
     except MalformedMessage:
         return
     assert encode_block(block) == data
+    assert header == block.header  # a block's header reads the same either way
 
 
 @settings(max_examples=150, deadline=None)

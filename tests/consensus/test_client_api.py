@@ -4,23 +4,28 @@ proofs that round-trip through their wire form and still verify."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedchain.consensus.block import encode_block
+from fedchain.consensus import merkle
+from fedchain.consensus.block import NULL_DIGEST, NULL_PROPOSER, encode_block
 from fedchain.consensus.chain import ChainTip, Executor
+from fedchain.consensus.client import TrustedValidators
 from fedchain.consensus.client_api import (
     MAX_EPOCH_ANSWERS,
+    MAX_HEADERS,
     ClientOp,
     CommitProof,
+    HeaderChain,
     QueryAnswer,
     decode_client_message,
     encode_client_message,
 )
-from fedchain.consensus.contracts import kv_key, kv_set
+from fedchain.consensus.contracts import TxResult, kv_key, kv_set
 from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.genesis import ConsensusParams, Genesis
 from fedchain.consensus.tx import sign_transaction
@@ -73,12 +78,101 @@ def test_a_query_answer_round_trips_and_proves_presence_and_absence() -> None:
     assert QueryAnswer(key, 3, block.header, block.certificate, proof).verify(CHAIN, KEYS) is False
 
 
+def _null_certificate(height: int) -> CommitCertificate:
+    """A real quorum's votes for a null request at ``height``: they sign
+    NULL_DIGEST, which names no header."""
+    votes = [
+        (v.public_key, sign_commit_vote(v, CHAIN, height, NULL_DIGEST, view=1))
+        for v in VALIDATORS[:3]
+    ]
+    return CommitCertificate.of(height, NULL_DIGEST, votes, view=1)
+
+
+def test_a_null_certificate_vouches_for_no_header() -> None:
+    """A node holding a real null height's certificate could otherwise pass
+    off any header carrying the null marker: a transaction never committed,
+    or any state. The client refuses headers of null blocks outright."""
+    block, state, _ = _certified_block()
+    stranger = sign_transaction(
+        ALICE, CHAIN, type="kv", content=kv_set("never", 1), nonce=99, timestamp=0
+    )
+    result = TxResult(0)
+    forged_header = dataclasses.replace(
+        block.header,
+        height=2,
+        prev_hash=block.hash,
+        proposer=NULL_PROPOSER,
+        tx_root=merkle.root([stranger.encoded]),
+        results_root=merkle.root([result.encode()]),
+    )
+    certificate = _null_certificate(2)
+    assert certificate.is_valid(CHAIN, KEYS)  # the votes themselves are genuine
+    proof = CommitProof(forged_header, certificate, 0, 1, (), result, ())
+    assert proof.includes(stranger.encoded)
+    assert not proof.verify(stranger.encoded, CHAIN, KEYS)
+    key = kv_key(ALICE.public_key, "k3")
+    value, state_proof = state.prove(key)
+    answer = QueryAnswer(
+        key,
+        value,
+        dataclasses.replace(forged_header, tx_root=block.header.tx_root),
+        certificate,
+        state_proof,
+    )
+    assert not answer.verify(CHAIN, KEYS)
+    assert answer._replace(header=block.header, certificate=block.certificate).verify(CHAIN, KEYS)
+    chain = HeaderChain((block.header, forged_header), certificate)
+    assert chain.linked() and not TrustedValidators(CHAIN, KEYS).certifies(chain)
+
+
+def test_a_header_chain_links_each_header_to_the_one_below() -> None:
+    executor = Executor(GENESIS)
+    tip = ChainTip.of_genesis(GENESIS)
+    headers = []
+    for n in range(4):
+        tx = sign_transaction(
+            ALICE, CHAIN, type="kv", content=kv_set(f"h{n}", n), nonce=n, timestamp=0
+        )
+        block, _ = executor.build_block(tip, [tx], timestamp=n, view=0, proposer=KEYS[0])
+        votes = [
+            (v.public_key, sign_commit_vote(v, CHAIN, block.height, block.hash, view=0))
+            for v in VALIDATORS[:3]
+        ]
+        block = block.with_certificate(
+            CommitCertificate.of(block.height, block.hash, votes, view=0)
+        )
+        tip = executor.apply_final(tip, block)
+        headers.append(block.header)
+    chain = HeaderChain(tuple(headers), block.certificate)
+    wire = msgpack.unpackb(msgpack.packb(chain.as_fields()))
+    back = HeaderChain.from_fields(*wire)
+    assert back == chain and back.linked()
+    trusted = TrustedValidators(CHAIN, KEYS)
+    assert trusted.certifies(back)
+    assert not TrustedValidators(CHAIN, [*KEYS[1:], bytes(range(32))]).certifies(back)
+    assert not trusted.certifies(back._replace(certificate=None))
+    # A header swapped in the middle breaks the link above it.
+    swapped = dataclasses.replace(headers[1], timestamp=77)
+    assert not HeaderChain((headers[0], swapped, *headers[2:]), None).linked()
+    with pytest.raises(MalformedMessage):  # heights must be consecutive
+        HeaderChain.from_fields([headers[0].as_list(), headers[2].as_list()], None)
+    with pytest.raises(MalformedMessage):
+        HeaderChain.from_fields([], None)
+
+
 def test_requests_decode_and_bad_shapes_are_refused() -> None:
     assert decode_client_message(encode_client_message(ClientOp.SUBMIT, 1, [b"x"]))[2] == [b"x"]
     assert decode_client_message(encode_client_message(ClientOp.WAIT, 2, bytes(32), 5))[3] == 5
     assert decode_client_message(encode_client_message(ClientOp.EPOCHS, 3, 0))[2] == 0
     assert decode_client_message(encode_client_message(ClientOp.EPOCH_PROOFS, 3, [[]]))[2] == [[]]
+    assert decode_client_message(encode_client_message(ClientOp.HEADERS, 4, 1, 9))[2:] == [1, 9]
+    assert decode_client_message(encode_client_message(ClientOp.HEADER_CHAIN, 4, [[]], None))
     for bad in (
+        encode_client_message(ClientOp.HEADERS, 4, 0, 9),
+        encode_client_message(ClientOp.HEADERS, 4, 5, 4),
+        encode_client_message(ClientOp.HEADERS, 4, 1),
+        encode_client_message(ClientOp.HEADER_CHAIN, 4, [[]] * (MAX_HEADERS + 1), None),
+        encode_client_message(ClientOp.HEADER_CHAIN, 4, [[]], b"votes"),
         encode_client_message(ClientOp.EPOCHS, 3, -1),
         encode_client_message(ClientOp.EPOCH_PROOFS, 3, [b"not an answer"]),
         encode_client_message(ClientOp.EPOCH_PROOFS, 3, [[]] * (MAX_EPOCH_ANSWERS + 1)),
@@ -119,6 +213,11 @@ def test_any_structure_is_a_proof_or_malformed(value: object) -> None:
     for parse in (CommitProof.from_list, QueryAnswer.from_list):
         with contextlib.suppress(MalformedMessage):
             parse(value)
+    for votes in (None, value):
+        with contextlib.suppress(MalformedMessage):
+            HeaderChain.from_fields(value, votes)
+        with contextlib.suppress(MalformedMessage):
+            HeaderChain.from_fields([value], votes)
 
 
 @settings(max_examples=200, deadline=None)

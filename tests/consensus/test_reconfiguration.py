@@ -8,6 +8,8 @@ genesis (``consensus/SPEC.md``, "Validator set changes")."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import trio
@@ -184,12 +186,31 @@ def _run(
                     node_for(reader, net.add_node(reader.public_key)), ids[0], CHAIN, ids[:4]
                 )
 
+                newcomer = Identity(b"s" * 32)
+                # A client that never trusted the genesis set: it starts
+                # from epoch 1's, and its node pages headers four at a time.
+                late_client = LedgerClient(
+                    node_for(newcomer, net.add_node(newcomer.public_key)),
+                    ids[1],
+                    CHAIN,
+                    new_set,
+                    epoch=1,
+                )
+                services[1].max_headers = 4
+
                 async def read_late() -> None:
                     await trio.sleep(client_at)
                     answer = await client.query(kv_key(clients[0].public_key, "k5"))
                     seen["client_query"] = (answer.value, answer.height, client.trusted.epoch)
                     proof = await client.wait_committed(txs[-1].encoded, timeout=5.0)
                     seen["client_proof_height"] = proof.height
+                    # The first transaction committed in epoch 0: the late
+                    # client checks it by walking back from epoch 1's first block.
+                    early = await late_client.wait_committed(txs[0].encoded, timeout=5.0)
+                    seen["early_proof"] = early
+                    forged = dataclasses.replace(early.header, tx_root=bytes(32))
+                    seen["forged_is_ancestor"] = await late_client.is_trusted_ancestor(forged)
+                    seen["late_client_epoch"] = late_client.trusted.epoch
 
                 nursery.start_soon(read_late)
 
@@ -291,6 +312,14 @@ def test_a_validator_is_replaced_under_load_and_the_nodes_switch_roles() -> None
     value, height, epoch = seen["client_query"]
     assert (value, epoch) == (5, 1) and height > h
     assert seen["client_proof_height"] > h
+    # A client trusting only epoch 1's set accepted a commit from epoch 0
+    # (below h) by walking back through pages of four headers, and refused
+    # a header that is not on the chain at that height.
+    early = seen["early_proof"]
+    assert early.height + 4 < h, "the walk spans several pages"
+    assert early.verify(txs[0].encoded, CHAIN, ids[:4])
+    assert not early.verify(txs[0].encoded, epoch_chain_id(CHAIN, 1), new_set)
+    assert seen["forged_is_ancestor"] is False and seen["late_client_epoch"] == 1
     assert ledgers[OUT].epoch_changes == 1 and ledgers[EXTRA].epoch_changes == 1
     assert ledgers[OUT].node.counters["follow.blocks"] > 0, "the removed validator follows"
     assert ledgers[EXTRA].node.counters["follow.blocks"] >= h
