@@ -19,13 +19,12 @@ Speculative execution. PBFT keeps up to a window of sequence numbers in
 flight, so the primary proposes block ``s`` before ``s - 1`` is final, and a
 backup validates it likewise. Each proposal built or validated is kept with
 the tip after it (``_spec``); the parent of ``s`` is the committed tip when
-``s`` is the next height, else the speculative tip of ``s - 1``. Without
-that parent (the PRE-PREPARE for ``s - 1`` was lost or overtaken)
-``validate`` can only answer None, which PBFT reads as an invalid proposal
-and so suspects the primary: on lossy links that costs view changes (seen
-at 5% loss: everything commits, but in view 5 or 6). Closing it needs a
-"not yet" answer in the Application protocol, or PBFT holding a
-PRE-PREPARE until its predecessor is pre-prepared.
+``s`` is the next height, else the speculative tip of ``s - 1``. PBFT asks
+only once ``s - 1`` is executed or pre-prepared in the view, and parks a
+PRE-PREPARE that overtook its predecessor (P-PARENT-FIRST in SPEC.md); a
+None while the parent is only speculative (a null request's, which is
+never shown here, or one dropped for a state transfer) is asked again once
+the parent is executed, so neither costs a view change.
 
 Validator epochs. The validator set lives on chain: a committed
 ``validators`` transaction starts a new epoch at the next height (the
@@ -64,9 +63,10 @@ enough COMMITs, the old epoch's own state transfer would never start.
 
 Known gaps (documented, not hidden):
 
-* A proposal for the seq right after a null request has no speculative
-  parent until the null commits (the suspicion above). Null heights
-  themselves are ordinary certified blocks (``block`` module docstring).
+* A proposal for the seq right after a null request waits (parked) until
+  the null commits, since this replica holds no speculative block for a
+  null. Null heights themselves are ordinary certified blocks (``block``
+  module docstring).
 * Transactions reach the other validators by one forward from the
   validator the client chose (:class:`~.service.LedgerService`, batched),
   sent once: a forward lost (or sent while that validator was cut off) is
