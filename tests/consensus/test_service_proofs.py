@@ -5,22 +5,32 @@ Executor, real signatures, a real block store and node)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import trio
+import trio.testing
 
 from fedchain.consensus.block import NULL_DIGEST, Block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor
-from fedchain.consensus.client import TrustedValidators
-from fedchain.consensus.contracts import kv_key, kv_set
+from fedchain.consensus.client import LedgerClient, TrustedValidators
+from fedchain.consensus.contracts import (
+    epoch_chain_id,
+    kv_key,
+    kv_set,
+    sign_validator_change,
+    validator_change_content,
+)
 from fedchain.consensus.genesis import ConsensusParams, Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.replica import LedgerReplica
 from fedchain.consensus.service import LedgerService, NothingCommitted
-from fedchain.consensus.store import SqliteBlockStore, StoredBlock
+from fedchain.consensus.store import MemoryBlockStore, SqliteBlockStore, StoredBlock
 from fedchain.consensus.tx import sign_transaction
 from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.node import Node
-from fedchain.p2p.simnet import SimNetwork
+from fedchain.p2p.simnet import Constant, LinkModel, SimNetwork
 
 CHAIN = "service-proofs"
 VALIDATORS = sorted((Identity(bytes([i + 1]) * 32) for i in range(4)), key=lambda v: v.public_key)
@@ -29,13 +39,17 @@ ALICE = Identity(b"a" * 32)
 GENESIS = Genesis.create(CHAIN, 0, KEYS, params=ConsensusParams(state_buckets=8))
 
 
-def _certify(block: Block, view: int = 0) -> Block:
+def _certify_by(block: Block, signers: list[Identity], chain_id: str, view: int) -> Block:
     digest = block.certified_digest
     votes = [
-        (v.public_key, sign_commit_vote(v, CHAIN, block.height, digest, view=view))
-        for v in VALIDATORS[:3]
+        (v.public_key, sign_commit_vote(v, chain_id, block.height, digest, view=view))
+        for v in signers
     ]
     return block.with_certificate(CommitCertificate.of(block.height, digest, votes, view=view))
+
+
+def _certify(block: Block, view: int = 0) -> Block:
+    return _certify_by(block, VALIDATORS[:3], CHAIN, view)
 
 
 def _chain_ending_in_null_blocks(store: SqliteBlockStore) -> list[Block]:
@@ -105,3 +119,66 @@ def test_a_header_chain_comes_from_the_store_and_a_null_top_certifies_nothing(
     with pytest.raises(NothingCommitted):
         service.header_chain(1, 5)
     store.close()
+
+
+def test_a_client_of_a_later_set_walks_back_past_a_null_first_block() -> None:
+    """Block 1 changes the validator set; the new set's first block (2) is a
+    null request, whose certificate binds no header, so a client that
+    trusts only the new set anchors its walk on block 3 and walks down to 1
+    over the network. A header that is not the stored one is refused."""
+    newcomer = Identity(b"n" * 32)
+    new_set = sorted([newcomer.public_key, *KEYS[1:]])
+    signers = [v for v in [newcomer, *VALIDATORS] if v.public_key in new_set][:3]
+    approvals = [
+        (v.public_key, sign_validator_change(v, CHAIN, 0, new_set)) for v in VALIDATORS[:3]
+    ]
+    change = sign_transaction(
+        ALICE,
+        CHAIN,
+        type="validators",
+        content=validator_change_content(new_set, approvals),
+        nonce=0,
+        timestamp=0,
+    )
+    executor = Executor(GENESIS)
+    tip = ChainTip.of_genesis(GENESIS)
+    first, _ = executor.build_block(tip, [change], timestamp=1, view=0, proposer=KEYS[0])
+    blocks = [_certify(first)]
+    tip = executor.apply_final(tip, blocks[0])
+    assert tip.epoch == 1
+    epoch1 = epoch_chain_id(CHAIN, 1)
+    blocks.append(_certify_by(executor.null_block(tip, view=1), signers, epoch1, view=1))
+    tip = executor.apply_final(tip, blocks[1])
+    kv = sign_transaction(ALICE, CHAIN, type="kv", content=kv_set("k", 1), nonce=1, timestamp=0)
+    third, _ = executor.build_block(tip, [kv], timestamp=2, view=1, proposer=newcomer.public_key)
+    blocks.append(_certify_by(third, signers, epoch1, view=1))
+    tip = executor.apply_final(tip, blocks[2])
+    store = MemoryBlockStore()
+    store.append(StoredBlock(0, GENESIS.hash, GENESIS.encode()))
+    for block in blocks:
+        store.append(StoredBlock(block.height, block.hash, encode_block(block)))
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        net = SimNetwork(3, LinkModel(latency=Constant(0.01)))
+        reader = Identity(b"r" * 32)
+        async with trio.open_nursery() as nursery:
+            nodes = {}
+            for identity in (VALIDATORS[1], reader):
+                node = Node(identity, net.add_node(identity.public_key))
+                node.bind(nursery)
+                net.drive(node)
+                nodes[identity.public_key] = node
+            server = nodes[VALIDATORS[1].public_key]
+            LedgerService(LedgerReplica(server, Executor(GENESIS), store, Mempool(CHAIN)))
+            client = LedgerClient(nodes[reader.public_key], server.id, CHAIN, new_set, epoch=1)
+            nursery.start_soon(net.run)
+            seen["ancestor"] = await client.is_trusted_ancestor(blocks[0].header)
+            forged = dataclasses.replace(blocks[0].header, timestamp=99)
+            seen["forged"] = await client.is_trusted_ancestor(forged)
+            seen["anchor_itself"] = await client.is_trusted_ancestor(blocks[2].header)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert blocks[1].is_null
+    assert seen == {"ancestor": True, "forged": False, "anchor_itself": False}
