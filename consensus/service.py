@@ -29,7 +29,6 @@ Why these choices:
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -76,6 +75,7 @@ class LedgerService:
         max_waiters: int = 100_000,
         max_subscribers: int = 64,
         max_headers: int = MAX_HEADERS,
+        header_read_bytes: int = 8 * 1024 * 1024,
         reforward_interval: float = 0.5,
     ) -> None:
         self.ledger = ledger
@@ -86,6 +86,7 @@ class LedgerService:
         self.max_waiters = max_waiters
         self.max_subscribers = max_subscribers
         self.max_headers = min(max_headers, MAX_HEADERS)
+        self.header_read_bytes = header_read_bytes
         self._forward: list[bytes] = []
         self._forward_timer: Timer | None = None
         self._index: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
@@ -199,17 +200,30 @@ class LedgerService:
         """The stored headers from ``low`` (>= 1) to ``high``, at most the top
         ``max_headers`` of them, and the certificate of the one at ``high``:
         what a client walking back from a header it trusts asks for.
-        NothingCommitted if ``high`` is above this node's tip."""
-        if high > self.ledger.store.tip():
+        NothingCommitted if ``high`` is above this node's tip.
+
+        Headers live inside whole stored blocks, so an answer also stops
+        once it has read ``header_read_bytes`` of them (the top block always
+        counts): a page costs the node a bounded read however full the
+        blocks are, and the client simply asks for the next page."""
+        store = self.ledger.store
+        if high > store.tip():
             raise NothingCommitted(f"no block at height {high} here yet")
-        start = max(low, high - self.max_headers + 1)
-        pairs = [
-            header_and_votes(stored.data)
-            for stored in itertools.islice(self.ledger.store.blocks(start), high - start + 1)
-        ]
+        pairs = []
+        read = 0
+        for height in range(high, max(low, high - self.max_headers + 1) - 1, -1):
+            if pairs and read >= self.header_read_bytes:
+                break
+            stored = store.get(height)
+            if stored is None:  # pruned or missing: answer what is above it
+                break
+            read += len(stored.data)
+            pairs.append(header_and_votes(stored.data))
+        if not pairs:
+            raise NothingCommitted(f"no block at height {high} here")
+        pairs.reverse()
         headers = tuple(header for header, _ in pairs)
-        top = headers[-1]
-        votes = pairs[-1][1]
+        top, votes = pairs[-1]
         certified = Block(top, (), ()).certified_digest
         certificate = None if votes is None else decode_certificate(votes, high, certified)
         return HeaderChain(headers, certificate)

@@ -116,6 +116,14 @@ def test_a_header_chain_comes_from_the_store_and_a_null_top_certifies_nothing(
     assert not trusted.certifies(across)  # the walk must anchor on a block that binds its header
     service.max_headers = 2
     assert [h.height for h in service.header_chain(1, 4).headers] == [3, 4]
+    # Full blocks are read to find headers: past the read budget an answer
+    # stops, keeping the top (and its certificate) whatever the budget.
+    service.max_headers = 512
+    service.header_read_bytes = 1
+    one = service.header_chain(1, 4)
+    assert [h.height for h in one.headers] == [4] and one.certificate == blocks[3].certificate
+    service.header_read_bytes = len(encode_block(blocks[3])) + 1
+    assert [h.height for h in service.header_chain(1, 4).headers] == [3, 4]
     with pytest.raises(NothingCommitted):
         service.header_chain(1, 5)
     store.close()
@@ -170,7 +178,8 @@ def test_a_client_of_a_later_set_walks_back_past_a_null_first_block() -> None:
                 net.drive(node)
                 nodes[identity.public_key] = node
             server = nodes[VALIDATORS[1].public_key]
-            LedgerService(LedgerReplica(server, Executor(GENESIS), store, Mempool(CHAIN)))
+            service = LedgerService(LedgerReplica(server, Executor(GENESIS), store, Mempool(CHAIN)))
+            service.header_read_bytes = 1  # one header per answer: a three-page walk
             client = LedgerClient(nodes[reader.public_key], server.id, CHAIN, new_set, epoch=1)
             nursery.start_soon(net.run)
             seen["ancestor"] = await client.is_trusted_ancestor(blocks[0].header)
