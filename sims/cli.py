@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
     ),
     "node": ("fedchain.sims.node_cmd", "run one real ledger node over encrypted TCP"),
     "launch": ("fedchain.sims.launch", "run every node home of a testnet as local processes"),
+    "client": (
+        "fedchain.sims.client_cmd",
+        "put, get and query on a running node, every answer's proof checked",
+    ),
     "bench": {
         "gossip": ("fedchain.sims.bench_gossip", "gossip dissemination at 1,000 and 10,000 nodes"),
         "transport": (

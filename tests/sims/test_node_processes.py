@@ -6,6 +6,7 @@ home replays its store and catches up; every home's chain verifies."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,12 +149,50 @@ async def test_launch_runs_a_testnet_and_stops_it(tmp_path) -> None:
                 await client.submit(tx.encoded)
                 proof = await client.wait_committed(tx.encoded)
                 assert proof.height >= 1
+            await _use_the_client_command(tmp_path, homes)
     finally:
         launcher.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             assert await launcher.wait() == 0
     for home in homes:
         assert verify_dir(home, json_only=True) == 0
+
+
+async def _fedchain_client(*arguments: object) -> tuple[int, dict | None, str]:
+    """Run ``fedchain client ARGUMENTS``: exit status, JSON line, stderr."""
+    command = [sys.executable, "-m", "fedchain.sims.cli", "client", *map(str, arguments)]
+    done = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+    out = done.stdout.decode().strip()
+    return done.returncode, json.loads(out) if out else None, done.stderr.decode()
+
+
+async def _use_the_client_command(tmp_path: Path, homes: list[Path]) -> None:
+    """``fedchain client`` against the running testnet: a value put through
+    one node is read, proved, through another; a missing key is proved
+    absent; a float, an unreachable node and a genesis the node's chain does
+    not follow are clear errors."""
+    key = tmp_path / "carol.key"
+    status, made, _ = await _fedchain_client("keygen", key)
+    assert status == 0 and key.stat().st_mode & 0o777 == 0o600
+    owner = made["public_key"]
+    status, put, _ = await _fedchain_client("--home", homes[1], "--key", key, "put", "t", "[1, 2]")
+    assert status == 0 and put["verified"] and put["height"] >= 1
+    assert put["key"] == f"kv/{owner}/t"
+    status, got, _ = await _fedchain_client("--home", homes[3], "get", "t", "--owner", owner)
+    assert status == 0 and got["value"] == [1, 2] and got["height"] >= put["height"]
+    status, missing, _ = await _fedchain_client("--home", homes[0], "--key", key, "get", "u")
+    assert status == 0 and missing["value"] is None and missing["verified"]
+    status, _, why = await _fedchain_client("--home", homes[0], "--key", key, "put", "f", "1.5")
+    assert status == 1 and "float" in why
+    # A home whose node is not running, and one whose genesis is another chain's.
+    (elsewhere,) = write_testnet(tmp_path / "other", 1, chain_id="launch", seed=9, ports=[1])
+    status, _, why = await _fedchain_client("--home", elsewhere, "--timeout", "1", "query", "k")
+    assert status == 1 and "no connection" in why
+    impostor = tmp_path / "impostor"
+    shutil.copytree(homes[0], impostor, ignore=shutil.ignore_patterns("chain.sqlite*"))
+    shutil.copy(elsewhere / "genesis.bin", impostor / "genesis.bin")
+    status, _, why = await _fedchain_client("--home", impostor, "query", "sys/validators")
+    assert status == 2 and "does not verify" in why
 
 
 def test_launch_finds_homes_in_index_order(tmp_path) -> None:
