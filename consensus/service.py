@@ -24,7 +24,9 @@ Why these choices:
 - Which transaction committed where is kept for the last ``index_size``
   transactions (digest -> height, index), so a WAIT for a recent
   transaction is answered from memory and the block store; an older digest
-  waits (or times out) like an unknown one.
+  waits (or times out) like an unknown one. A restarted node indexes the
+  last ``index_on_start`` stored transactions before it serves, so a
+  transaction that committed just before the restart is still found.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class LedgerService:
         forward_batch: int = 512,
         forward_delay: float = 0.005,
         index_size: int = 1_000_000,
+        index_on_start: int = 10_000,
         max_waiters: int = 100_000,
         max_subscribers: int = 64,
         max_headers: int = MAX_HEADERS,
@@ -99,7 +102,7 @@ class LedgerService:
         certificate binds no header (``client_api.certifies_header``), so
         queries are answered with the block below it, whose state root is
         the same."""
-        self._load_tip()
+        self._load_stored(min(index_on_start, index_size))
         ledger.on_commit.append(self._on_commit)
         self.node.register(MessageType.CLIENT, self._on_client)
         self._reforward_height = -1
@@ -108,14 +111,28 @@ class LedgerService:
             lambda: self.node.call_every(self.reforward_interval, self._reforward)
         )
 
-    def _load_tip(self) -> None:
+    def _load_stored(self, transactions: int) -> None:
+        """From the stored chain (a restart): the last block that is not
+        null, for queries, and where the last ``transactions`` committed
+        transactions are, so a client waiting for one that committed just
+        before the restart gets its proof, not a timeout (about 10 µs a
+        transaction at start)."""
+        found: list[tuple[int, tuple[bytes, ...]]] = []
+        counted = 0
         for height in range(self.ledger.store.tip(), 0, -1):
+            if self._last is not None and counted >= transactions:
+                break
             stored = self.ledger.store.get(height)
             assert stored is not None
             block = decode_block(stored.data, max_bytes=2**31)
-            if not block.is_null:
+            if self._last is None and not block.is_null:
                 self._last = block
-                return
+            if counted < transactions:
+                found.append((height, tuple(tx.digest for tx in block.txs)))
+                counted += len(block.txs)
+        for height, digests in reversed(found):
+            for index, digest in enumerate(digests):
+                self._index[digest] = (height, index)
 
     # -- in process --------------------------------------------------------------
 

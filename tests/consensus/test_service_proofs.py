@@ -101,6 +101,27 @@ def test_queries_at_a_null_tip_are_proved_by_the_last_block_that_binds_its_heade
     store.close()
 
 
+def test_a_restarted_node_still_proves_what_committed_before_it_stopped(tmp_path) -> None:
+    """The service indexes the last stored transactions when it starts, so
+    a client waiting for one that committed just before a restart gets its
+    proof at once; past ``index_on_start`` a digest waits like an unknown one."""
+    store = SqliteBlockStore(tmp_path / "chain.sqlite")
+    blocks = _chain_ending_in_null_blocks(store)
+    first, second = blocks[0].txs[0], blocks[1].txs[0]
+    service = _service(store)
+    assert service.committed_at(first.digest) == (1, 0)
+    assert service.committed_at(second.digest) == (2, 0)
+    proof = service.proof_of(first.digest)
+    assert proof is not None and proof.verify(first.encoded, CHAIN, KEYS)
+    net = SimNetwork(2)
+    node = Node(VALIDATORS[1], net.add_node(KEYS[1]))
+    ledger = LedgerReplica(node, Executor(GENESIS), store, Mempool(CHAIN))
+    recent_only = LedgerService(ledger, index_on_start=1)
+    assert recent_only.committed_at(second.digest) == (2, 0)
+    assert recent_only.committed_at(first.digest) is None
+    store.close()
+
+
 def test_a_header_chain_comes_from_the_store_and_a_null_top_certifies_nothing(
     tmp_path,
 ) -> None:
