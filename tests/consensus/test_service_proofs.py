@@ -10,6 +10,8 @@ import dataclasses
 import pytest
 import trio
 import trio.testing
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from fedchain.consensus.block import NULL_DIGEST, Block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor
@@ -25,7 +27,7 @@ from fedchain.consensus.genesis import ConsensusParams, Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.replica import LedgerReplica
 from fedchain.consensus.service import LedgerService, NothingCommitted
-from fedchain.consensus.store import MemoryBlockStore, SqliteBlockStore, StoredBlock
+from fedchain.consensus.store import BlockStore, MemoryBlockStore, SqliteBlockStore, StoredBlock
 from fedchain.consensus.tx import sign_transaction
 from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
 from fedchain.p2p.identity import Identity
@@ -52,7 +54,7 @@ def _certify(block: Block, view: int = 0) -> Block:
     return _certify_by(block, VALIDATORS[:3], CHAIN, view)
 
 
-def _chain_ending_in_null_blocks(store: SqliteBlockStore) -> list[Block]:
+def _chain_ending_in_null_blocks(store: BlockStore) -> list[Block]:
     """Heights 1 and 2 carry a transaction each; 3 and 4 are null requests
     (a view change found nothing prepared at either)."""
     executor = Executor(GENESIS)
@@ -74,7 +76,7 @@ def _chain_ending_in_null_blocks(store: SqliteBlockStore) -> list[Block]:
     return blocks
 
 
-def _service(store: SqliteBlockStore) -> LedgerService:
+def _service(store: BlockStore) -> LedgerService:
     net = SimNetwork(1)
     node = Node(VALIDATORS[0], net.add_node(KEYS[0]))
     return LedgerService(LedgerReplica(node, Executor(GENESIS), store, Mempool(CHAIN)))
@@ -212,3 +214,25 @@ def test_a_client_of_a_later_set_walks_back_past_a_null_first_block() -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert blocks[1].is_null
     assert seen == {"ancestor": True, "forged": False, "anchor_itself": False}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 3), st.integers(1, 3000))
+def test_any_header_request_is_a_linked_page_ending_at_high_or_nothing_committed(
+    low: int, high: int, max_headers: int, read_bytes: int
+) -> None:
+    assume(low <= high)  # the decoder refuses the rest before the service sees them
+    store = MemoryBlockStore()
+    blocks = _chain_ending_in_null_blocks(store)
+    service = _service(store)
+    service.max_headers, service.header_read_bytes = max_headers, read_bytes
+    try:
+        chain = service.header_chain(low, high)
+    except NothingCommitted:
+        assert high > len(blocks)
+        return
+    heights = [h.height for h in chain.headers]
+    assert heights[-1] == high and heights[0] >= low and len(heights) <= max_headers
+    assert heights == list(range(heights[0], high + 1)) and chain.linked()
+    assert chain.headers == tuple(b.header for b in blocks[heights[0] - 1 : high])
+    assert chain.certificate == blocks[high - 1].certificate
