@@ -2,7 +2,8 @@
 
 Like ``cometbft testnet``, one folder per node under a testnet folder::
 
-    OUT/node0/node.json     index, listen address, peers (keys, addresses)
+    OUT/node0/node.json     index, listen address (what peers dial), bind
+                            address (where it accepts), peers (keys, addresses)
     OUT/node0/node_key      the node's Ed25519 seed (hex, mode 0600)
     OUT/node0/genesis.bin   the chain's genesis (the same in every home)
     OUT/node0/chain.sqlite  the block store, created by the node
@@ -10,6 +11,12 @@ Like ``cometbft testnet``, one folder per node under a testnet folder::
 so ``fedchain chain verify OUT/node0`` checks what a node stored. Keys are
 drawn from a seeded generator only when ``--seed`` is given (reproducible
 demos); otherwise from the operating system.
+
+For several machines, each node gets its own host (``hosts``): peers dial
+``host:port`` and the node accepts on every interface (``0.0.0.0:port``),
+since a machine behind NAT or in a container often cannot bind the address
+others reach it at. Copy each home to its machine and run ``fedchain node``
+there.
 """
 
 from __future__ import annotations
@@ -45,7 +52,14 @@ class NodeHome:
     identity: Identity
     genesis: Genesis
     listen: tuple[str, int]
+    """Where peers and clients dial this node."""
     peers: dict[PeerId, tuple[str, int]]
+    bind: tuple[str, int] | None = None
+    """Where the node accepts, if not at ``listen`` (``0.0.0.0:port``)."""
+
+    @property
+    def accept_at(self) -> tuple[str, int]:
+        return self.bind if self.bind is not None else self.listen
 
     @property
     def store_path(self) -> Path:
@@ -67,14 +81,22 @@ def write_testnet(
     *,
     chain_id: str = "fedchain-testnet",
     host: str = "127.0.0.1",
+    hosts: list[str] | None = None,
     base_port: int = 26656,
     genesis_time_ms: int = 0,
     seed: int | None = None,
     ports: list[int] | None = None,
 ) -> list[Path]:
-    """Write ``validators`` node homes under ``out``; their paths."""
+    """Write ``validators`` node homes under ``out``; their paths.
+
+    ``hosts``: one per node, for a network over several machines (each node
+    then binds every interface); otherwise every node is at ``host``."""
     if validators < 1:
         raise ValueError("a testnet has at least one validator")
+    if hosts is not None and len(hosts) != validators:
+        raise ValueError(f"{len(hosts)} hosts for {validators} validators: give one per node")
+    if hosts is not None and any(not h or ":" in h or "," in h for h in hosts):
+        raise ValueError(f"hosts are names or IPv4 addresses without ports: {hosts}")
     rng = np.random.Generator(np.random.PCG64(seed)) if seed is not None else None
     seeds = [
         rng.bytes(32) if rng is not None else secrets.token_bytes(32) for _ in range(validators)
@@ -82,7 +104,8 @@ def write_testnet(
     identities = [Identity(s) for s in seeds]
     genesis = Genesis.create(chain_id, genesis_time_ms, [i.public_key for i in identities])
     ports = ports or [base_port + i for i in range(validators)]
-    addresses = [f"{host}:{port}" for port in ports]
+    node_hosts = hosts if hosts is not None else [host] * validators
+    addresses = [f"{h}:{port}" for h, port in zip(node_hosts, ports, strict=True)]
     homes = []
     for index in range(validators):
         home = out / f"node{index}"
@@ -97,6 +120,8 @@ def write_testnet(
             if j != index
         ]
         config = {"index": index, "listen": addresses[index], "peers": peers}
+        if hosts is not None:
+            config["bind"] = f"0.0.0.0:{ports[index]}"
         (home / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         homes.append(home)
     return homes
@@ -132,4 +157,5 @@ def load_home(path: Path) -> NodeHome:
         genesis,
         _address(config.get("listen"), path / CONFIG_FILE),
         peers,
+        None if config.get("bind") is None else _address(config["bind"], path / CONFIG_FILE),
     )

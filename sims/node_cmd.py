@@ -107,7 +107,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                 home.identity,
                 home.genesis,
                 store,
-                listen=home.listen,
+                listen=home.accept_at,
                 peers=home.peers,
                 pbft=pbft,
                 mempool_txs=args.mempool,

@@ -10,7 +10,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validators", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True, help="folder for the node homes")
     parser.add_argument("--chain-id", default="fedchain-testnet")
-    parser.add_argument("--host", default="127.0.0.1", help="address every node listens on")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--host", default="127.0.0.1", help="address every node listens on")
+    where.add_argument(
+        "--hosts",
+        help="one host per node, comma separated, for several machines: peers dial "
+        "host:port and each node accepts on every interface",
+    )
     parser.add_argument("--base-port", type=int, default=26656, help="node i listens on base+i")
     parser.add_argument("--seed", type=int, default=None, help="derive keys from a seed (demos)")
 
@@ -20,16 +26,24 @@ def run(args: argparse.Namespace) -> int:
 
     from fedchain.sims.home import write_testnet
 
-    homes = write_testnet(
-        args.out,
-        args.validators,
-        chain_id=args.chain_id,
-        host=args.host,
-        base_port=args.base_port,
-        genesis_time_ms=time.time_ns() // 1_000_000,
-        seed=args.seed,
-    )
+    hosts = None if args.hosts is None else [h.strip() for h in args.hosts.split(",")]
+    try:
+        homes = write_testnet(
+            args.out,
+            args.validators,
+            chain_id=args.chain_id,
+            host=args.host,
+            hosts=hosts,
+            base_port=args.base_port,
+            genesis_time_ms=time.time_ns() // 1_000_000,
+            seed=args.seed,
+        )
+    except (ValueError, FileExistsError) as exc:
+        raise SystemExit(f"fedchain testnet: {exc}") from exc
     for home in homes:
         print(f"wrote {home}")
-    print(f"start each with: fedchain node --home {args.out}/nodeN")
+    if hosts is not None:
+        print("copy each nodeN to its host, then run there: fedchain node --home nodeN")
+    else:
+        print(f"start each with: fedchain node --home {args.out}/nodeN")
     return 0

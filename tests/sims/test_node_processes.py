@@ -201,3 +201,57 @@ def test_launch_finds_homes_in_index_order(tmp_path) -> None:
     write_testnet(tmp_path, 12, seed=2)
     (tmp_path / "notes").mkdir()
     assert [h.name for h in homes_in(tmp_path)] == [f"node{i}" for i in range(12)]
+
+
+def test_per_node_hosts_are_dialled_and_each_node_binds_every_interface(tmp_path) -> None:
+    """``fedchain testnet --hosts``: what a network over several machines
+    needs; each home names its own host for its peers and binds 0.0.0.0."""
+    ports = _free_ports(3)
+    hosts = ["127.0.0.1", "localhost", "127.0.0.2"]
+    homes = write_testnet(tmp_path, 3, hosts=hosts, ports=ports, seed=4)
+    loaded = [load_home(h) for h in homes]
+    for index, home in enumerate(loaded):
+        assert home.listen == (hosts[index], ports[index])
+        assert home.accept_at == ("0.0.0.0", ports[index])
+        assert set(home.peers.values()) == {(hosts[j], ports[j]) for j in range(3) if j != index}
+    with pytest.raises(ValueError, match="one per node"):
+        write_testnet(tmp_path / "few", 3, hosts=["a", "b"])
+    with pytest.raises(ValueError, match="without ports"):
+        write_testnet(tmp_path / "port", 2, hosts=["a:1", "b"])
+    plain = load_home(write_testnet(tmp_path / "local", 1, seed=4)[0])
+    assert plain.bind is None and plain.accept_at == plain.listen
+
+
+async def test_nodes_at_different_host_names_commit_together(tmp_path) -> None:
+    """Four node processes whose peers reach them at different names
+    (127.0.0.1 and localhost, each node bound to every interface) commit a
+    client's value and prove it from any of them."""
+    hosts = ["127.0.0.1", "localhost", "127.0.0.1", "localhost"]
+    homes = write_testnet(tmp_path, 4, chain_id="hosts", hosts=hosts, ports=_free_ports(4))
+    processes = [await _start(h) for h in homes]
+    try:
+        with trio.fail_after(90):
+            key = tmp_path / "dave.key"
+            assert (await _fedchain_client("keygen", key))[0] == 0
+            status, put, why = await _fedchain_client(
+                "--home", homes[1], "--key", key, "put", "n", "7"
+            )
+            assert status == 0, why
+            status, got, why = await _fedchain_client("--home", homes[2], "--key", key, "get", "n")
+            assert status == 0 and got["value"] == 7 and got["height"] >= put["height"], why
+            # Node 3 accepts on every interface: reached at an address its
+            # home never named (127.0.0.3 is loopback too), it still answers.
+            other = tmp_path / "node3-elsewhere"
+            shutil.copytree(homes[3], other, ignore=shutil.ignore_patterns("chain.sqlite*"))
+            config = json.loads((other / "node.json").read_text())
+            config["listen"] = "127.0.0.3:" + config["listen"].split(":")[1]
+            (other / "node.json").write_text(json.dumps(config))
+            status, got, why = await _fedchain_client("--home", other, "--key", key, "get", "n")
+            assert status == 0 and got["value"] == 7, why
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            await process.wait()
+    for home in homes:
+        assert verify_dir(home, json_only=True) == 0
