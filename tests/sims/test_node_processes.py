@@ -43,6 +43,14 @@ async def _start(home: Path) -> trio.Process:
     return process
 
 
+async def _stop(processes: list[trio.Process]) -> None:
+    """SIGTERM every node process, then wait for each to exit."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        await process.wait()
+
+
 async def test_four_node_processes_commit_restart_and_verify(tmp_path) -> None:
     homes = write_testnet(tmp_path, 4, chain_id="procs", seed=3, ports=_free_ports(4))
     loaded = [load_home(h) for h in homes]
@@ -94,10 +102,7 @@ async def test_four_node_processes_commit_restart_and_verify(tmp_path) -> None:
                 answer = await late.query(kv_key(alice.public_key, "k59"))
                 assert answer.value == 59
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            await process.wait()
+        await _stop(processes)
     for home in homes:
         assert verify_dir(home, json_only=True) == 0
 
@@ -249,9 +254,6 @@ async def test_nodes_at_different_host_names_commit_together(tmp_path) -> None:
             status, got, why = await _fedchain_client("--home", other, "--key", key, "get", "n")
             assert status == 0 and got["value"] == 7, why
     finally:
-        for process in processes:
-            process.send_signal(signal.SIGTERM)
-        for process in processes:
-            await process.wait()
+        await _stop(processes)
     for home in homes:
         assert verify_dir(home, json_only=True) == 0
