@@ -184,6 +184,9 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
             assert journal.view == 0
     bound = figures["cores"] * figures["verify_per_s_per_core"] / 4  # one check per validator
     assert abs(figures["verification_bound_tx_s"] - bound) <= 1
+    before, after = figures["verify_per_s_per_core_before_after"]
+    assert before > 0 and after > 0  # the rate is measured on both sides of the sweep
+    assert abs(figures["verify_per_s_per_core"] - (before + after) / 2) <= 1
     (point,) = figures["points"]
     assert point["offered_tx_s"] == 100 and point["busy"] == 0
     assert point["committed"] == point["accepted"] == 100
