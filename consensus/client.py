@@ -39,7 +39,7 @@ from fedchain.p2p.identity import PeerId
 from fedchain.p2p.node import Node
 from fedchain.p2p.wire import Envelope, MessageType
 
-from .block import NULL_PROPOSER, BlockHeader
+from .block import BlockHeader
 from .client_api import (
     MAX_EPOCH_ANSWERS,
     ClientOp,
@@ -299,7 +299,7 @@ class LedgerClient:
             if top.height != high or lowest.height < header.height or not chain.linked():
                 raise UntrustedAnswer("the node's headers do not link")
             if expected is None:
-                if top.proposer == NULL_PROPOSER and high < anchor + MAX_NULL_ANCHORS:
+                if top.is_null and high < anchor + MAX_NULL_ANCHORS:
                     high += 1  # a null block anchors nothing: try the block above it
                     continue
                 if not self.trusted.certifies(chain):

@@ -54,7 +54,6 @@ from fedchain.p2p.wire import pack_body, unpack_body
 
 from . import merkle
 from .block import (
-    NULL_PROPOSER,
     Block,
     BlockHeader,
     decode_certificate,
@@ -125,10 +124,6 @@ def _path(value: object) -> tuple[bytes, ...]:
     return tuple(value)
 
 
-def _certified(header: BlockHeader) -> bytes:
-    return Block(header, (), ()).certified_digest
-
-
 def certifies_header(
     header: BlockHeader, cert: CommitCertificate, chain_id: str, validators: Sequence[PeerId]
 ) -> bool:
@@ -140,7 +135,7 @@ def certifies_header(
     block proves nothing to a client; its parent's header (same state root)
     or a later block does."""
     return (
-        header.proposer != NULL_PROPOSER
+        not header.is_null
         and cert.height == header.height
         and cert.block_hash == header.hash
         and cert.is_valid(chain_id, validators)
@@ -220,7 +215,7 @@ class CommitProof:
             raise MalformedMessage("index and size are integers with index < size")
         return cls(
             header,
-            decode_certificate(raw_cert, header.height, _certified(header)),
+            decode_certificate(raw_cert, header.height, header.certified_digest),
             index,
             size,
             _path(tx_path),
@@ -306,7 +301,7 @@ class QueryAnswer(NamedTuple):
             key,
             None if encoded is None else decode_value(encoded),
             header,
-            decode_certificate(raw_cert, header.height, _certified(header)),
+            decode_certificate(raw_cert, header.height, header.certified_digest),
             _decode_state_proof(raw_proof),
         )
 
@@ -347,7 +342,7 @@ class HeaderChain(NamedTuple):
         certificate = (
             None
             if raw_votes is None
-            else decode_certificate(raw_votes, top.height, _certified(top))
+            else decode_certificate(raw_votes, top.height, top.certified_digest)
         )
         return cls(headers, certificate)
 

@@ -241,8 +241,9 @@ class LedgerService:
         pairs.reverse()
         headers = tuple(header for header, _ in pairs)
         top, votes = pairs[-1]
-        certified = Block(top, (), ()).certified_digest
-        certificate = None if votes is None else decode_certificate(votes, high, certified)
+        certificate = (
+            None if votes is None else decode_certificate(votes, high, top.certified_digest)
+        )
         return HeaderChain(headers, certificate)
 
     # -- commits -----------------------------------------------------------------

@@ -125,41 +125,6 @@ def test_a_null_certificate_vouches_for_no_header() -> None:
     assert chain.linked() and not TrustedValidators(CHAIN, KEYS).certifies(chain)
 
 
-def test_a_header_chain_links_each_header_to_the_one_below() -> None:
-    executor = Executor(GENESIS)
-    tip = ChainTip.of_genesis(GENESIS)
-    headers = []
-    for n in range(4):
-        tx = sign_transaction(
-            ALICE, CHAIN, type="kv", content=kv_set(f"h{n}", n), nonce=n, timestamp=0
-        )
-        block, _ = executor.build_block(tip, [tx], timestamp=n, view=0, proposer=KEYS[0])
-        votes = [
-            (v.public_key, sign_commit_vote(v, CHAIN, block.height, block.hash, view=0))
-            for v in VALIDATORS[:3]
-        ]
-        block = block.with_certificate(
-            CommitCertificate.of(block.height, block.hash, votes, view=0)
-        )
-        tip = executor.apply_final(tip, block)
-        headers.append(block.header)
-    chain = HeaderChain(tuple(headers), block.certificate)
-    wire = msgpack.unpackb(msgpack.packb(chain.as_fields()))
-    back = HeaderChain.from_fields(*wire)
-    assert back == chain and back.linked()
-    trusted = TrustedValidators(CHAIN, KEYS)
-    assert trusted.certifies(back)
-    assert not TrustedValidators(CHAIN, [*KEYS[1:], bytes(range(32))]).certifies(back)
-    assert not trusted.certifies(back._replace(certificate=None))
-    # A header swapped in the middle breaks the link above it.
-    swapped = dataclasses.replace(headers[1], timestamp=77)
-    assert not HeaderChain((headers[0], swapped, *headers[2:]), None).linked()
-    with pytest.raises(MalformedMessage):  # heights must be consecutive
-        HeaderChain.from_fields([headers[0].as_list(), headers[2].as_list()], None)
-    with pytest.raises(MalformedMessage):
-        HeaderChain.from_fields([], None)
-
-
 def test_requests_decode_and_bad_shapes_are_refused() -> None:
     assert decode_client_message(encode_client_message(ClientOp.SUBMIT, 1, [b"x"]))[2] == [b"x"]
     assert decode_client_message(encode_client_message(ClientOp.WAIT, 2, bytes(32), 5))[3] == 5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from fedchain.consensus.block import NULL_DIGEST, Block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor
 from fedchain.consensus.client import LedgerClient, TrustedValidators
+from fedchain.consensus.client_api import HeaderChain
 from fedchain.consensus.contracts import (
     epoch_chain_id,
     kv_key,
@@ -23,6 +25,7 @@ from fedchain.consensus.contracts import (
     sign_validator_change,
     validator_change_content,
 )
+from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.genesis import ConsensusParams, Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.replica import LedgerReplica
@@ -54,20 +57,21 @@ def _certify(block: Block, view: int = 0) -> Block:
     return _certify_by(block, VALIDATORS[:3], CHAIN, view)
 
 
-def _chain_ending_in_null_blocks(store: BlockStore) -> list[Block]:
-    """Heights 1 and 2 carry a transaction each; 3 and 4 are null requests
-    (a view change found nothing prepared at either)."""
+def _certified_chain(store: BlockStore, *, full: int = 2, nulls: int = 2) -> list[Block]:
+    """Certified blocks in ``store``: ``full`` heights of one transaction
+    each, then ``nulls`` null requests (a view change found nothing
+    prepared at either)."""
     executor = Executor(GENESIS)
     tip = ChainTip.of_genesis(GENESIS)
     blocks = []
-    for n in range(2):
+    for n in range(full):
         tx = sign_transaction(
             ALICE, CHAIN, type="kv", content=kv_set(f"k{n}", n), nonce=n, timestamp=0
         )
         block, _ = executor.build_block(tip, [tx], timestamp=n, view=0, proposer=KEYS[0])
         blocks.append(_certify(block))
         tip = executor.apply_final(tip, blocks[-1])
-    for _ in range(2):
+    for _ in range(nulls):
         blocks.append(_certify(executor.null_block(tip, view=1), view=1))
         tip = executor.apply_final(tip, blocks[-1])
     store.append(StoredBlock(0, GENESIS.hash, GENESIS.encode()))
@@ -86,7 +90,7 @@ def test_queries_at_a_null_tip_are_proved_by_the_last_block_that_binds_its_heade
     tmp_path,
 ) -> None:
     store = SqliteBlockStore(tmp_path / "chain.sqlite")
-    blocks = _chain_ending_in_null_blocks(store)
+    blocks = _certified_chain(store)
     assert [b.is_null for b in blocks] == [False, False, True, True]
     service = _service(store)
     assert service.ledger.tip.height == 4
@@ -108,7 +112,7 @@ def test_a_restarted_node_still_proves_what_committed_before_it_stopped(tmp_path
     a client waiting for one that committed just before a restart gets its
     proof at once; past ``index_on_start`` a digest waits like an unknown one."""
     store = SqliteBlockStore(tmp_path / "chain.sqlite")
-    blocks = _chain_ending_in_null_blocks(store)
+    blocks = _certified_chain(store)
     first, second = blocks[0].txs[0], blocks[1].txs[0]
     service = _service(store)
     assert service.committed_at(first.digest) == (1, 0)
@@ -124,11 +128,31 @@ def test_a_restarted_node_still_proves_what_committed_before_it_stopped(tmp_path
     store.close()
 
 
+def test_a_header_chain_links_each_header_to_the_one_below() -> None:
+    blocks = _certified_chain(MemoryBlockStore(), full=4, nulls=0)
+    headers = [block.header for block in blocks]
+    chain = HeaderChain(tuple(headers), blocks[-1].certificate)
+    wire = msgpack.unpackb(msgpack.packb(chain.as_fields()))
+    back = HeaderChain.from_fields(*wire)
+    assert back == chain and back.linked()
+    trusted = TrustedValidators(CHAIN, KEYS)
+    assert trusted.certifies(back)
+    assert not TrustedValidators(CHAIN, [*KEYS[1:], bytes(range(32))]).certifies(back)
+    assert not trusted.certifies(back._replace(certificate=None))
+    # A header swapped in the middle breaks the link above it.
+    swapped = dataclasses.replace(headers[1], timestamp=77)
+    assert not HeaderChain((headers[0], swapped, *headers[2:]), None).linked()
+    with pytest.raises(MalformedMessage):  # heights must be consecutive
+        HeaderChain.from_fields([headers[0].as_list(), headers[2].as_list()], None)
+    with pytest.raises(MalformedMessage):
+        HeaderChain.from_fields([], None)
+
+
 def test_a_header_chain_comes_from_the_store_and_a_null_top_certifies_nothing(
     tmp_path,
 ) -> None:
     store = SqliteBlockStore(tmp_path / "chain.sqlite")
-    blocks = _chain_ending_in_null_blocks(store)
+    blocks = _certified_chain(store)
     service = _service(store)
     trusted = TrustedValidators(CHAIN, KEYS)
     chain = service.header_chain(1, 2)
@@ -223,7 +247,7 @@ def test_any_header_request_is_a_linked_page_ending_at_high_or_nothing_committed
 ) -> None:
     assume(low <= high)  # the decoder refuses the rest before the service sees them
     store = MemoryBlockStore()
-    blocks = _chain_ending_in_null_blocks(store)
+    blocks = _certified_chain(store)
     service = _service(store)
     service.max_headers, service.header_read_bytes = max_headers, read_bytes
     try:

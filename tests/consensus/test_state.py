@@ -148,6 +148,8 @@ def test_proofs_of_presence_and_absence() -> None:
         assert not verify_state_proof(key, value + 1, proof, state.root)
         assert not verify_state_proof(key, None, proof, state.root)
         assert not verify_state_proof(key, value, proof, State().root)
+        # Proofs hold bytes, whatever buffer the state keeps its levels in.
+        assert type(proof.top_root) is bytes and {type(h) for h in proof.top_path} == {bytes}
     for key in ("a", "k0005", "k1", "zzz"):  # before, between, after
         value, proof = state.prove(key)
         assert value is None
