@@ -80,6 +80,9 @@ __all__ = [
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_PATH = 64
 MAX_REASON_CHARS = 200
+MAX_PROOF_BUCKET = 1 << 16
+"""Leaf hashes in a state proof's bucket (2 MiB): a bucket holds ~8-12 keys
+when its genesis sizes the buckets near keys / 8."""
 MAX_EPOCH_ANSWERS = 64
 MAX_HEADERS = 512
 """Headers per HEADER_CHAIN answer: about 90 KB, and a node reads them
@@ -229,33 +232,38 @@ def _encode_state_proof(proof: StateProof) -> list[object]:
         proof.buckets,
         proof.top_root,
         list(proof.top_path),
-        proof.bucket_size,
-        proof.bucket_root,
-        [[leaf.index, leaf.key, leaf.value, list(leaf.path)] for leaf in proof.leaves],
+        list(proof.bucket_hashes),
+        [[leaf.index, leaf.key, leaf.value] for leaf in proof.leaves],
     ]
 
 
 def _decode_state_proof(value: object) -> StateProof:
-    if type(value) is not list or len(value) != 6:
-        raise MalformedMessage("a state proof is an array of 6 fields")
-    buckets, top_root, top_path, size, bucket_root, raw_leaves = value
-    if not (_is_u63(buckets) and _is_u63(size) and _is_hash(top_root) and _is_hash(bucket_root)):
-        raise MalformedMessage("state proof sizes are integers and roots 32 bytes")
+    if type(value) is not list or len(value) != 5:
+        raise MalformedMessage("a state proof is an array of 5 fields")
+    buckets, top_root, top_path, bucket_hashes, raw_leaves = value
+    if not (_is_u63(buckets) and _is_hash(top_root)):
+        raise MalformedMessage("a state proof's bucket count is an integer and its root 32 bytes")
+    if (
+        type(bucket_hashes) is not list
+        or len(bucket_hashes) > MAX_PROOF_BUCKET
+        or not all(map(_is_hash, bucket_hashes))
+    ):
+        raise MalformedMessage(f"a bucket is a list of up to {MAX_PROOF_BUCKET} hashes")
     if type(raw_leaves) is not list or len(raw_leaves) > 2:
         raise MalformedMessage("a state proof has at most two leaves")
     leaves = []
     for leaf in raw_leaves:
         if (
             type(leaf) is not list
-            or len(leaf) != 4
+            or len(leaf) != 3
             or not _is_u63(leaf[0])
             or type(leaf[1]) is not str
             or len(leaf[1]) > MAX_KEY_BYTES
             or type(leaf[2]) is not bytes
         ):
-            raise MalformedMessage("a proof leaf is [index, key, value, path]")
-        leaves.append(ProofLeaf(leaf[0], leaf[1], leaf[2], _path(leaf[3])))
-    return StateProof(buckets, top_root, _path(top_path), size, bucket_root, tuple(leaves))
+            raise MalformedMessage("a proof leaf is [index, key, value]")
+        leaves.append(ProofLeaf(leaf[0], leaf[1], leaf[2]))
+    return StateProof(buckets, top_root, _path(top_path), tuple(bucket_hashes), tuple(leaves))
 
 
 class QueryAnswer(NamedTuple):

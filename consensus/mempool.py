@@ -107,6 +107,21 @@ class Mempool:
     def get(self, digest: bytes) -> Transaction | None:
         return self._txs.get(digest)
 
+    def refuses_clients(self) -> bool:
+        """Whether any client's submission would hear busy before it is even
+        decoded: paced, and nothing held waits behind a nonce gap, so no
+        submission could fill one. Past saturation most submissions end
+        here (a resubmitted one hears busy rather than duplicate), so a
+        batch can be refused wholesale: only an admission changes it."""
+        return len(
+            self._from_clients
+        ) >= self.client_limit < self.max_txs and self._ready_total >= len(self._txs)
+
+    @staticmethod
+    def paced_refusal() -> MempoolFull:
+        """What a client hears while :meth:`refuses_clients`."""
+        return MempoolFull(_PACED)
+
     def add(self, tx: bytes | Transaction, *, forwarded: bool = False) -> Transaction:
         """Admit one transaction (bytes from a client or peer, or decoded).
 
@@ -120,16 +135,8 @@ class Mempool:
         primary lacks it the others' view timers run until a view change.
         Clients are refused (busy) first, so under overload the room that is
         left goes to what other validators already accepted."""
-        if (
-            not forwarded
-            and len(self._from_clients) >= self.client_limit < self.max_txs
-            and self._ready_total >= len(self._txs)
-        ):
-            # Paced, and nothing held waits behind a nonce gap, so no
-            # transaction could fill one: refuse before decoding (past
-            # saturation most submissions end here; a resubmitted one hears
-            # busy rather than duplicate).
-            raise MempoolFull(_PACED)
+        if not forwarded and self.refuses_clients():
+            raise self.paced_refusal()
         if not isinstance(tx, Transaction):
             tx = decode_transaction(tx, max_bytes=self.max_tx_bytes)
         elif len(tx.encoded) > self.max_tx_bytes:

@@ -11,15 +11,25 @@ plain design, but an insertion shifts every later leaf, so each block would
 rehash everything to the right of its first new key: measured at ~120 ms
 for 100k keys on this machine, i.e. ~120 µs per transaction of a 1000-tx
 block. Instead each key lives in one of ``buckets`` fixed hash buckets
-(first 4 bytes of SHA-256(key)); a bucket is an RFC 6962 tree over its
-sorted pairs, and the top is an RFC 6962 tree over the buckets'
-commitments (size, root), kept level by level so a block rehashes only
-the buckets it touched and their paths to the top: for a 1000-tx block on
-100k keys (16384 buckets, ~6 keys each) that is ~14k hashes instead of
-~100k, close to the union of 1000 root paths that any Merkle structure
-must pay. Choose ``buckets`` (a genesis parameter) near keys / 8. Both
-levels bind their sizes (the bucket count is in the root, each bucket's
-size in its commitment), so an inclusion proof fixes the leaf's index, and
+(first 4 bytes of SHA-256(key)); a bucket commits to its sorted pairs by
+one hash over their RFC 6962 leaf hashes end to end, and the top is an
+RFC 6962 tree over the buckets' commitments (size, digest), kept level by
+level so a block rehashes only the buckets it touched and their paths to
+the top. Choose ``buckets`` (a genesis parameter) near keys / 8.
+
+Why a flat bucket and not a tree per bucket (as up to v1): a touched
+bucket is rebuilt whole either way, and a tree over its ~8-12 leaves cost
+one Python-level hash call per node, while one call over the concatenated
+leaf hashes costs about one node's. A 2,000-write apply on 200k keys (a
+1,000-transaction block) went from ~63 to ~38 ms (A/B in the same minute).
+The price is proof size: a proof carries the bucket's leaf hashes (32
+bytes per key in the bucket, ~400 bytes at 12 per bucket) instead of a
+path of log2 of them. A bucket someone crowds on
+purpose (grinding keys into it takes ~``buckets`` tries a key) costs its
+writers and its provers linearly, as a per-bucket tree rebuilt whole did.
+
+Both levels bind their sizes (the bucket count is in the root, each
+bucket's size in its commitment), so a proof fixes the leaf's index, and
 absence is proved by the two sorted neighbours in the key's bucket (or by
 the bucket being empty). Snapshots share untouched buckets (copy-on-write:
 a child costs the touched buckets, ``buckets`` references and ~64 bytes per
@@ -57,7 +67,9 @@ MAX_KEY_BYTES = 512
 MAX_VALUE_BYTES = 1024 * 1024
 _MAX_DEPTH = 16
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-_ROOT_DOMAIN = b"fedchain/state/v1\x00"
+_ROOT_DOMAIN = b"fedchain/state/v2\x00"
+_BUCKET_DOMAIN = b"\x02"
+"""Distinct from RFC 6962's leaf (0x00) and node (0x01) prefixes."""
 _sha256 = hashlib.sha256
 
 
@@ -122,79 +134,20 @@ def bucket_of(key: str, buckets: int) -> int:
     return int.from_bytes(_sha256(key.encode()).digest()[:4], "big") & (buckets - 1)
 
 
-def _leaf_bytes(key: str, encoded_value: bytes) -> bytes:
-    """A leaf is the canonical msgpack array [key, value]."""
-    return b"\x92" + msgpack.packb(key) + encoded_value
-
-
 def _leaf_hash(key: str, encoded_value: bytes) -> bytes:
-    """RFC 6962 leaf hash of :func:`_leaf_bytes`, in one call (hot path)."""
+    """RFC 6962 leaf hash of the leaf, the canonical msgpack array
+    [key, value], in one call (hot path)."""
     return _sha256(b"\x00\x92" + msgpack.packb(key) + encoded_value).digest()
 
 
-def _levels(hashes: Sequence[bytes]) -> list[Sequence[bytes]]:
-    """Every level of the RFC 6962 tree over leaf hashes, bottom-up.
-
-    Pairing neighbours and carrying an odd last node up builds the RFC's
-    left-balanced tree; keeping the levels makes audit paths lookups."""
-    levels = [hashes]
-    level = hashes
-    while len(level) > 1:
-        level = _pair_up(level)
-        levels.append(level)
-    return levels
-
-
-def _pair_up(level: Sequence[bytes]) -> list[bytes]:
-    """The level above ``level`` (len > 1) of an RFC 6962 tree."""
-    paired = [
-        _sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
-    ]
-    if len(level) % 2:
-        paired.append(level[-1])
-    return paired
-
-
-def _tree_root(hashes: Sequence[bytes]) -> bytes:
-    """RFC 6962 root over leaf hashes, keeping no levels (block execution
-    needs only the root; proofs rebuild the levels of the one bucket asked).
-
-    Pairs in place in one list, as :func:`_pair_up` does level by level: a
-    bucket holds ~6 leaves, so a list and a comprehension per level cost
-    about as much as the hashing (hot path: ~2 buckets per transaction)."""
-    if not hashes:
-        return merkle.EMPTY_ROOT
-    level = list(hashes)
-    n = len(level)
-    while n > 1:
-        odd = n & 1
-        n >>= 1
-        for i in range(n):
-            level[i] = _sha256(b"\x01" + level[2 * i] + level[2 * i + 1]).digest()
-        if odd:
-            level[n] = level[2 * n]
-            n += 1
-    return level[0]
-
-
-def _root(levels: list[Sequence[bytes]]) -> bytes:
-    return levels[-1][0] if levels[0] else merkle.EMPTY_ROOT
-
-
-def _path(levels: Sequence[Sequence[bytes]], index: int) -> tuple[bytes, ...]:
-    """RFC 6962 PATH(index) read off the stored levels (leaf first)."""
-    path = []
-    for level in levels[:-1]:
-        sibling = index ^ 1
-        if sibling < len(level):
-            path.append(level[sibling])
-        index >>= 1
-    return tuple(path)
+def _bucket_digest(hashes: Sequence[bytes]) -> bytes:
+    """A bucket's digest: SHA-256(0x02 || its sorted leaves' hashes)."""
+    return _sha256(_BUCKET_DOMAIN + b"".join(hashes)).digest()
 
 
 def _top_path(top: Sequence[bytes], index: int) -> tuple[bytes, ...]:
-    """:func:`_path` for the top tree, whose levels are flat (see
-    :func:`_empty_top`) and perfect, so every node has a sibling."""
+    """RFC 6962 PATH(index) in the top tree, read off its stored levels
+    (flat, see :func:`_empty_top`; perfect, so every node has a sibling)."""
     path = []
     for level in top[:-1]:
         sibling = 32 * (index ^ 1)
@@ -203,8 +156,8 @@ def _top_path(top: Sequence[bytes], index: int) -> tuple[bytes, ...]:
     return tuple(path)
 
 
-def _commitment(size: int, root: bytes) -> bytes:
-    return size.to_bytes(8, "big") + root
+def _commitment(size: int, digest: bytes) -> bytes:
+    return size.to_bytes(8, "big") + digest
 
 
 class _Bucket:
@@ -214,10 +167,9 @@ class _Bucket:
     per transaction, and tuples of strings and bytes are cheap to build and
     drop out of the garbage collector's tracking, whose passes over a large
     state otherwise cost a third of block execution (timed ad hoc on
-    :meth:`State.apply`: 96 ms with the collector, 61 ms without). The levels
-    are built only when a proof is asked for."""
+    :meth:`State.apply`: 96 ms with the collector, 61 ms without)."""
 
-    __slots__ = ("_levels", "commitment", "hashes", "keys", "values")
+    __slots__ = ("commitment", "hashes", "keys", "values")
 
     def __init__(
         self, keys: tuple[str, ...], values: tuple[bytes, ...], hashes: tuple[bytes, ...]
@@ -225,13 +177,7 @@ class _Bucket:
         self.keys = keys
         self.values = values
         self.hashes = hashes
-        self._levels: list[Sequence[bytes]] | None = None
-        self.commitment = _commitment(len(keys), _tree_root(hashes))
-
-    def levels(self) -> list[Sequence[bytes]]:
-        if self._levels is None:
-            self._levels = _levels(self.hashes)
-        return self._levels
+        self.commitment = _commitment(len(keys), _bucket_digest(hashes))
 
     def get(self, key: str) -> bytes | None:
         keys = self.keys
@@ -281,7 +227,7 @@ def _empty_top(buckets: int) -> list[bytes | bytearray]:
 
 
 class ProofLeaf(NamedTuple):
-    """A (key, encoded value) leaf at ``index`` of its bucket, with its path.
+    """A (key, encoded value) leaf at ``index`` of its bucket.
 
     Proofs are NamedTuples, not frozen dataclasses: one is built per query
     answered and a frozen dataclass costs three times as much to create."""
@@ -289,20 +235,20 @@ class ProofLeaf(NamedTuple):
     index: int
     key: str
     value: bytes
-    path: tuple[bytes, ...]
 
 
 class StateProof(NamedTuple):
     """What a client needs to check one key against a state root.
 
-    ``leaves`` holds the key's own leaf (presence) or its sorted neighbours
-    in its bucket (absence: the predecessor, the successor, or both)."""
+    ``bucket_hashes`` are the leaf hashes of the key's whole bucket, in
+    order (they give its digest and size); ``leaves`` holds the key's own
+    leaf (presence) or its sorted neighbours in the bucket (absence: the
+    predecessor, the successor, or both)."""
 
     buckets: int
     top_root: bytes
     top_path: tuple[bytes, ...]
-    bucket_size: int
-    bucket_root: bytes
+    bucket_hashes: tuple[bytes, ...]
     leaves: tuple[ProofLeaf, ...]
 
 
@@ -442,15 +388,12 @@ class State:
         else:
             picks = tuple(i for i in (position - 1, position) if 0 <= i < len(keys))
             value = None
-        levels = bucket.levels() if picks else ()
-        leaves = tuple(ProofLeaf(i, keys[i], values[i], _path(levels, i)) for i in picks)
         proof = StateProof(
             buckets=len(self._buckets),
             top_root=bytes(top[-1]),
             top_path=_top_path(top, index),
-            bucket_size=len(keys),
-            bucket_root=bucket.commitment[8:],
-            leaves=leaves,
+            bucket_hashes=bucket.hashes,
+            leaves=tuple(ProofLeaf(i, keys[i], values[i]) for i in picks),
         )
         return value, proof
 
@@ -475,22 +418,28 @@ def _verify(key: str, value: object, proof: StateProof, state_root: bytes) -> bo
     expected = _sha256(_ROOT_DOMAIN + n.to_bytes(4, "big") + proof.top_root).digest()
     if expected != state_root:
         return False
-    size, root = proof.bucket_size, proof.bucket_root
-    if type(size) is not int or not 0 <= size < 2**63 or len(root) != 32:
+    hashes = proof.bucket_hashes
+    if type(hashes) is not tuple or not all(type(h) is bytes and len(h) == 32 for h in hashes):
         return False
-    commitment = _commitment(size, root)
+    size = len(hashes)
+    commitment = _commitment(size, _bucket_digest(hashes))
     if not merkle.verify_inclusion(
         commitment, bucket_of(key, n), n, proof.top_path, proof.top_root
     ):
         return False
-    if size == 0:
-        return value is None and not proof.leaves and root == merkle.EMPTY_ROOT
     for leaf in proof.leaves:
-        if not merkle.verify_inclusion(
-            _leaf_bytes(leaf.key, leaf.value), leaf.index, size, leaf.path, root
+        index = leaf.index
+        if (
+            type(index) is not int
+            or not 0 <= index < size
+            or type(leaf.key) is not str
+            or type(leaf.value) is not bytes
+            or _leaf_hash(leaf.key, leaf.value) != hashes[index]
         ):
             return False
     leaves = proof.leaves
+    if not leaves:
+        return value is None and size == 0
     if value is not None:
         return len(leaves) == 1 and leaves[0].key == key and leaves[0].value == encode_value(value)
     if len(leaves) == 2:

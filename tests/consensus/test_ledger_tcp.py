@@ -19,7 +19,7 @@ from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.ledger_node import open_ledger_node
 from fedchain.consensus.pbft import PbftConfig
 from fedchain.consensus.store import SqliteBlockStore
-from fedchain.consensus.tx import sign_transaction
+from fedchain.consensus.tx import Transaction, sign_transaction
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.node import open_node
 from fedchain.p2p.tcp import TcpConfig, open_tcp_transport
@@ -145,15 +145,21 @@ async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) 
                 await client.query(kv_key(alice.public_key, "k7"))
 
 
-async def test_a_full_mempool_answers_busy_and_keeps_its_bound(tmp_path) -> None:
-    validators = sorted(_identities(2, 4), key=lambda i: i.public_key)
-    keys = [v.public_key for v in validators]
-    genesis = Genesis.create(CHAIN, 1_000, keys)
-    bob = Identity(b"b" * 32)
+def _validators_and_one_senders_txs(seed: int, count: int) -> tuple[list, Genesis, list]:
+    """Four validators, their genesis, and ``count`` transactions of one
+    sender (nonces 0, 1, ...): what a validator alone (never committing) gets."""
+    validators = sorted(_identities(seed, 4), key=lambda i: i.public_key)
+    genesis = Genesis.create(CHAIN, 1_000, [v.public_key for v in validators])
+    sender = Identity(bytes([seed]) * 32)
     txs = [
-        sign_transaction(bob, CHAIN, type="kv", content=kv_set("k", n), nonce=n, timestamp=0)
-        for n in range(30)
+        sign_transaction(sender, CHAIN, type="kv", content=kv_set("k", n), nonce=n, timestamp=0)
+        for n in range(count)
     ]
+    return validators, genesis, txs
+
+
+async def test_a_full_mempool_answers_busy_and_keeps_its_bound(tmp_path) -> None:
+    validators, genesis, txs = _validators_and_one_senders_txs(2, 30)
     store = SqliteBlockStore(tmp_path / "alone.sqlite")
     # One validator alone never commits; a mempool of 10 fills.
     async with open_ledger_node(validators[0], genesis, store, mempool_txs=10, tcp=TCP) as alone:
@@ -163,6 +169,26 @@ async def test_a_full_mempool_answers_busy_and_keeps_its_bound(tmp_path) -> None
         assert len(alone.ledger.mempool) == 10
         with pytest.raises(MempoolFull):
             alone.service.submit(txs[29].encoded)
+    store.close()
+
+
+async def test_a_paced_validator_refuses_the_rest_of_a_batch_at_once(tmp_path) -> None:
+    """Past saturation a client's batch is refused from the first
+    submission the pacing refuses: every later one hears busy without
+    being decoded (garbage included) and is counted; forwards still enter."""
+    validators, genesis, txs = _validators_and_one_senders_txs(4, 12)
+    store = SqliteBlockStore(tmp_path / "alone.sqlite")
+    async with open_ledger_node(validators[0], genesis, store, mempool_txs=100, tcp=TCP) as alone:
+        ledger = alone.ledger
+        ledger.mempool.client_limit = 4  # as the commit pacing would set it
+        statuses = alone.service.submit_many([t.encoded for t in txs[:6]] + [b"\xc1 junk"])
+        assert [s for s, _ in statuses] == [SubmitStatus.ACCEPTED] * 4 + [SubmitStatus.BUSY] * 3
+        assert ledger.node.counters["tx.busy"] == 3
+        assert ledger.node.counters["tx.malformed_consensus"] == 0, "junk was not decoded"
+        other = validators[1].public_key
+        forwarded = ledger.admit_many([t.encoded for t in txs[4:8]], forwarded_by=other)
+        assert all(isinstance(entry, Transaction) for entry in forwarded)
+        assert len(ledger.mempool) == 8
     store.close()
 
 

@@ -15,9 +15,6 @@ from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.state import (
     State,
     StateProof,
-    _levels,
-    _path,
-    _tree_root,
     bucket_of,
     decode_value,
     encode_value,
@@ -79,32 +76,27 @@ def test_property_any_bytes_decode_or_raise_malformed(data: bytes) -> None:
     assert encode_value(value) == data
 
 
-def test_levels_and_paths_match_rfc6962() -> None:
-    for n in range(1, 40):
-        leaves = [bytes([i]) * 3 for i in range(n)]
-        levels = _levels([merkle.leaf_hash(leaf) for leaf in leaves])
-        assert levels[-1][0] == merkle.root(leaves)
-        assert _tree_root([merkle.leaf_hash(leaf) for leaf in leaves]) == merkle.root(leaves)
-        for i in range(n):
-            assert list(_path(levels, i)) == merkle.inclusion_proof(leaves, i)
+def _bucket_commitment(leaves: list[bytes]) -> bytes:
+    """(size, digest) from the definition: SHA-256(0x02 || leaf hashes)."""
+    digest = hashlib.sha256(b"\x02" + b"".join(merkle.leaf_hash(leaf) for leaf in leaves))
+    return len(leaves).to_bytes(8, "big") + digest.digest()
+
+
+def _domain_root(buckets: int, top: bytes) -> bytes:
+    return hashlib.sha256(b"fedchain/state/v2\x00" + buckets.to_bytes(4, "big") + top).digest()
 
 
 def test_root_in_closed_form_with_one_bucket() -> None:
     state = State({"b": 2, "a": [1]}, buckets=1)
     leaves = [msgpack.packb(["a", [1]]), msgpack.packb(["b", 2])]
-    commitment = (2).to_bytes(8, "big") + merkle.root(leaves)
-    top = merkle.leaf_hash(commitment)
-    assert (
-        state.root == hashlib.sha256(b"fedchain/state/v1\x00" + b"\x00\x00\x00\x01" + top).digest()
-    )
+    top = merkle.leaf_hash(_bucket_commitment(leaves))
+    assert state.root == _domain_root(1, top)
 
 
 def test_empty_state_root_matches_an_explicit_empty_tree() -> None:
     buckets = 8
-    commitment = (0).to_bytes(8, "big") + merkle.EMPTY_ROOT
-    top = merkle.root([commitment] * buckets)
-    expected = hashlib.sha256(b"fedchain/state/v1\x00" + buckets.to_bytes(4, "big") + top)
-    assert State(buckets=buckets).root == expected.digest()
+    top = merkle.root([_bucket_commitment([])] * buckets)
+    assert State(buckets=buckets).root == _domain_root(buckets, top)
 
 
 def test_root_depends_only_on_content_not_history() -> None:
@@ -166,14 +158,7 @@ def test_absence_cannot_be_claimed_for_a_present_key() -> None:
     (leaf,) = before.leaves
     _, low = state.prove(state.keys()[leaf.index - 1])
     _, high = state.prove(state.keys()[leaf.index + 1])
-    skipping = StateProof(
-        before.buckets,
-        before.top_root,
-        before.top_path,
-        before.bucket_size,
-        before.bucket_root,
-        (low.leaves[0], high.leaves[0]),  # both genuine leaves, not neighbours
-    )
+    skipping = before._replace(leaves=(low.leaves[0], high.leaves[0]))  # genuine, not neighbours
     assert not verify_state_proof("k10", None, skipping, state.root)
     # a neighbour's proof for another key in its gap does not transfer
     _, gap = state.prove("k10a")
@@ -181,10 +166,29 @@ def test_absence_cannot_be_claimed_for_a_present_key() -> None:
     assert not verify_state_proof("k10", None, gap, state.root)
 
 
+def test_an_altered_bucket_does_not_verify() -> None:
+    """The proof carries the bucket's leaf hashes: dropping, adding or
+    reordering one changes the bucket's commitment, and a leaf must hash to
+    the entry at its index."""
+    state = State({f"k{i}": i for i in range(30)}, buckets=2)
+    value, proof = state.prove("k7")
+    hashes = proof.bucket_hashes
+    (leaf,) = proof.leaves
+    for forged in (
+        proof._replace(bucket_hashes=hashes[1:]),
+        proof._replace(bucket_hashes=(*hashes, hashes[0])),
+        proof._replace(bucket_hashes=hashes[::-1]),
+        proof._replace(leaves=(leaf._replace(index=leaf.index + 1),)),
+    ):
+        assert not verify_state_proof("k7", value, forged, state.root)
+    # absence without a neighbour holds only for an empty bucket
+    assert not verify_state_proof("k7a", None, proof._replace(leaves=()), state.root)
+
+
 def test_verify_never_raises_on_garbage() -> None:
     state = State({"a": 1})
     _, proof = state.prove("a")
-    junk = StateProof(3, b"", ("x",), -1, b"", ())  # type: ignore[arg-type]
+    junk = StateProof(3, b"", ("x",), (b"",), ())  # type: ignore[arg-type]
     assert not verify_state_proof("a", 1, junk, state.root)
     assert not verify_state_proof("", 1, proof, state.root)
     assert not verify_state_proof("a", 1.5, proof, state.root)
@@ -216,15 +220,13 @@ def test_property_apply_equals_building_from_scratch(base: dict, changes: dict) 
 
 def _reference_root(content: dict, buckets: int) -> bytes:
     """The root from its definition alone, with plain :func:`merkle.root`:
-    per bucket the RFC 6962 tree over its sorted [key, value] leaves, then
-    the tree over the buckets' (size, root) commitments."""
+    per bucket the digest of its sorted [key, value] leaves' hashes, then
+    the RFC 6962 tree over the buckets' (size, digest) commitments."""
     commitments = []
     for index in range(buckets):
         members = sorted(k for k in content if bucket_of(k, buckets) == index)
-        leaves = [encode_value([k, content[k]]) for k in members]
-        commitments.append(len(leaves).to_bytes(8, "big") + merkle.root(leaves))
-    top = merkle.root(commitments)
-    return hashlib.sha256(b"fedchain/state/v1\x00" + buckets.to_bytes(4, "big") + top).digest()
+        commitments.append(_bucket_commitment([encode_value([k, content[k]]) for k in members]))
+    return _domain_root(buckets, merkle.root(commitments))
 
 
 @settings(max_examples=60, deadline=None)
