@@ -151,7 +151,13 @@ def tx_root(txs: Sequence[Transaction]) -> bytes:
 
 
 def results_root(results: Sequence[TxResult]) -> bytes:
-    return merkle.root([r.encode() for r in results])
+    """RFC 6962 root over the results' encodings, each distinct result
+    encoded and hashed once (most are "ok")."""
+    hashes: dict[TxResult, bytes] = {}
+    for result in results:
+        if result not in hashes:
+            hashes[result] = merkle.leaf_hash(result.encode())
+    return merkle.root_of_leaf_hashes([hashes[result] for result in results])
 
 
 def encode_block(block: Block) -> bytes:

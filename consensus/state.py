@@ -134,10 +134,24 @@ def bucket_of(key: str, buckets: int) -> int:
     return int.from_bytes(_sha256(key.encode()).digest()[:4], "big") & (buckets - 1)
 
 
+def _packed_key(key: str) -> bytes:
+    """``msgpack.packb(key)`` for a state key (at most 512 UTF-8 bytes),
+    without building a Packer: ~0.2 µs instead of ~1 µs, and it ran for
+    every write (a tenth of a backup validator's time, py-spy at 8,000
+    offered tx/s)."""
+    raw = key.encode()
+    n = len(raw)
+    if n < 32:
+        return bytes((0xA0 | n,)) + raw  # fixstr
+    if n < 256:
+        return b"\xd9" + bytes((n,)) + raw  # str 8
+    return b"\xda" + n.to_bytes(2, "big") + raw  # str 16
+
+
 def _leaf_hash(key: str, encoded_value: bytes) -> bytes:
     """RFC 6962 leaf hash of the leaf, the canonical msgpack array
     [key, value], in one call (hot path)."""
-    return _sha256(b"\x00\x92" + msgpack.packb(key) + encoded_value).digest()
+    return _sha256(b"\x00\x92" + _packed_key(key) + encoded_value).digest()
 
 
 def _bucket_digest(hashes: Sequence[bytes]) -> bytes:

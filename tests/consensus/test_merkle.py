@@ -110,6 +110,8 @@ def test_published_inclusion_and_consistency_paths():
 @settings(max_examples=200, deadline=None)
 def test_root_matches_the_rfc_definition(leaves):
     assert merkle.root(leaves) == mth(leaves)
+    hashes = [merkle.leaf_hash(leaf) for leaf in leaves]
+    assert merkle.root_of_leaf_hashes(hashes) == mth(leaves)
 
 
 @given(leaf_lists, st.data())

@@ -7,7 +7,7 @@ import hashlib
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedchain.consensus import merkle
@@ -15,6 +15,7 @@ from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.state import (
     State,
     StateProof,
+    _packed_key,
     bucket_of,
     decode_value,
     encode_value,
@@ -249,3 +250,10 @@ def test_property_many_small_applies_match_a_plain_reference(batches: list, buck
         value, proof = state.prove(key)
         assert value == content.get(key)
         assert verify_state_proof(key, value, proof, state.root)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=200) | st.text(min_size=100, max_size=512))
+def test_property_packed_key_is_msgpacks_encoding(key: str) -> None:
+    assume(len(key.encode()) <= 512)  # longer keys are refused before hashing
+    assert _packed_key(key) == msgpack.packb(key)
