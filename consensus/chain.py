@@ -32,6 +32,7 @@ from .block import (
 from .contracts import (
     BlockContext,
     ContractRegistry,
+    TxResult,
     default_registry,
     epoch_chain_id,
     execute_transactions,
@@ -103,12 +104,14 @@ class Executor:
         self.params = genesis.params
         self.registry = registry if registry is not None else default_registry()
         self.cache_blocks = cache_blocks
-        self._cache: OrderedDict[tuple[bytes, bytes], State] = OrderedDict()
+        self._cache: OrderedDict[
+            tuple[bytes, bytes], tuple[State, tuple[Transaction, ...], tuple[TxResult, ...]]
+        ] = OrderedDict()
         self.cache_hits = 0
 
     def _remember(self, parent: State, block: Block, state: State) -> None:
         if self.cache_blocks > 0:
-            self._cache[(parent.root, block.hash)] = state
+            self._cache[(parent.root, block.hash)] = (state, block.txs, block.results)
             self._cache.move_to_end((parent.root, block.hash))
             while len(self._cache) > self.cache_blocks:
                 self._cache.popitem(last=False)
@@ -182,6 +185,14 @@ class Executor:
             raise InvalidBlock("previous hash does not match the parent")
         if header.timestamp < tip.timestamp:
             raise InvalidBlock("timestamp is before the parent's")
+        cached = self._cache.get((tip.state.root, block.hash)) if self.cache_blocks else None
+        if cached is not None and cached[1] is block.txs and cached[2] is block.results:
+            # This very body (the same immutable tuples) passed every check
+            # below against this header when it was proposed; a replica's
+            # commit re-validates the proposal it validated then (the
+            # transaction root alone is ~2 ms for 1,000 transactions).
+            self.cache_hits += 1
+            return cached[0]
         if len(block.txs) > self.params.max_block_txs:
             raise InvalidBlock("too many transactions")
         if sum(len(tx.encoded) for tx in block.txs) > self.params.max_block_bytes:
@@ -193,10 +204,9 @@ class Executor:
         for tx in block.txs:
             if (verified is None or not verified(tx)) and not check(tx):
                 raise InvalidBlock(f"transaction {tx.digest.hex()[:16]} has a bad signature")
-        cached = self._cache.get((tip.state.root, block.hash)) if self.cache_blocks else None
         if cached is not None:
             self.cache_hits += 1
-            return cached
+            return cached[0]
         context = BlockContext(self.chain_id, header.height, header.timestamp, header.proposer)
         state, results = execute_transactions(tip.state, block.txs, self.registry, context)
         if tuple(results) != block.results:

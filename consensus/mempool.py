@@ -310,6 +310,8 @@ class Mempool:
         exclude: Container[bytes],
         next_nonce: Callable[[PeerId], int] | None,
     ) -> Iterator[Transaction]:
+        if all(digest in exclude for _, digest in queue):
+            return  # all in flight (most senders, under load): no state read
         expected = None if next_nonce is None else next_nonce(sender)
         for nonce, digest in list(queue):
             if expected is not None:

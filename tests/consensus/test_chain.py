@@ -277,6 +277,9 @@ def test_a_shared_executor_executes_each_block_once_and_still_checks_the_body() 
     for _replica in range(3):
         assert executor.validate_block(tip, block) is state
     assert executor.cache_hits == 3
+    # An equal body decoded from bytes (other objects) is checked again in full.
+    copy = decode_block(encode_block(block))
+    assert copy.txs is not block.txs and executor.validate_block(tip, copy) is state
     forged = replace(block, txs=block.txs[::-1])  # same header, other body
     with pytest.raises(InvalidBlock, match="Merkle root"):
         executor.validate_block(tip, forged)
