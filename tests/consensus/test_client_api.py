@@ -185,28 +185,55 @@ def test_any_structure_is_a_proof_or_malformed(value: object) -> None:
             HeaderChain.from_fields([value], votes)
 
 
+_WIRE_ERRORS = (
+    MalformedMessage,
+    ValueError,
+    msgpack.ExtraData,
+    msgpack.FormatError,
+    msgpack.StackError,
+)
+
+
+def _mutated(wire: bytes, position: int, noise: bytes) -> bytes:
+    position %= len(wire)
+    flipped = bytes(
+        b ^ n for b, n in zip(wire[position : position + len(noise)], noise, strict=False)
+    )
+    return wire[:position] + flipped + wire[position + len(noise) :]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2000), st.binary(min_size=1, max_size=8))
 def test_a_mutated_proof_is_malformed_or_does_not_verify(position: int, noise: bytes) -> None:
     block, _, txs = _certified_block()
     wire = msgpack.packb(CommitProof.of_block(block, 2).as_list())
-    position %= len(wire)
-    mutated = (
-        wire[:position]
-        + bytes(b ^ n for b, n in zip(wire[position : position + len(noise)], noise, strict=False))
-        + wire[position + len(noise) :]
-    )
+    mutated = _mutated(wire, position, noise)
     try:
         proof = CommitProof.from_list(msgpack.unpackb(mutated))
-    except (
-        MalformedMessage,
-        ValueError,
-        msgpack.ExtraData,
-        msgpack.FormatError,
-        msgpack.StackError,
-    ):
+    except _WIRE_ERRORS:
         return
     if mutated != wire:
         assert not proof.verify(txs[2].encoded, CHAIN, KEYS) or proof == CommitProof.of_block(
             block, 2
         )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.booleans(), st.integers(0, 4000), st.binary(min_size=1, max_size=8))
+def test_a_mutated_query_answer_is_malformed_or_does_not_verify(
+    present: bool, position: int, noise: bytes
+) -> None:
+    """State proofs (v2: the bucket's leaf hashes travel whole) under bit
+    flips anywhere: refused, or what they prove is true of the state (a
+    flipped key may still be proved absent when it is)."""
+    block, state, _ = _certified_block()
+    key = kv_key(ALICE.public_key, "k3") if present else kv_key(ALICE.public_key, "nope")
+    value, proof = state.prove(key)
+    answer = QueryAnswer(key, value, block.header, block.certificate, proof)
+    wire = msgpack.packb(answer.as_list(state.get_encoded(key)))
+    try:
+        back = QueryAnswer.from_list(msgpack.unpackb(_mutated(wire, position, noise)))
+    except _WIRE_ERRORS:
+        return
+    if back.verify(CHAIN, KEYS):
+        assert back.value == state.get(back.key)
