@@ -9,8 +9,15 @@ client can speak the real protocol with a few lines of glue.
 Design, after CometBFT's SecretConnection (the spec is ``p2p/SPEC.md``):
 
 * **Symmetric handshake.** Both sides send a *hello* at once (protocol
-  version, cipher suite, ephemeral X25519 key), so there are no roles and no
-  extra round trip. The side whose ephemeral key sorts lower is "lo".
+  version, the cipher suites it offers, ephemeral X25519 key), so there are
+  no roles and no extra round trip. The side whose ephemeral key sorts
+  lower is "lo".
+* **Suites negotiated, as TLS does.** Every side offers XSalsa20-Poly1305;
+  one whose CPU has AES-NI and CLMUL also offers AES-256-GCM, and two sides
+  that both offer it use it (about three times XSalsa20's speed there;
+  elsewhere AES is slow or not constant-time, so it is never offered). Both
+  hellos are in the signed transcript, so no one in the middle can strip an
+  offer to force the slower suite.
 * **Keys from the X25519 secret.** BLAKE2b, keyed by the shared secret,
   derives one key per direction and an authentication challenge, all bound
   to the transcript hash of both hellos. Distinct keys per direction mean
@@ -23,10 +30,11 @@ Design, after CometBFT's SecretConnection (the spec is ``p2p/SPEC.md``):
   reflected signature (the role byte) are refused.
 * **Records.** A record is a 4-byte big-endian length and a body. A sealed
   body is the frame cut into 64 KiB chunks, each sealed with
-  XSalsa20-Poly1305 (``crypto_secretbox``). Chunking keeps the working set
+  XSalsa20-Poly1305 (``crypto_secretbox``) or AES-256-GCM. Chunking keeps the working set
   in cache (about twice as fast per MiB as one large call on this machine)
   and bounds the memory one chunk needs. The 24-byte nonce is never sent: it
-  is a per-direction counter plus the record's length, so a replayed,
+  is a per-direction counter plus the record's length (12 bytes of it
+  for GCM), so a replayed,
   reordered, dropped, re-split or truncated record fails authentication,
   and the length prefix itself is authenticated without any extra bytes.
 * **Zero-copy crypto.** PyNaCl's Python wrappers accept only ``bytes`` and
@@ -79,6 +87,9 @@ __all__ = [
     "Session",
     "aes256gcm_available",
     "auth_message",
+    "check_suites",
+    "choose_suite",
+    "default_suites",
     "encode_length",
     "max_body_bytes",
     "parse_auth",
@@ -88,14 +99,18 @@ __all__ = [
     "sealed_length",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: the hello carries the suites offered (a bit set), not one suite."""
 MAGIC = b"FCT"
 SUITE_PLAINTEXT = 0
+"""No sealing, offered alone and only by the benchmark's baseline."""
 SUITE_SEALED = 1
-"""XSalsa20-Poly1305 records: the default, constant-time everywhere."""
+"""XSalsa20-Poly1305 records: offered by everyone, constant-time everywhere."""
 SUITE_AES256GCM = 2
-"""AES-256-GCM records: opt-in, only where the CPU has AES-NI and CLMUL."""
-_SUITES = frozenset({SUITE_PLAINTEXT, SUITE_SEALED, SUITE_AES256GCM})
+"""AES-256-GCM records: offered only where the CPU has AES-NI and CLMUL."""
+_OFFERS = frozenset(
+    {SUITE_PLAINTEXT, SUITE_SEALED, SUITE_AES256GCM, SUITE_SEALED | SUITE_AES256GCM}
+)
 
 LENGTH_BYTES = 4
 MAX_LENGTH = 2**32 - 1
@@ -293,11 +308,12 @@ class AesGcmSession(SealedSession):
 
     Why offer it: on CPUs with AES-NI it seals about three times faster
     (0.3 against 0.85 ms/MiB here), which is what keeps encrypted throughput
-    near the plain socket's when two processes share two cores. Why not by
-    default: without AES-NI it is slow or not constant-time, and the issue
-    names XSalsa20-Poly1305. Records, chunking, counters and the bound
-    length are identical; only the per-chunk primitive and its 12-byte nonce
-    (counter || record length) differ. GCM writes ciphertext then tag,
+    near the plain socket's when two processes share two cores. Why only
+    there: without AES-NI it is slow or not constant-time, so a side
+    without it offers XSalsa20-Poly1305 alone (:func:`default_suites`).
+    Records, chunking, counters and the bound length are identical; only
+    the per-chunk primitive and its 12-byte nonce (counter || record
+    length) differ. GCM writes ciphertext then tag,
     secretbox tag then ciphertext, but both open in place to a plaintext at
     the chunk's start, so the framing code is shared.
     """
@@ -364,28 +380,59 @@ class Hello:
     """The first, plaintext handshake message of each side."""
 
     version: int
-    suite: int
+    suites: int
+    """The suites offered: SUITE_SEALED | SUITE_AES256GCM bits, or SUITE_PLAINTEXT."""
     ephemeral: bytes
 
     def encode(self) -> bytes:
-        return MAGIC + bytes((self.version, self.suite)) + self.ephemeral
+        return MAGIC + bytes((self.version, self.suites)) + self.ephemeral
 
 
 def parse_hello(payload: bytes | bytearray | memoryview) -> Hello:
     """Decode a hello body; raises :class:`HandshakeError` (``handshake_malformed``)
     for anything but exactly :data:`HELLO_BYTES` with the magic, a known
-    version and a known suite."""
+    version and a known set of suites."""
     payload = bytes(payload)
     if len(payload) != HELLO_BYTES:
         raise HandshakeError(f"a hello is {HELLO_BYTES} bytes", "handshake_malformed")
     if payload[: len(MAGIC)] != MAGIC:
         raise HandshakeError("not a fedchain hello", "handshake_malformed")
-    version, suite = payload[len(MAGIC)], payload[len(MAGIC) + 1]
+    version, suites = payload[len(MAGIC)], payload[len(MAGIC) + 1]
     if version != PROTOCOL_VERSION:
         raise HandshakeError(f"handshake version {version}", "handshake_malformed")
-    if suite not in _SUITES:
-        raise HandshakeError(f"unknown cipher suite {suite}", "handshake_malformed")
-    return Hello(version, suite, payload[len(MAGIC) + 2 :])
+    if suites not in _OFFERS:
+        raise HandshakeError(f"unknown cipher suites {suites:#04x}", "handshake_malformed")
+    return Hello(version, suites, payload[len(MAGIC) + 2 :])
+
+
+def check_suites(suites: int) -> None:
+    """Raise ValueError unless ``suites`` is an offer this machine can keep."""
+    if suites not in _OFFERS:
+        raise ValueError(f"unknown cipher suites {suites!r}")
+    if suites & SUITE_AES256GCM and not aes256gcm_available():
+        raise ValueError("AES-256-GCM needs a CPU with AES-NI and CLMUL")
+
+
+def default_suites() -> int:
+    """What a side offers unless told otherwise: XSalsa20-Poly1305, and
+    AES-256-GCM too where this CPU runs it in hardware."""
+    return SUITE_SEALED | (SUITE_AES256GCM if aes256gcm_available() else 0)
+
+
+def choose_suite(ours: int, theirs: int) -> int:
+    """The suite two offers agree on: AES-256-GCM if both offer it, else
+    XSalsa20-Poly1305; plaintext only if both offer exactly that (the
+    benchmark's baseline). Raises :class:`HandshakeError` when none is
+    common, or one side wants plaintext and the other does not."""
+    if ours == SUITE_PLAINTEXT or theirs == SUITE_PLAINTEXT:
+        if ours == theirs:
+            return SUITE_PLAINTEXT
+        raise HandshakeError("one side offers only plaintext", "handshake_malformed")
+    common = ours & theirs
+    for suite in (SUITE_AES256GCM, SUITE_SEALED):
+        if common & suite:
+            return suite
+    raise HandshakeError("no cipher suite in common", "handshake_malformed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,9 +486,10 @@ class Handshake:
     ``reason``) on anything a peer can get wrong, and nothing else.
 
     ``allowed`` decides, after the proof verifies, whether the proven key
-    may connect (``not_allowed`` otherwise). Both sides must name the same
-    ``suite``; the suite is in the signed transcript, so no one in the
-    middle can downgrade it.
+    may connect (``not_allowed`` otherwise). ``suites`` is what this side
+    offers (:func:`default_suites` unless given); :func:`choose_suite`
+    picks from both offers, which are in the signed transcript, so no one in
+    the middle can downgrade the choice.
     """
 
     def __init__(
@@ -449,19 +497,16 @@ class Handshake:
         identity: Identity,
         allowed: Callable[[PeerId], bool],
         *,
-        suite: int = SUITE_SEALED,
+        suites: int | None = None,
         ephemeral_secret: bytes | None = None,
     ) -> None:
-        if suite not in _SUITES:
-            raise ValueError(f"unknown cipher suite {suite}")
-        if suite == SUITE_AES256GCM and not aes256gcm_available():
-            raise ValueError("AES-256-GCM needs a CPU with AES-NI and CLMUL")
+        suites = default_suites() if suites is None else suites
+        check_suites(suites)
         self._identity = identity
         self._allowed = allowed
-        self._suite = suite
         self._secret = ephemeral_secret if ephemeral_secret is not None else os.urandom(32)
         self._ephemeral = bindings.crypto_scalarmult_base(self._secret)
-        self._hello = Hello(PROTOCOL_VERSION, suite, self._ephemeral)
+        self._hello = Hello(PROTOCOL_VERSION, suites, self._ephemeral)
         self._session: Session | None = None
         self._auth_sealer: SealedSession | None = None
         self._expected_proof: bytes | None = None
@@ -476,8 +521,7 @@ class Handshake:
         if self._session is not None:
             raise HandshakeError("a second hello", "handshake_malformed")
         theirs = parse_hello(payload)
-        if theirs.suite != self._suite:
-            raise HandshakeError("cipher suites differ", "handshake_malformed")
+        suite = choose_suite(self._hello.suites, theirs.suites)
         if theirs.ephemeral == self._ephemeral:
             raise HandshakeError("reflected hello", "handshake_malformed")
         shared = self._shared_secret(theirs.ephemeral)
@@ -490,10 +534,10 @@ class Handshake:
         challenge = _kdf(shared, b"challenge", transcript)
         my_role, their_role = (_ROLE_LO, _ROLE_HI) if lo_first else (_ROLE_HI, _ROLE_LO)
         send_key, recv_key = (key_lo, key_hi) if lo_first else (key_hi, key_lo)
-        if self._suite == SUITE_SEALED:
+        if suite == SUITE_SEALED:
             self._session = SealedSession(send_key, recv_key)
             self._auth_sealer = self._session
-        elif self._suite == SUITE_AES256GCM:
+        elif suite == SUITE_AES256GCM:
             self._session = AesGcmSession(send_key, recv_key)
             self._auth_sealer = self._session
         else:

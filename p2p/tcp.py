@@ -56,13 +56,10 @@ from .handshake import (
     AUTH_BYTES,
     HELLO_BYTES,
     LENGTH_BYTES,
-    SUITE_AES256GCM,
-    SUITE_PLAINTEXT,
-    SUITE_SEALED,
     Handshake,
     HandshakeResult,
     Session,
-    aes256gcm_available,
+    check_suites,
     parse_length,
     sealed_length,
 )
@@ -101,10 +98,12 @@ class TcpConfig:
     read_buffer_bytes: int = 4 * 1024 * 1024
     socket_buffer_bytes: int | None = None
     """``SO_SNDBUF``/``SO_RCVBUF``; ``None`` keeps the kernel's autotuning."""
-    suite: int = SUITE_SEALED
-    """XSalsa20-Poly1305 by default; ``SUITE_AES256GCM`` opt-in where the CPU
-    has AES-NI; ``SUITE_PLAINTEXT`` only for the benchmark's baseline. Both
-    ends must agree (the suite is in the signed transcript)."""
+    suites: int | None = None
+    """The cipher suites offered (``handshake.choose_suite`` picks from both
+    ends' offers): ``None`` for :func:`~.handshake.default_suites`
+    (XSalsa20-Poly1305, and AES-256-GCM where the CPU has AES-NI), one
+    suite to insist on it, ``SUITE_PLAINTEXT`` only for the benchmark's
+    baseline (both ends must ask for it)."""
 
     @property
     def keepalive_interval(self) -> float:
@@ -490,7 +489,7 @@ class TcpTransport:
     async def _handshake_steps(
         self, stream: trio.SocketStream, reader: _RecordReader
     ) -> HandshakeResult:
-        handshake = Handshake(self._identity, self._allowed, suite=self.config.suite)
+        handshake = Handshake(self._identity, self._allowed, suites=self.config.suites)
         await stream.send_all(handshake.hello_record)
         length = parse_length(await reader.read_exactly(LENGTH_BYTES), HELLO_BYTES)
         auth_record = handshake.receive_hello(await reader.read_exactly(length))
@@ -630,10 +629,8 @@ async def open_tcp_transport(
     ``trio.EndOfChannel``.
     """
     config = config or TcpConfig()
-    if config.suite not in (SUITE_SEALED, SUITE_AES256GCM, SUITE_PLAINTEXT):
-        raise ValueError(f"unknown cipher suite {config.suite}")
-    if config.suite == SUITE_AES256GCM and not aes256gcm_available():
-        raise ValueError("AES-256-GCM needs a CPU with AES-NI and CLMUL")
+    if config.suites is not None:
+        check_suites(config.suites)
     transport = TcpTransport(identity, _allow_policy(allowed), rng, config)
     try:
         async with trio.open_nursery() as nursery:

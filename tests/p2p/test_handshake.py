@@ -26,6 +26,7 @@ from fedchain.p2p.handshake import (
     CHUNK_BYTES,
     HELLO_BYTES,
     LENGTH_BYTES,
+    PROTOCOL_VERSION,
     SUITE_AES256GCM,
     SUITE_PLAINTEXT,
     SUITE_SEALED,
@@ -37,6 +38,8 @@ from fedchain.p2p.handshake import (
     PlainSession,
     SealedSession,
     aes256gcm_available,
+    choose_suite,
+    default_suites,
     encode_length,
     max_body_bytes,
     parse_auth,
@@ -68,7 +71,8 @@ def run(a: Handshake, b: Handshake):
 
 
 def pair(suite: int = SUITE_SEALED):
-    ra, rb = run(Handshake(A, allow_all, suite=suite), Handshake(B, allow_all, suite=suite))
+    """Both sessions of a handshake in which both sides offer only ``suite``."""
+    ra, rb = run(Handshake(A, allow_all, suites=suite), Handshake(B, allow_all, suites=suite))
     return ra.session, rb.session
 
 
@@ -158,23 +162,24 @@ def test_a_reflected_auth_is_refused_by_the_role_byte():
     b.receive_hello(body(a.hello_record))
     auth_a = a.receive_hello(body(b.hello_record))
     # Re-seal A's own proof in B's direction so that only the role can catch it.
-    signed = SealedSession(bytes(32), a._auth_sealer._send_key).open_body(bytearray(body(auth_a)))
-    reflected = SealedSession(b._auth_sealer._send_key, bytes(32)).seal_record(signed)
+    suite = type(a._auth_sealer)
+    signed = suite(bytes(32), a._auth_sealer._send_key).open_body(bytearray(body(auth_a)))
+    reflected = suite(b._auth_sealer._send_key, bytes(32)).seal_record(signed)
     with pytest.raises(HandshakeError) as caught:
         a.receive_auth(body(reflected))
     assert caught.value.reason == "bad_proof"
 
 
-def test_both_sides_must_name_the_same_suite():
-    a = Handshake(A, allow_all, suite=SUITE_SEALED)
-    b = Handshake(B, allow_all, suite=SUITE_PLAINTEXT)
+def test_plaintext_takes_both_sides_asking_for_it():
+    a = Handshake(A, allow_all, suites=SUITE_SEALED | SUITE_AES256GCM)
+    b = Handshake(B, allow_all, suites=SUITE_PLAINTEXT)
     with pytest.raises(HandshakeError) as caught:
         a.receive_hello(body(b.hello_record))
     assert caught.value.reason == "handshake_malformed"
 
 
 def test_a_low_order_ephemeral_key_is_refused():
-    weak = Hello(1, SUITE_SEALED, bytes(32)).encode()
+    weak = Hello(PROTOCOL_VERSION, SUITE_SEALED, bytes(32)).encode()
     with pytest.raises(HandshakeError) as caught:
         Handshake(A, allow_all).receive_hello(weak)
     assert caught.value.reason == "handshake_malformed"
@@ -301,9 +306,15 @@ def test_parse_hello_returns_a_hello_or_a_typed_error(payload):
         assert hello.encode() == payload and len(payload) == HELLO_BYTES
 
 
-@given(st.sampled_from([SUITE_PLAINTEXT, SUITE_SEALED]), st.binary(min_size=32, max_size=32))
-def test_parse_hello_accepts_every_well_formed_hello(suite, key):
-    assert parse_hello(Hello(1, suite, key).encode()) == Hello(1, suite, key)
+OFFERS = st.sampled_from(
+    [SUITE_PLAINTEXT, SUITE_SEALED, SUITE_AES256GCM, SUITE_SEALED | SUITE_AES256GCM]
+)
+
+
+@given(OFFERS, st.binary(min_size=32, max_size=32))
+def test_parse_hello_accepts_every_well_formed_hello(suites, key):
+    hello = Hello(PROTOCOL_VERSION, suites, key)
+    assert parse_hello(hello.encode()) == hello
 
 
 @given(st.binary(max_size=200))
@@ -317,8 +328,8 @@ def test_parse_auth_returns_an_auth_or_a_typed_error(payload):
 
 
 WELL_FORMED_HELLOS = st.builds(
-    lambda suite, key: Hello(1, suite, key).encode(),
-    st.sampled_from([SUITE_PLAINTEXT, SUITE_SEALED]),
+    lambda suites, key: Hello(PROTOCOL_VERSION, suites, key).encode(),
+    OFFERS,
     st.one_of(st.binary(min_size=32, max_size=32), st.sampled_from([bytes(32), b"\1" + bytes(31)])),
 )
 
@@ -407,9 +418,58 @@ def test_every_sealing_suite_refuses_reordering_resplitting_and_flips(suite):
     assert sb.open_body(bytearray(second)) == b"second"
 
 
-def test_suites_do_not_interoperate():
+def test_offers_with_no_suite_in_common_do_not_connect():
     with pytest.raises(HandshakeError):
         run(
-            Handshake(A, allow_all, suite=SUITE_SEALED),
-            Handshake(B, allow_all, suite=SUITE_AES256GCM),
+            Handshake(A, allow_all, suites=SUITE_SEALED),
+            Handshake(B, allow_all, suites=SUITE_AES256GCM),
         )
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "chosen"),
+    [
+        (SUITE_SEALED | SUITE_AES256GCM, SUITE_SEALED | SUITE_AES256GCM, SUITE_AES256GCM),
+        (SUITE_SEALED | SUITE_AES256GCM, SUITE_SEALED, SUITE_SEALED),  # one side lacks AES-NI
+        (SUITE_SEALED, SUITE_SEALED, SUITE_SEALED),
+        (SUITE_AES256GCM, SUITE_SEALED | SUITE_AES256GCM, SUITE_AES256GCM),
+        (SUITE_PLAINTEXT, SUITE_PLAINTEXT, SUITE_PLAINTEXT),
+    ],
+)
+def test_both_ends_choose_the_same_suite_from_their_offers(ours, theirs, chosen):
+    assert choose_suite(ours, theirs) == choose_suite(theirs, ours) == chosen
+    ra, rb = run(Handshake(A, allow_all, suites=ours), Handshake(B, allow_all, suites=theirs))
+    assert type(ra.session).suite == type(rb.session).suite == chosen
+    frame = os.urandom(1000)
+    record = ra.session.seal_record(frame)
+    assert rb.session.open_body(bytearray(record[LENGTH_BYTES:])) == frame
+
+
+def test_the_default_offer_prefers_aes_gcm_where_the_cpu_has_it():
+    assert aes256gcm_available()  # the development and CI machines have AES-NI
+    assert default_suites() == SUITE_SEALED | SUITE_AES256GCM
+    ra, _ = run(Handshake(A, allow_all), Handshake(B, allow_all))
+    assert isinstance(ra.session, AesGcmSession)
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_an_offer_stripped_in_transit_fails_the_proof(both):
+    """A man in the middle who rewrites hellos to drop AES-256-GCM (to force
+    the slower suite) changes the transcript the sides derive keys from
+    and sign: even with both rewritten, so both pick XSalsa20, nothing
+    authenticates."""
+
+    def stripped(record: bytes) -> bytes:
+        hello = bytearray(body(record))
+        hello[len(b"FCT") + 1] = SUITE_SEALED
+        return bytes(hello)
+
+    a, b = Handshake(A, allow_all), Handshake(B, allow_all)
+    auth_a = a.receive_hello(stripped(b.hello_record))
+    auth_b = b.receive_hello(stripped(a.hello_record) if both else body(a.hello_record))
+    assert type(a._auth_sealer).suite == SUITE_SEALED
+    assert type(b._auth_sealer).suite == (SUITE_SEALED if both else SUITE_AES256GCM)
+    for side, auth in ((a, auth_b), (b, auth_a)):
+        with pytest.raises(HandshakeError) as caught:
+            side.receive_auth(body(auth))
+        assert caught.value.reason in {"auth_failed", "bad_proof"}

@@ -85,14 +85,14 @@ async def open_sim_mesh(n: int, *, seed: int = 3, tight: bool = False) -> AsyncI
 
 @asynccontextmanager
 async def open_tcp_mesh(
-    n: int, *, seed: int = 3, tight: bool = False, suite: int = SUITE_SEALED
+    n: int, *, seed: int = 3, tight: bool = False, suites: int = SUITE_SEALED
 ) -> AsyncIterator[Mesh]:
     """Loopback TCP; each endpoint dials those opened before it, then every
     pair is awaited connected. ``tight``: tiny queues and socket buffers, so
     a peer that stops reading fills its sender's queue quickly."""
     if tight:
         config = TcpConfig(
-            suite=suite,
+            suites=suites,
             outbound_queue_frames=4,
             outbound_queue_bytes=256 * 1024,
             inbound_queue_frames=2,
@@ -102,7 +102,7 @@ async def open_tcp_mesh(
             backoff_max=0.2,
         )
     else:
-        config = TcpConfig(suite=suite, backoff_initial=0.02, backoff_max=0.2)
+        config = TcpConfig(suites=suites, backoff_initial=0.02, backoff_max=0.2)
     identities = _identities(n, seed)
     keys = [i.public_key for i in identities]
     async with trio.open_nursery() as nursery:
@@ -138,7 +138,7 @@ async def _tcp_endpoint(identity, keys, peers, config, seed, task_status) -> Non
 FACTORIES: dict[str, Callable[..., object]] = {
     "sim": open_sim_mesh,
     "tcp": open_tcp_mesh,
-    "tcp-aes256gcm": functools.partial(open_tcp_mesh, suite=SUITE_AES256GCM),
+    "tcp-aes256gcm": functools.partial(open_tcp_mesh, suites=SUITE_AES256GCM),
 }
 VIRTUAL_TIME = {"sim"}
 """Implementations whose tests run under ``MockClock(autojump_threshold=0)``."""

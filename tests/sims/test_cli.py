@@ -157,6 +157,8 @@ def test_bench_transport_at_tiny_scale():
             assert figures[f"{suite}_{size}_sender_cpu_ms_per_MiB"] >= 0
             assert figures[f"{suite}_{size}_receiver_cpu_ms_per_MiB"] >= 0
     assert figures["ratio_target_1MiB"] == 0.5
+    assert figures["default_suite"] == "aesgcm"  # these machines have AES-NI
+    assert figures["ratio_default_plain_1MiB"] == figures["ratio_aesgcm_plain_1MiB"]
     assert figures["handshakes_per_s"] > 0
     assert figures["peak_rss_bytes"] > 0
 
