@@ -113,9 +113,8 @@ class Mempool:
         submission could fill one. Past saturation most submissions end
         here (a resubmitted one hears busy rather than duplicate), so a
         batch can be refused wholesale: only an admission changes it."""
-        return len(
-            self._from_clients
-        ) >= self.client_limit < self.max_txs and self._ready_total >= len(self._txs)
+        paced = len(self._from_clients) >= self.client_limit < self.max_txs
+        return paced and self._ready_total >= len(self._txs)
 
     @staticmethod
     def paced_refusal() -> MempoolFull:

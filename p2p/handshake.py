@@ -30,13 +30,13 @@ Design, after CometBFT's SecretConnection (the spec is ``p2p/SPEC.md``):
   reflected signature (the role byte) are refused.
 * **Records.** A record is a 4-byte big-endian length and a body. A sealed
   body is the frame cut into 64 KiB chunks, each sealed with
-  XSalsa20-Poly1305 (``crypto_secretbox``) or AES-256-GCM. Chunking keeps the working set
-  in cache (about twice as fast per MiB as one large call on this machine)
-  and bounds the memory one chunk needs. The 24-byte nonce is never sent: it
-  is a per-direction counter plus the record's length (12 bytes of it
-  for GCM), so a replayed,
-  reordered, dropped, re-split or truncated record fails authentication,
-  and the length prefix itself is authenticated without any extra bytes.
+  XSalsa20-Poly1305 (``crypto_secretbox``) or AES-256-GCM. Chunking keeps
+  the working set in cache (about twice as fast per MiB as one large call
+  on this machine) and bounds the memory one chunk needs. The nonce (24
+  bytes, 12 for GCM) is never sent: it is a per-direction counter plus the
+  record's length, so a replayed, reordered, dropped, re-split or
+  truncated record fails authentication, and the length prefix itself is
+  authenticated without any extra bytes.
 * **Zero-copy crypto.** PyNaCl's Python wrappers accept only ``bytes`` and
   return fresh copies; sealing a 1 MiB frame through them costs about 40%
   more. So the records are sealed and opened by the same libsodium functions
@@ -313,9 +313,9 @@ class AesGcmSession(SealedSession):
     without it offers XSalsa20-Poly1305 alone (:func:`default_suites`).
     Records, chunking, counters and the bound length are identical; only
     the per-chunk primitive and its 12-byte nonce (counter || record
-    length) differ. GCM writes ciphertext then tag,
-    secretbox tag then ciphertext, but both open in place to a plaintext at
-    the chunk's start, so the framing code is shared.
+    length) differ. GCM writes ciphertext then tag, secretbox tag then
+    ciphertext, but both open in place to a plaintext at the chunk's start,
+    so the framing code is shared.
     """
 
     suite = SUITE_AES256GCM
