@@ -132,7 +132,12 @@ def test_requests_decode_and_bad_shapes_are_refused() -> None:
     assert decode_client_message(encode_client_message(ClientOp.EPOCH_PROOFS, 3, [[]]))[2] == [[]]
     assert decode_client_message(encode_client_message(ClientOp.HEADERS, 4, 1, 9))[2:] == [1, 9]
     assert decode_client_message(encode_client_message(ClientOp.HEADER_CHAIN, 4, [[]], None))
+    statuses = [[0, bytes(32)], [1, bytes(32)], [2, "busy"], [3, "refused: why"]]
+    assert decode_client_message(encode_client_message(ClientOp.SUBMITTED, 1, statuses))[2]
     for bad in (
+        encode_client_message(ClientOp.SUBMITTED, 1, [[4, "no such status"]]),
+        encode_client_message(ClientOp.SUBMITTED, 1, [[2, b"busy carries a reason"]]),
+        encode_client_message(ClientOp.SUBMITTED, 1, [[True, bytes(32)]]),
         encode_client_message(ClientOp.HEADERS, 4, 0, 9),
         encode_client_message(ClientOp.HEADERS, 4, 5, 4),
         encode_client_message(ClientOp.HEADERS, 4, 1),
