@@ -421,8 +421,8 @@ class State:
         proof that :func:`verify_state_proof` checks against :attr:`root`.
 
         On the query path (``fedchain bench consensus`` counts answers per
-        second), so it reads the bucket once and builds the two paths
-        straight off the stored levels."""
+        second), so it reads the bucket once and slices the top path off
+        the levels."""
         check_key(key)
         top = self._proof_top
         if top is None:
