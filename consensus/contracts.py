@@ -37,7 +37,7 @@ from fedchain.p2p.identity import PUBLIC_KEY_BYTES, Identity, PeerId, verify
 
 from .errors import ContractRejected, MalformedMessage
 from .state import State, decode_value, encode_value
-from .tx import Transaction
+from .tx import Transaction, sign_transaction
 from .votes import quorum
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "sign_validator_change",
     "validator_change_bytes",
     "validator_change_content",
+    "validator_change_transaction",
     "validator_epoch",
     "validators_of",
 ]
@@ -315,6 +316,32 @@ def validator_change_content(
 ) -> bytes:
     """Content of a ``validators`` transaction: the new set and approvals."""
     return encode_value([sorted(validators), [list(a) for a in sorted(dict(approvals).items())]])
+
+
+def validator_change_transaction(
+    sender: Identity,
+    chain_id: str,
+    validators: Sequence[PeerId],
+    approvers: Iterable[Identity],
+    *,
+    epoch: int,
+    nonce: int,
+    timestamp: int = 0,
+) -> Transaction:
+    """A signed ``validators`` transaction from ``sender`` that replaces the
+    set of ``epoch`` with ``validators``, approved by each of ``approvers``
+    (members of the current set; the contract wants a quorum of them)."""
+    approvals = [
+        (a.public_key, sign_validator_change(a, chain_id, epoch, validators)) for a in approvers
+    ]
+    return sign_transaction(
+        sender,
+        chain_id,
+        type="validators",
+        content=validator_change_content(validators, approvals),
+        nonce=nonce,
+        timestamp=timestamp,
+    )
 
 
 class ValidatorsContract:

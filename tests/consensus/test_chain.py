@@ -24,8 +24,7 @@ from fedchain.consensus.contracts import (
     epoch_chain_id,
     kv_key,
     kv_set,
-    sign_validator_change,
-    validator_change_content,
+    validator_change_transaction,
 )
 from fedchain.consensus.errors import InvalidBlock, InvalidCertificate, MalformedMessage
 from fedchain.consensus.genesis import ConsensusParams, Genesis
@@ -176,17 +175,7 @@ def test_the_validator_set_changes_on_chain() -> None:
     executor = Executor(GENESIS)
     tip = ChainTip.of_genesis(GENESIS)
     new_set = sorted([NEWCOMER.public_key] + [v.public_key for v in VALIDATORS[1:]])
-    approvals = [
-        (v.public_key, sign_validator_change(v, CHAIN, 0, new_set)) for v in VALIDATORS[1:]
-    ]
-    change = sign_transaction(
-        ALICE,
-        CHAIN,
-        type="validators",
-        content=validator_change_content(new_set, approvals),
-        nonce=0,
-        timestamp=0,
-    )
+    change = validator_change_transaction(ALICE, CHAIN, new_set, VALIDATORS[1:], epoch=0, nonce=0)
     first, tip = grow(executor, tip, [[change]], VALIDATORS[:3])
     assert first[0].results == (TxResult(0),)
     assert tip.validators == new_set

@@ -24,8 +24,7 @@ from fedchain.consensus.contracts import (
     epoch_chain_id,
     kv_key,
     kv_set,
-    sign_validator_change,
-    validator_change_content,
+    validator_change_transaction,
 )
 from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
@@ -84,18 +83,9 @@ def _run(
     genesis = Genesis.create(CHAIN, 1_000, ids[:4])
     new_set = sorted([ids[i] for i in range(4) if i != OUT] + [ids[EXTRA]])
     # Approved by a quorum (3 of 4) of the current set, the leaving one included.
-    approvals = [
-        (ids[i], sign_validator_change(identities[i], CHAIN, 0, new_set)) for i in (0, 1, 3)
-    ]
+    approvers = [identities[i] for i in (0, 1, 3)]
     admin = Identity(rng.bytes(32))
-    change = sign_transaction(
-        admin,
-        CHAIN,
-        type="validators",
-        content=validator_change_content(new_set, approvals),
-        nonce=0,
-        timestamp=0,
-    )
+    change = validator_change_transaction(admin, CHAIN, new_set, approvers, epoch=0, nonce=0)
     clients = [Identity(rng.bytes(32)) for _ in range(CLIENTS)]
     txs = [
         sign_transaction(c, CHAIN, type="kv", content=kv_set(f"k{n}", n), nonce=n, timestamp=0)
@@ -404,17 +394,7 @@ def test_a_certificate_of_the_epoch_0_chain_id_does_not_certify_epoch_1() -> Non
     executor = Executor(genesis)
     tip = ChainTip.of_genesis(genesis)
     new_set = sorted([newcomer.public_key] + [v.public_key for v in validators[1:]])
-    approvals = [
-        (v.public_key, sign_validator_change(v, CHAIN, 0, new_set)) for v in validators[1:]
-    ]
-    change = sign_transaction(
-        alice,
-        CHAIN,
-        type="validators",
-        content=validator_change_content(new_set, approvals),
-        nonce=0,
-        timestamp=0,
-    )
+    change = validator_change_transaction(alice, CHAIN, new_set, validators[1:], epoch=0, nonce=0)
     assert epoch_chain_id(CHAIN, 0) == CHAIN and epoch_chain_id(CHAIN, 1) == f"{CHAIN}#1"
     with pytest.raises(ValueError):
         epoch_chain_id(CHAIN, -1)

@@ -22,8 +22,7 @@ from fedchain.consensus.contracts import (
     epoch_chain_id,
     kv_key,
     kv_set,
-    sign_validator_change,
-    validator_change_content,
+    validator_change_transaction,
 )
 from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.genesis import ConsensusParams, Genesis
@@ -184,17 +183,7 @@ def test_a_client_of_a_later_set_walks_back_past_a_null_first_block() -> None:
     newcomer = Identity(b"n" * 32)
     new_set = sorted([newcomer.public_key, *KEYS[1:]])
     signers = [v for v in [newcomer, *VALIDATORS] if v.public_key in new_set][:3]
-    approvals = [
-        (v.public_key, sign_validator_change(v, CHAIN, 0, new_set)) for v in VALIDATORS[:3]
-    ]
-    change = sign_transaction(
-        ALICE,
-        CHAIN,
-        type="validators",
-        content=validator_change_content(new_set, approvals),
-        nonce=0,
-        timestamp=0,
-    )
+    change = validator_change_transaction(ALICE, CHAIN, new_set, VALIDATORS[:3], epoch=0, nonce=0)
     executor = Executor(GENESIS)
     tip = ChainTip.of_genesis(GENESIS)
     first, _ = executor.build_block(tip, [change], timestamp=1, view=0, proposer=KEYS[0])
