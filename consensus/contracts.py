@@ -175,7 +175,27 @@ def nonce_key(sender: PeerId) -> str:
 
 def next_nonce(state: State, sender: PeerId) -> int:
     """The nonce ``sender``'s next transaction must carry."""
-    return state.get(nonce_key(sender), 0)  # type: ignore[return-value]
+    encoded = state.get_encoded(nonce_key(sender))
+    return 0 if encoded is None else _decode_count(encoded)
+
+
+_OK_RESULT = TxResult(OK)
+_FIXINTS = tuple(bytes((n,)) for n in range(128))
+"""msgpack's one-byte encodings of 0..127 (positive fixint): every nonce
+in practice, read and written once per transaction."""
+
+
+def _encode_count(n: int) -> bytes:
+    """``encode_value(n)`` for a non-negative int, without a Packer for small ones."""
+    return _FIXINTS[n] if n < 128 else encode_value(n)
+
+
+def _decode_count(encoded: bytes) -> int:
+    """The int a nonce record holds (stored by :func:`_encode_count`)."""
+    first = encoded[0]
+    if len(encoded) == 1 and first < 128:
+        return first
+    return msgpack.unpackb(encoded)
 
 
 def _reason(text: str) -> str:
@@ -197,11 +217,11 @@ def execute_transactions(
     for tx in txs:
         key = nonce_key(tx.sender)
         encoded = block.get(key) if key in block else state.get_encoded(key)
-        expected = 0 if encoded is None else msgpack.unpackb(encoded)
+        expected = 0 if encoded is None else _decode_count(encoded)
         if tx.nonce != expected:
             results.append(TxResult(REJECTED, f"bad nonce: expected {expected}"))
             continue
-        block[key] = msgpack.packb(expected + 1)
+        block[key] = _encode_count(expected + 1)
         contract = registry.get(tx.type)
         if contract is None:
             results.append(TxResult(REJECTED, _reason(f"unknown type {tx.type!r}")))
@@ -218,7 +238,7 @@ def execute_transactions(
             results.append(TxResult(REJECTED, _reason(f"contract error: {type(exc).__name__}")))
             continue
         block.update(view._tx)
-        results.append(TxResult(OK))
+        results.append(_OK_RESULT)
     return state.apply(block), results
 
 

@@ -271,6 +271,10 @@ class PbftConfig:
     """Base timeout; doubles with each view change that fails to finish."""
     retransmit_interval: float = 0.25
     """Resend own messages for unfinished work (PBFT assumes fair links)."""
+    idle_retransmit_interval: float = 4.0
+    """The interval doubles up to this while the replica is idle (nothing
+    pending, nothing above its execution, nobody known to be ahead), and
+    drops back at once when that changes; see :meth:`Replica._retransmit`."""
     max_future_views: int = 32
     """VIEW-CHANGEs further ahead than this are refused."""
 
@@ -389,6 +393,8 @@ class Replica:
         self.fetch_round = 0
         self.fetch_peers: tuple[PeerId, ...] = ()
         self._executed_at_tick = -1
+        self._retransmit_delay = self.config.retransmit_interval
+        """The retransmission timer's current interval (backs off while idle)."""
         self.timers: dict[str, int] = {}
         self._token = 0
         self.refused: Counter[str] = Counter()
@@ -560,6 +566,9 @@ class Replica:
         elif isinstance(event, BlocksFetched):
             self._on_blocks(event.blocks)
         self._update_view_timer()
+        if self._retransmit_delay > self.config.retransmit_interval and not self._idle():
+            self._retransmit_delay = self.config.retransmit_interval
+            self._set_timer("retransmit", self._retransmit_delay)
         return self._flush()
 
     def _flush(self) -> list[Action]:
@@ -1055,9 +1064,25 @@ class Replica:
             progressed = self.executed != self._executed_at_tick
             self._fetch_if_stalled()
             self._retransmit(slots=not progressed)
-            self._set_timer("retransmit", self.config.retransmit_interval)
+            base, cap = self.config.retransmit_interval, self.config.idle_retransmit_interval
+            idle = not progressed and self._idle()
+            self._retransmit_delay = min(2 * self._retransmit_delay, cap) if idle else base
+            self._set_timer("retransmit", self._retransmit_delay)
         elif name == "fetch" and self.executed < self.fetch_target:
             self._emit_fetch()
+
+    def _idle(self) -> bool:
+        """Nothing for this replica to finish and nobody known to be ahead:
+        its retransmissions then serve only a peer that lost messages, so
+        they back off (as TCP's do) instead of costing every peer a
+        signature check four times a second: measured, an idle 4-validator
+        testnet exchanged ~150 refused COMMITs a second per node."""
+        if self.mode is not Mode.NORMAL or self.parked or self.app.pending() > 0:
+            return False
+        executed = self.executed
+        return all(seq <= executed for _, seq in self.log) and all(
+            seq <= executed for seq in self.checkpoints
+        )
 
     def _has_work(self) -> bool:
         if self.app.pending() > 0 or self.parked:
@@ -1104,7 +1129,8 @@ class Replica:
         the quorum). While execution progresses slots are not resent: under
         load a PRE-PREPARE resent with its payload every interval costs
         every replica a signature over megabytes, and a replica that lost
-        one catches up from the CHECKPOINTs instead.
+        one catches up from the CHECKPOINTs instead. The timer that calls
+        this backs off while the replica is :meth:`_idle`.
         """
         for by in self.checkpoints.values():
             if self.me in by:

@@ -7,6 +7,7 @@ Whole-cluster fault scenarios live in ``test_pbft_faults.py``.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import msgpack
 import numpy as np
@@ -222,6 +223,34 @@ def test_normal_case_orders_certifies_and_collects_garbage() -> None:
         assert len(r.stable_proof) == r.quorum
         assert len(r.log) <= cluster.config.window
     assert all(len(cluster.log_of(i)[0].payload) > 8 for i in range(4)), "batches of one"
+
+
+def test_idle_replicas_back_off_retransmissions_and_resume_on_new_work() -> None:
+    """Retransmission backs off while a cluster is idle: with the back-off
+    disabled the same idle stretch costs many times more messages. New
+    work brings the short interval back at once, so requests submitted
+    after a long idle stretch over a lossy network still commit promptly."""
+
+    def idle_messages(config: PbftConfig) -> tuple[Cluster, int]:
+        cluster = Cluster(4, seed=5, config=config)
+        cluster.submit_stream(100, rate=1000)
+        assert cluster.run_until(lambda c: c.all_committed(), 5.0)
+        cluster.run(cluster.now + 10.0)  # the back-off reaches its cap
+        before = cluster.delivered
+        cluster.run(cluster.now + 40.0)
+        return cluster, cluster.delivered - before
+
+    base = PbftConfig(checkpoint_interval=8, batch_size=16)
+    cluster, backed_off = idle_messages(base)
+    _, constant = idle_messages(replace(base, idle_retransmit_interval=base.retransmit_interval))
+    assert constant > 0
+    assert backed_off * 8 <= constant, (backed_off, constant)
+
+    cluster.network.loss = 0.2
+    start = cluster.now
+    cluster.submit(list(range(1000, 1040)))
+    assert cluster.run_until(lambda c: c.all_committed(), start + 3.0)
+    cluster.check_all()
 
 
 def test_same_seed_same_chain() -> None:
