@@ -186,10 +186,15 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
             assert journal.view == 0
     bound = figures["cores"] * figures["verify_per_s_per_core"] / 4  # one check per validator
     assert abs(figures["verification_bound_tx_s"] - bound) <= 1
-    before, after = figures["verify_per_s_per_core_before_after"]
-    assert before > 0 and after > 0  # the rate is measured on both sides of the sweep
-    assert abs(figures["verify_per_s_per_core"] - (before + after) / 2) <= 1
+    # The rate is measured before the sweep, before each point and after it.
+    samples = figures["verify_per_s_per_core_samples"]
+    assert len(samples) == 3 and min(samples) > 0
+    assert abs(figures["verify_per_s_per_core"] - sum(samples) / 3) <= 1
     (point,) = figures["points"]
+    assert point["verify_per_s_per_core"] == samples[1]
+    point_bound = figures["cores"] * samples[1] / 4
+    assert abs(point["ratio_to_bound"] - point["committed_tx_s"] / point_bound) <= 0.002
+    assert figures["best_point_ratio_to_bound"] == point["ratio_to_bound"]
     assert point["offered_tx_s"] == 100 and point["busy"] == 0
     assert point["committed"] == point["accepted"] == 100
     assert point["validator_cpu_us_per_tx"] > 0
