@@ -63,7 +63,14 @@ from .block import (
 )
 from .contracts import TxResult
 from .errors import MalformedMessage
-from .state import MAX_KEY_BYTES, ProofLeaf, StateProof, decode_value, verify_state_proof
+from .state import (
+    MAX_KEY_BYTES,
+    MAX_TOP_LEVELS,
+    ProofLeaf,
+    StateProof,
+    decode_value,
+    verify_state_proof,
+)
 from .votes import CommitCertificate
 
 __all__ = [
@@ -131,6 +138,20 @@ def _is_u63(value: object) -> bool:
 def _path(value: object) -> tuple[bytes, ...]:
     if type(value) is not list or len(value) > MAX_PATH or not all(map(_is_hash, value)):
         raise MalformedMessage("a Merkle path is a list of up to 64 hashes")
+    return tuple(value)
+
+
+def _top_path(value: object) -> tuple[bytes, ...]:
+    """A state proof's top path: per level, up to 15 sibling hashes end to
+    end (:func:`~.state.verify_state_proof` checks the exact shape)."""
+    if (
+        type(value) is not list
+        or len(value) > MAX_TOP_LEVELS
+        or not all(type(v) is bytes and len(v) % 32 == 0 and len(v) <= 15 * 32 for v in value)
+    ):
+        raise MalformedMessage(
+            f"a top path is a list of up to {MAX_TOP_LEVELS} strings of up to 15 hashes"
+        )
     return tuple(value)
 
 
@@ -270,7 +291,7 @@ def _decode_state_proof(value: object) -> StateProof:
         ):
             raise MalformedMessage("a proof leaf is [index, key, value]")
         leaves.append(ProofLeaf(leaf[0], leaf[1], leaf[2]))
-    return StateProof(buckets, top_root, _path(top_path), tuple(bucket_hashes), tuple(leaves))
+    return StateProof(buckets, top_root, _top_path(top_path), tuple(bucket_hashes), tuple(leaves))
 
 
 class QueryAnswer(NamedTuple):

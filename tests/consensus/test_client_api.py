@@ -159,6 +159,23 @@ def test_requests_decode_and_bad_shapes_are_refused() -> None:
             decode_client_message(bad, max_txs=10)
 
 
+def test_a_top_path_of_the_wrong_shape_is_malformed() -> None:
+    """The decoder bounds a state proof's top path before anything hashes
+    it: at most 5 levels (2**20 buckets) of at most 15 whole hashes each."""
+    block, state, _ = _certified_block()
+    key = kv_key(ALICE.public_key, "k3")
+    value, proof = state.prove(key)
+    wire = QueryAnswer(key, value, block.header, block.certificate, proof).as_list(
+        state.get_encoded(key)
+    )
+    assert QueryAnswer.from_list(wire).verify(CHAIN, KEYS)
+    for path in ([bytes(32)] * 6, [bytes(33)], [bytes(16 * 32)], [[bytes(32)]], b"x" * 32):
+        raw_proof = list(wire[4])  # type: ignore[arg-type]
+        raw_proof[2] = path
+        with pytest.raises(MalformedMessage):
+            QueryAnswer.from_list([*wire[:4], raw_proof])
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_raise_malformed(data: bytes) -> None:
@@ -228,9 +245,10 @@ def test_a_mutated_proof_is_malformed_or_does_not_verify(position: int, noise: b
 def test_a_mutated_query_answer_is_malformed_or_does_not_verify(
     present: bool, position: int, noise: bytes
 ) -> None:
-    """State proofs (v2: the bucket's leaf hashes travel whole) under bit
-    flips anywhere: refused, or what they prove is true of the state (a
-    flipped key may still be proved absent when it is)."""
+    """State proofs (v3: the bucket's leaf hashes travel whole, and each top
+    level's 16-way sibling group) under bit flips anywhere: refused, or
+    what they prove is true of the state (a flipped key may still be
+    proved absent when it is)."""
     block, state, _ = _certified_block()
     key = kv_key(ALICE.public_key, "k3") if present else kv_key(ALICE.public_key, "nope")
     value, proof = state.prove(key)

@@ -84,7 +84,21 @@ def _bucket_commitment(leaves: list[bytes]) -> bytes:
 
 
 def _domain_root(buckets: int, top: bytes) -> bytes:
-    return hashlib.sha256(b"fedchain/state/v2\x00" + buckets.to_bytes(4, "big") + top).digest()
+    return hashlib.sha256(b"fedchain/state/v3\x00" + buckets.to_bytes(4, "big") + top).digest()
+
+
+def _reference_top(commitments: list[bytes]) -> bytes:
+    """The top root from its definition, one level at a time: leaf hashes of
+    the commitments, then SHA-256(0x01 || up to 16 children) per parent,
+    16 to a group while 16 or more remain, then one group of the rest."""
+    level = [merkle.leaf_hash(c) for c in commitments]
+    while len(level) > 1:
+        group = 16 if len(level) >= 16 else len(level)
+        level = [
+            hashlib.sha256(b"\x01" + b"".join(level[i : i + group])).digest()
+            for i in range(0, len(level), group)
+        ]
+    return level[0]
 
 
 def test_root_in_closed_form_with_one_bucket() -> None:
@@ -95,9 +109,9 @@ def test_root_in_closed_form_with_one_bucket() -> None:
 
 
 def test_empty_state_root_matches_an_explicit_empty_tree() -> None:
-    buckets = 8
-    top = merkle.root([_bucket_commitment([])] * buckets)
-    assert State(buckets=buckets).root == _domain_root(buckets, top)
+    for buckets in (2, 8, 16, 64, 16384):
+        top = _reference_top([_bucket_commitment([])] * buckets)
+        assert State(buckets=buckets).root == _domain_root(buckets, top)
 
 
 def test_root_depends_only_on_content_not_history() -> None:
@@ -186,6 +200,27 @@ def test_an_altered_bucket_does_not_verify() -> None:
     assert not verify_state_proof("k7a", None, proof._replace(leaves=()), state.root)
 
 
+def test_an_altered_top_path_does_not_verify() -> None:
+    """Each level of the top path holds the other members of the key's
+    16-way group (the last level: what is left), in order: flipping a bit,
+    moving the slot, cutting a hash or a level, or claiming another bucket
+    count refuses the proof. 512 buckets: groups of 16, 16, then 2."""
+    state = State({f"k{i}": i for i in range(600)}, buckets=512)
+    value, proof = state.prove("k7")
+    assert [len(level) for level in proof.top_path] == [15 * 32, 15 * 32, 32]
+    assert verify_state_proof("k7", value, proof, state.root)
+    path = proof.top_path
+    for level in range(3):
+        flipped = bytes([path[level][0] ^ 1]) + path[level][1:]
+        rotated = path[level][32:] + path[level][:32]
+        for changed in {flipped, rotated, path[level][32:]} - {path[level]}:
+            forged = proof._replace(top_path=(*path[:level], changed, *path[level + 1 :]))
+            assert not verify_state_proof("k7", value, forged, state.root)
+    assert not verify_state_proof("k7", value, proof._replace(top_path=path[:-1]), state.root)
+    assert not verify_state_proof("k7", value, proof._replace(buckets=1024), state.root)
+    assert not verify_state_proof("k7", value, proof._replace(top_path=list(path)), state.root)
+
+
 def test_verify_never_raises_on_garbage() -> None:
     state = State({"a": 1})
     _, proof = state.prove("a")
@@ -197,7 +232,7 @@ def test_verify_never_raises_on_garbage() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(keys, stored, max_size=30), keys, st.sampled_from([1, 2, 8]))
+@given(st.dictionaries(keys, stored, max_size=30), keys, st.sampled_from([1, 2, 8, 32, 512]))
 def test_property_every_key_proves(content: dict, probe: str, buckets: int) -> None:
     state = State(content, buckets=buckets)
     for key in [*content, probe]:
@@ -220,20 +255,20 @@ def test_property_apply_equals_building_from_scratch(base: dict, changes: dict) 
 
 
 def _reference_root(content: dict, buckets: int) -> bytes:
-    """The root from its definition alone, with plain :func:`merkle.root`:
-    per bucket the digest of its sorted [key, value] leaves' hashes, then
-    the RFC 6962 tree over the buckets' (size, digest) commitments."""
+    """The root from its definition alone: per bucket the digest of its
+    sorted [key, value] leaves' hashes, then the 16-way tree over the
+    buckets' (size, digest) commitments."""
     commitments = []
     for index in range(buckets):
         members = sorted(k for k in content if bucket_of(k, buckets) == index)
         commitments.append(_bucket_commitment([encode_value([k, content[k]]) for k in members]))
-    return _domain_root(buckets, merkle.root(commitments))
+    return _domain_root(buckets, _reference_top(commitments))
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.dictionaries(keys, stored | st.none(), max_size=12), max_size=6),
-    st.sampled_from([1, 2, 8, 64]),
+    st.sampled_from([1, 2, 8, 32, 64, 512]),
 )
 def test_property_many_small_applies_match_a_plain_reference(batches: list, buckets: int) -> None:
     """The incremental bucket and top-tree hashing (in place, flat levels)
