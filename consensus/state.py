@@ -373,10 +373,11 @@ class State:
     def _update_top(self, changed: Iterable[int]) -> None:
         """Rehash only the top-tree paths above changed buckets.
 
-        ``buckets`` is a power of two, so the top tree is perfect: node i
-        of a level (bytes 32i to 32i + 32) has children 2i and 2i + 1 below
-        it, the 64 bytes from 64i. The copies are written through
-        memoryviews, whose slicing costs less than a bytearray's."""
+        ``buckets`` is a power of two, so every group is full: node i of a
+        level (bytes 32i to 32i + 32) whose groups below hold 2**shift
+        nodes has children i << shift onwards, the 32 << shift bytes from
+        i * (32 << shift). The copies are written through memoryviews,
+        whose slicing costs less than a bytearray's."""
         top = [memoryview(bytearray(level)) for level in self._top]
         dirty = set(changed)
         leaves, buckets = top[0], self._buckets

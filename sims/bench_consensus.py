@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         points, queries, validator_rss = trio.run(
             _real_clock, args, rates, query_rates, homes, probe
         )
-    # This machine's speed drifts over minutes (a shared VM: 9,300 to 15,700
+    # This machine's speed drifts over minutes (a shared VM: 8,600 to 15,700
     # verifications/s/core within one day), so the rate is measured before
     # the sweep, right before each point (validators idle) and after it: the
     # bound is taken from the mean of all of them, and each point also gets
