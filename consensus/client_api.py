@@ -66,6 +66,7 @@ from .errors import MalformedMessage
 from .state import (
     MAX_KEY_BYTES,
     MAX_TOP_LEVELS,
+    MAX_TOP_SIBLINGS,
     ProofLeaf,
     StateProof,
     decode_value,
@@ -142,15 +143,17 @@ def _path(value: object) -> tuple[bytes, ...]:
 
 
 def _top_path(value: object) -> tuple[bytes, ...]:
-    """A state proof's top path: per level, up to 15 sibling hashes end to
-    end (:func:`~.state.verify_state_proof` checks the exact shape)."""
+    """A state proof's top path: per level, up to MAX_TOP_SIBLINGS hashes end
+    to end (:func:`~.state.verify_state_proof` checks the exact shape)."""
+    longest = 32 * MAX_TOP_SIBLINGS
     if (
         type(value) is not list
         or len(value) > MAX_TOP_LEVELS
-        or not all(type(v) is bytes and len(v) % 32 == 0 and len(v) <= 15 * 32 for v in value)
+        or not all(type(v) is bytes and len(v) % 32 == 0 and len(v) <= longest for v in value)
     ):
         raise MalformedMessage(
-            f"a top path is a list of up to {MAX_TOP_LEVELS} strings of up to 15 hashes"
+            f"a top path is a list of up to {MAX_TOP_LEVELS} strings"
+            f" of up to {MAX_TOP_SIBLINGS} hashes"
         )
     return tuple(value)
 

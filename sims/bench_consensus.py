@@ -99,10 +99,14 @@ def run(args: argparse.Namespace) -> int:
     verify_after = measure_verify_rate(probe)
     samples = [verify_before, *(p["verify_per_s_per_core"] for p in points), verify_after]
     verify_rate = sum(samples) / len(samples)
-    bound = cores * verify_rate / args.validators
+
+    def bound_at(rate: float) -> float:
+        """Transactions/s the cores could verify, one check per validator."""
+        return cores * rate / args.validators
+
+    bound = bound_at(verify_rate)
     for p in points:
-        point_bound = cores * p["verify_per_s_per_core"] / args.validators
-        p["ratio_to_bound"] = round(p["committed_tx_s"] / point_bound, 3)
+        p["ratio_to_bound"] = round(p["committed_tx_s"] / bound_at(p["verify_per_s_per_core"]), 3)
     peak = max((p["committed_tx_s"] for p in points), default=0.0)
     best_point_ratio = max((p["ratio_to_bound"] for p in points), default=0.0)
     print_table(
