@@ -107,6 +107,9 @@ class Node:
         self.transport = transport
         self.counters: Counter[str] = Counter()
         self._frames = frame_cache or FrameCache(max_bytes=64 * 1024 * 1024)
+        self._links_vouch = transport.authenticated_links
+        """Direct frames from their link peer skip the envelope signature
+        check (:mod:`.wire`, "Who vouches for the sender")."""
         self._window = SequenceWindow(replay_window)
         self._handlers: dict[int, Handler] = {}
         self._timers: list[tuple[float, int, Timer]] = []
@@ -300,7 +303,7 @@ class Node:
 
     def _handle(self, peer: PeerId, frame: bytes) -> None:
         try:
-            envelope = self._frames.decode(frame)
+            envelope = self._frames.decode(frame, link_peer=peer if self._links_vouch else None)
             if envelope.type not in RELAYABLE:
                 if envelope.sender != peer:
                     raise SenderMismatch("point-to-point frame relayed by a third party")

@@ -151,6 +151,11 @@ class SimTransport:
     def local_id(self) -> PeerId:
         return self._endpoint.peer
 
+    @property
+    def authenticated_links(self) -> bool:
+        """The network delivers each frame with its true sender."""
+        return True
+
     def send_nowait(self, peer: PeerId, frame: bytes) -> bool:
         return self._network._send(self._endpoint, peer, frame)
 

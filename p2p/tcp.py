@@ -56,6 +56,7 @@ from .handshake import (
     AUTH_BYTES,
     HELLO_BYTES,
     LENGTH_BYTES,
+    SUITE_PLAINTEXT,
     Handshake,
     HandshakeResult,
     Session,
@@ -299,6 +300,12 @@ class TcpTransport:
     @property
     def local_id(self) -> PeerId:
         return self._identity.public_key
+
+    @property
+    def authenticated_links(self) -> bool:
+        """Every session is sealed unless this end asked for plaintext
+        (``choose_suite`` never picks plaintext for one end alone)."""
+        return self.config.suites != SUITE_PLAINTEXT
 
     def send_nowait(self, peer: PeerId, frame: bytes) -> bool:
         """Queue ``frame`` for ``peer``; ``False`` (and a counted reason) if dropped.

@@ -35,6 +35,16 @@ class Transport(Protocol):
         """The key this endpoint speaks for."""
         ...
 
+    @property
+    def authenticated_links(self) -> bool:
+        """Whether every frame :meth:`receive` yields was sent, byte for
+        byte, by the peer it names: true of sealed TCP sessions (AEAD keys
+        from a handshake that proved the peer's key) and of the simulated
+        network (it knows the sender by construction); false where a
+        session may be plaintext. When true, a node takes a direct frame's
+        envelope signature as proven by the link (:mod:`.wire`)."""
+        ...
+
     def send_nowait(self, peer: PeerId, frame: bytes) -> bool:
         """Queue ``frame`` for ``peer``; ``False`` if it was dropped."""
         ...

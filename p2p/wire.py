@@ -13,11 +13,24 @@ as sent (and refusing any non-canonical encoding) means a receiver never
 re-encodes to verify, so a 1 MiB body costs no extra copy.
 
 Why one envelope for every layer: consensus, gossip and client traffic all
-need the same three checks (well-formed, signed by whom it claims, not a
+need the same three checks (well-formed, from whom it claims, not a
 replay), and doing them once, here, before any handler runs, means no layer
-can forget one. Message types are channel numbers in the CometBFT manner:
-``p2p`` names the channels of protocol version 1, the layer that owns a
-channel defines what its body means.
+can forget one.
+
+Who vouches for the sender. A relayed frame (``RELAYABLE``) is vouched for
+by its signature alone. A direct frame from the very peer whose
+authenticated link delivered it (``decode``'s ``link_peer``) is vouched for
+by the link: a sealed session authenticates every byte with keys from a
+handshake that proved the peer's key, and the simulated network knows the
+sender by construction. Its signature is then not checked: the check would
+repeat, at ~90 µs a frame, what the link already proved. This is PBFT's own
+normal-case rule (Castro and Liskov, 2002: authenticated channels instead
+of signatures); the layers that need third-party proof (PBFT certificates,
+transactions) carry their own signatures inside the body and check them.
+
+Message types are channel numbers in the CometBFT manner: ``p2p`` names
+the channels of protocol version 1, the layer that owns a channel defines
+what its body means.
 
 Every failure raises a subclass of :class:`WireError` and nothing else.
 """
@@ -98,7 +111,8 @@ _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A decoded, signature-checked frame."""
+    """A decoded frame whose sender is authenticated: by its signature, or
+    (direct channels) by the link that delivered it from that sender."""
 
     version: int
     type: int
@@ -168,13 +182,40 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
-def decode(frame: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Envelope:
+def decode(
+    frame: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES, link_peer: PeerId | None = None
+) -> Envelope:
     """Parse and verify one frame, or raise a :class:`WireError` subclass.
 
     The order of checks is cheapest first, so garbage costs little: size,
     msgpack, shape, version and type, canonical form, and only then the
     signature.
+
+    ``link_peer``: the peer whose *authenticated* link delivered ``frame``
+    (a transport with ``authenticated_links``), or None. A direct-channel
+    frame whose sender is that peer skips the signature check (see the
+    module docstring); every other check still runs. Pass None for bytes
+    of unknown origin.
     """
+    envelope = _parse(frame, max_frame_bytes)
+    if not _link_vouches(envelope, link_peer):
+        _check_signature(envelope)
+    return envelope
+
+
+def _link_vouches(envelope: Envelope, link_peer: PeerId | None) -> bool:
+    """Whether an authenticated link from ``link_peer`` proves ``envelope``'s sender."""
+    return envelope.sender == link_peer and envelope.type not in RELAYABLE
+
+
+def _check_signature(envelope: Envelope) -> None:
+    frame = envelope.frame
+    if not verify(envelope.sender, _DOMAIN + frame[1 : -SIGNATURE_BYTES - 2], envelope.signature):
+        raise BadSignature("signature does not verify under the sender's key")
+
+
+def _parse(frame: bytes, max_frame_bytes: int) -> Envelope:
+    """Every check but the signature."""
     if not isinstance(frame, bytes | bytearray | memoryview):
         raise MalformedEnvelope(f"a frame is bytes, not {type(frame).__name__}")
     frame = bytes(frame)
@@ -223,8 +264,6 @@ def decode(frame: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> Envelope:
         or frame[-SIGNATURE_BYTES - 2 : -SIGNATURE_BYTES] != _SIG_TRAILER
     ):
         raise MalformedEnvelope("non-canonical encoding")
-    if not verify(sender, _DOMAIN + frame[1 : -SIGNATURE_BYTES - 2], signature):
-        raise BadSignature("signature does not verify under the sender's key")
     return Envelope(version, msg_type, sender, seq, body, signature, frame)
 
 
@@ -237,6 +276,11 @@ class FrameCache:
     verified once and its body held once, instead of 10,000 times. Each
     frame is still checked before anyone uses it. Failures are not cached.
     The cache is bounded by total frame bytes (least recently used goes).
+
+    An entry remembers whether its signature was checked: one accepted on a
+    link's word (``link_peer``) is parsed, not verified, so a later lookup
+    that the link does not vouch for (another receiver, a relay) verifies
+    it then, once, and a bad signature still raises there.
     """
 
     def __init__(
@@ -244,21 +288,29 @@ class FrameCache:
     ) -> None:
         self.max_bytes = max_bytes
         self.max_frame_bytes = max_frame_bytes
-        self._entries: OrderedDict[bytes, Envelope] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[Envelope, bool]] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def decode(self, frame: bytes) -> Envelope:
-        envelope = self._entries.get(frame)
-        if envelope is not None:
+    def decode(self, frame: bytes, *, link_peer: PeerId | None = None) -> Envelope:
+        """:func:`decode`, memoized; ``link_peer`` as there."""
+        entry = self._entries.get(frame)
+        if entry is not None:
             self.hits += 1
             self._entries.move_to_end(frame)
+            envelope, verified = entry
+            if not verified and not _link_vouches(envelope, link_peer):
+                _check_signature(envelope)
+                self._entries[frame] = (envelope, True)
             return envelope
         self.misses += 1
-        envelope = decode(frame, max_frame_bytes=self.max_frame_bytes)
+        envelope = _parse(frame, self.max_frame_bytes)
+        verified = not _link_vouches(envelope, link_peer)
+        if verified:
+            _check_signature(envelope)
         if len(frame) <= self.max_bytes:
-            self._entries[frame] = envelope
+            self._entries[frame] = (envelope, verified)
             self._bytes += len(frame)
             while self._bytes > self.max_bytes:
                 old, _ = self._entries.popitem(last=False)

@@ -21,7 +21,11 @@ def test_every_exported_name_exists_and_nothing_private_leaks():
 
 def test_the_wire_api_other_packages_rely_on():
     assert p2p.decode is wire.decode
-    assert set(inspect.signature(wire.decode).parameters) == {"frame", "max_frame_bytes"}
+    assert set(inspect.signature(wire.decode).parameters) == {
+        "frame",
+        "max_frame_bytes",
+        "link_peer",
+    }
     wire_errors = [
         c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.WireError)
     ]
@@ -31,7 +35,7 @@ def test_the_wire_api_other_packages_rely_on():
 
 def test_both_transports_implement_the_interface():
     for transport in (p2p.SimTransport, p2p.TcpTransport):
-        for member in ("local_id", "send_nowait", "receive", "stats"):
+        for member in ("local_id", "authenticated_links", "send_nowait", "receive", "stats"):
             assert hasattr(transport, member), (transport, member)
     assert isinstance(p2p.SimNetwork(seed=0).add_node(b"k" * 32), Transport)
 

@@ -33,7 +33,8 @@ import pytest
 import trio
 import trio.testing
 
-from fedchain.p2p.handshake import SUITE_AES256GCM, SUITE_SEALED
+from fedchain.p2p import wire
+from fedchain.p2p.handshake import SUITE_AES256GCM, SUITE_PLAINTEXT, SUITE_SEALED
 from fedchain.p2p.identity import Identity, PeerId
 from fedchain.p2p.node import open_node
 from fedchain.p2p.simnet import Constant, LinkModel, SimNetwork
@@ -385,3 +386,64 @@ async def test_nodes_exchange_signed_messages_and_count_garbage(open_mesh):
             assert bob.counters["accepted"] == 1 + probes
             assert alice.counters["accepted"] == 1 + probes
             assert len(pongs) == 1 + probes
+
+
+def _badly_signed(identity: Identity, msg_type: int, seq: int, body: bytes) -> bytes:
+    frame = wire.sign(identity, msg_type, seq, body).frame
+    return frame[:-1] + bytes([frame[-1] ^ 1])
+
+
+async def _bob_hears(mesh: Mesh, frames: list[bytes]) -> tuple[list[bytes], Counter[str]]:
+    """Push ``frames`` from alice's raw transport to a node on bob's, then a
+    well-signed PING from alice as an end marker (order is not promised, so
+    wait for the marker and for every frame to be counted one way or the
+    other); the bodies bob's PING handler saw and bob's counters."""
+    alice_id, bob_id = mesh.identities
+    ta, tb = mesh.transports
+    seen: list[bytes] = []
+    async with open_node(bob_id, tb) as bob:
+        bob.register(MessageType.PING, lambda peer, envelope: seen.append(envelope.body))
+        for frame in [*frames, wire.sign(alice_id, MessageType.PING, 1_000, b"end").frame]:
+            assert ta.send_nowait(bob_id.public_key, frame)
+        with trio.fail_after(TIMEOUT):
+            await until(
+                lambda: (
+                    b"end" in seen
+                    and bob.counters["accepted"] + bob.counters["rejected.bad_signature"]
+                    == len(frames) + 1
+                )
+            )
+        return seen, bob.counters
+
+
+async def test_a_link_vouches_for_its_own_peers_direct_frames_only(open_mesh):
+    """W5 end to end: on an authenticated link a direct frame from the link's
+    peer needs no valid envelope signature (the link proved every byte),
+    while a relayable one, or one signed by a third party, is still checked."""
+    carol_id = Identity(b"\x07" * 32)  # not on the mesh: alice passes her frame on
+    async with open_mesh(2) as mesh:
+        alice_id, _ = mesh.identities
+        assert all(transport.authenticated_links for transport in mesh.transports)
+        seen, counters = await _bob_hears(
+            mesh,
+            [
+                _badly_signed(alice_id, MessageType.PING, 1, b"direct"),
+                _badly_signed(alice_id, MessageType.GOSSIP, 2, b"relayable"),
+                _badly_signed(carol_id, MessageType.PING, 3, b"third party"),
+            ],
+        )
+    assert sorted(seen) == [b"direct", b"end"]
+    assert counters["rejected.bad_signature"] == 2
+
+
+async def test_a_plaintext_link_vouches_for_nothing():
+    """The benchmark's plaintext suite authenticates the handshake only: any
+    bytes after it could be injected, so every envelope signature is checked."""
+    async with open_tcp_mesh(2, suites=SUITE_PLAINTEXT) as mesh:
+        alice_id, _ = mesh.identities
+        assert not any(transport.authenticated_links for transport in mesh.transports)
+        seen, counters = await _bob_hears(
+            mesh, [_badly_signed(alice_id, MessageType.PING, 1, b"direct")]
+        )
+    assert seen == [b"end"]
+    assert counters["rejected.bad_signature"] == 1

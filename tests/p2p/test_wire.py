@@ -1,5 +1,5 @@
 """The wire envelope: round trips, strict refusal of anything else, replay
-window. Invariants W1-W4 of p2p/SPEC.md."""
+window. Invariants W1-W5 of p2p/SPEC.md."""
 
 from __future__ import annotations
 
@@ -162,6 +162,29 @@ def test_a_signature_from_another_key_is_refused():
         wire.decode(wire.encode(forged))
 
 
+def _with_bad_signature(frame: bytes) -> bytes:
+    return frame[:-1] + bytes([frame[-1] ^ 1])
+
+
+@given(message_types, seqs, bodies, st.sampled_from([ALICE, BOB]), st.sampled_from([None, 0, 1]))
+@settings(max_examples=300, deadline=None)
+def test_a_link_vouches_only_for_direct_frames_from_its_own_peer(msg_type, seq, body, signer, link):
+    """W5: a bad signature is refused unless the frame is a direct one and
+    the authenticated link it came over is its sender's; every other check
+    still runs either way."""
+    link_peer = None if link is None else (ALICE, BOB)[link].public_key
+    frame = _with_bad_signature(wire.encode(wire.sign(signer, msg_type, seq, body)))
+    vouched = link_peer == signer.public_key and msg_type not in wire.RELAYABLE
+    if vouched:
+        envelope = wire.decode(frame, link_peer=link_peer)
+        assert (envelope.sender, envelope.body, envelope.frame) == (signer.public_key, body, frame)
+    else:
+        with pytest.raises(BadSignature):
+            wire.decode(frame, link_peer=link_peer)
+    with pytest.raises(UnknownVersion):  # the link vouches for a sender, not for the bytes
+        wire.decode(frame[:1] + b"\x02" + frame[2:], link_peer=link_peer)
+
+
 def test_message_ids_are_distinct_per_content_and_stable():
     a = wire.sign(ALICE, wire.MessageType.GOSSIP, 1, b"a")
     b = wire.sign(ALICE, wire.MessageType.GOSSIP, 1, b"b")
@@ -221,6 +244,21 @@ class TestFrameCache:
             with pytest.raises(BadSignature):
                 cache.decode(bad)
         assert cache.misses == 3
+
+    def test_an_entry_taken_on_a_links_word_is_verified_for_anyone_else(self):
+        cache = wire.FrameCache(max_bytes=10_000)
+        good = wire.encode(wire.sign(ALICE, wire.MessageType.CONSENSUS, 1, b"x"))
+        bad = _with_bad_signature(
+            wire.encode(wire.sign(ALICE, wire.MessageType.CONSENSUS, 2, b"y"))
+        )
+        for frame in (good, bad):
+            assert cache.decode(frame, link_peer=ALICE.public_key).frame == frame
+        assert cache.decode(good, link_peer=BOB.public_key).frame == good  # verified now
+        for link_peer in (None, BOB.public_key):
+            with pytest.raises(BadSignature):
+                cache.decode(bad, link_peer=link_peer)
+        assert cache.decode(bad, link_peer=ALICE.public_key).frame == bad
+        assert (cache.hits, cache.misses) == (4, 2)
 
     def test_bounded_by_bytes(self):
         cache = wire.FrameCache(max_bytes=1000)
