@@ -123,7 +123,8 @@ class Mode(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Receive:
-    """``message`` arrived in an envelope signed by ``sender``."""
+    """``message`` arrived in an envelope whose sender, ``sender``, the p2p
+    layer authenticated (by its signature or by the link it came over)."""
 
     sender: PeerId
     message: Message

@@ -1,9 +1,10 @@
 """PBFT wire messages, their signatures and their strict codecs.
 
 Every message is a msgpack array ``[kind, field..., signature]`` carried in
-the body of a ``MessageType.CONSENSUS`` envelope. The envelope is signed
-hop by hop by the p2p layer, which is enough for a message used only by its
-direct receiver; but PRE-PREPARE, PREPARE and CHECKPOINT messages are also
+the body of a ``MessageType.CONSENSUS`` envelope. The p2p layer
+authenticates the envelope's sender hop by hop (its signature, or the
+sealed link it came over: p2p SPEC W5), which is enough for a message used
+only by its direct receiver; but PRE-PREPARE, PREPARE and CHECKPOINT messages are also
 forwarded inside VIEW-CHANGE and NEW-VIEW proofs, where a third party must
 check who said them. So each of those carries its author's own Ed25519
 signature over a domain tag, the chain id and the packed fields before the

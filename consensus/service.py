@@ -11,8 +11,9 @@ Why these choices:
 - Submissions are admitted in batches and forwarded to the other validators
   in batches (``forward_batch`` transactions or ``forward_delay`` seconds,
   whichever comes first): one signed envelope per batch instead of one per
-  transaction, since a signature check per envelope costs as much as the
-  transaction's own. A backup that saw no commit for ``reforward_interval``
+  transaction, since signing an envelope (and checking it, where the link
+  does not vouch for its sender) costs as much as the transaction's own
+  check. A backup that saw no commit for ``reforward_interval``
   while it holds pending transactions relays them to the primary (PBFT's
   rule), so a lost forward costs half a second, not a view change.
 - Forwards go to the validators of the ledger's current epoch (it follows
