@@ -7,8 +7,10 @@ in this process signs every transaction beforehand (outside the clock),
 then offers write load at each rate for ``--seconds``, spreading batches of
 submissions over the validators round robin, and reads commit times from
 one validator's block feed. Per point: committed tx/s over the steady part
-of the window, p50 / p99 commit latency (submit to the feed's notice), and
-how many submissions got the explicit busy answer. Between points the
+of the window, p50 / p99 commit latency (submit to the feed's notice), how
+many submissions got the explicit busy answer, the blocks that carried the
+point's transactions (so the transactions per block, over which the
+per-block costs spread) and the validators' CPU per transaction. Between points the
 validators drain, so each point starts from an empty mempool.
 
 In the same run it measures this machine's Ed25519 verification rate on one
@@ -38,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-rates", default="1000,4000,16000", help="offered queries/s")
     parser.add_argument("--validators", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1000, help="PBFT batch (transactions)")
+    parser.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=None,
+        help="seconds a short batch waits (fedchain node --batch-timeout; default: the node's)",
+    )
     parser.add_argument(
         "--mempool", type=int, default=3000, help="each validator's mempool bound (transactions)"
     )
@@ -118,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             "p99 ms",
             "busy",
             "accepted",
+            "txs/block",
             "CPU µs/tx/validator",
             "load generator cores",
             "verify/s/core before",
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 p["p99_ms"],
                 p["busy"],
                 p["accepted"],
+                p["txs_per_block"],
                 p["validator_cpu_us_per_tx"],
                 p["load_generator_cores"],
                 p["verify_per_s_per_core"],
@@ -355,7 +365,10 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             str(args.queue_seconds),
             "--journal-sync",
             args.journal_sync,
-        ] + (["--default-gc"] if args.default_gc else [])
+        ]
+        command += ["--default-gc"] if args.default_gc else []
+        if args.batch_timeout is not None:
+            command += ["--batch-timeout", str(args.batch_timeout)]
         with open(home / "node.log", "wb") as log:  # the child keeps its own copy
             processes.append(
                 await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=log)
@@ -476,6 +489,7 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
     submitted: dict[bytes, float] = {}
     committed: dict[bytes, float] = {}
     statuses = {"busy": 0, "accepted": 0, "refused": 0}
+    notices: list[list[bytes]] = []  # each block feed notice's digests, in order
     answers = {"count": 0, "sample": []}
 
     def on_reply(peer, envelope) -> None:
@@ -483,6 +497,7 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
         op = fields[0]
         now = trio.current_time()
         if op == ClientOp.BLOCK:
+            notices.append(fields[3])
             for digest in fields[3]:
                 committed.setdefault(digest, now)
         elif op == ClientOp.SUBMITTED:
@@ -569,6 +584,7 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
             # point's verification rate, for the ratio to its own bound.
             verify_rate = measure_verify_rate(probe)
             before = dict(statuses)
+            notices_before = len(notices)
             cpu_before = _cpu_seconds(pids)
             own_before, wall_before = time.process_time(), time.perf_counter()
             start = trio.current_time()
@@ -602,6 +618,10 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
             steady_from = start + min(1.0, args.seconds / 4)
             in_window = sum(1 for d in names if steady_from <= committed.get(d, -1) <= end)
             latencies = np.array([committed[d] - submitted[d] for d in names if d in committed])
+            # Blocks that carried this point's transactions: the per-block
+            # costs (votes, frames, fsyncs) are spread over this many.
+            mine = set(names)
+            blocks = sum(1 for ds in notices[notices_before:] if any(d in mine for d in ds))
             points.append(
                 {
                     "offered_tx_s": rate,
@@ -618,6 +638,8 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                     "validator_cpu_us_per_tx": round(cpu / len(pids) / len(latencies) * 1e6)
                     if len(latencies)
                     else None,
+                    "blocks": blocks,
+                    "txs_per_block": round(len(latencies) / blocks, 1) if blocks else None,
                     "load_generator_cores": round(own_cores, 3),
                     "verify_per_s_per_core": round(verify_rate),
                 }

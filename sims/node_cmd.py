@@ -17,7 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, required=True, help="a folder fedchain testnet wrote")
     parser.add_argument("--status-every", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=1000, help="PBFT batch (transactions)")
-    parser.add_argument("--batch-timeout", type=float, default=0.02, help="seconds")
+    parser.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=None,
+        help="seconds a short batch waits (default: PbftConfig's, 0.05)",
+    )
     parser.add_argument("--mempool", type=int, default=20_000, help="mempool bound (transactions)")
     parser.add_argument(
         "--queue-seconds",
@@ -96,9 +101,10 @@ async def serve(home, args: argparse.Namespace) -> None:
     from fedchain.consensus.store import SqliteBlockStore
 
     store = SqliteBlockStore(home.store_path)
+    batch_timeout = args.batch_timeout
     pbft = PbftConfig(
         batch_size=args.batch_size,
-        batch_timeout=args.batch_timeout,
+        batch_timeout=PbftConfig.batch_timeout if batch_timeout is None else batch_timeout,
         view_change_timeout=args.view_timeout,
     )
     try:

@@ -198,6 +198,9 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     assert point["offered_tx_s"] == 100 and point["busy"] == 0
     assert point["committed"] == point["accepted"] == 100
     assert point["validator_cpu_us_per_tx"] > 0
+    # Every block the feed announced that carried this point's transactions.
+    assert 1 <= point["blocks"] <= 100
+    assert point["txs_per_block"] == round(100 / point["blocks"], 1)
     assert 0 < point["load_generator_cores"] <= 2  # one process, measured over the point
     assert 0 < point["p50_ms"] <= point["p99_ms"]
     (query,) = figures["queries_tcp"]
