@@ -10,8 +10,8 @@ one validator's block feed. Per point: committed tx/s over the steady part
 of the window, p50 / p99 commit latency (submit to the feed's notice), how
 many submissions got the explicit busy answer, the blocks that carried the
 point's transactions (so the transactions per block, over which the
-per-block costs spread) and the validators' CPU per transaction. Between points the
-validators drain, so each point starts from an empty mempool.
+per-block costs spread) and the validators' CPU per transaction. Between
+points the validators drain, so each point starts from an empty mempool.
 
 In the same run it measures this machine's Ed25519 verification rate on one
 core and prints the bound it implies: cores x verifications per second /
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
+    from fedchain.consensus.pbft import PbftConfig
     from fedchain.sims.collector import tune_for_throughput
     from fedchain.sims.report import emit_json, peak_rss_bytes, print_table
 
@@ -204,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
             "cores": cores,
             "queue_seconds": args.queue_seconds,
             "journal_sync": args.journal_sync,
+            "batch_timeout_s": PbftConfig.batch_timeout
+            if args.batch_timeout is None
+            else args.batch_timeout,
             "default_gc": args.default_gc,
             "verify_per_s_per_core": round(verify_rate),
             "verify_per_s_per_core_samples": [round(r) for r in samples],

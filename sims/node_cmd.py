@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-timeout",
         type=float,
         default=None,
-        help="seconds a short batch waits (default: PbftConfig's, 0.05)",
+        help="seconds a short batch waits (default: PbftConfig's)",
     )
     parser.add_argument("--mempool", type=int, default=20_000, help="mempool bound (transactions)")
     parser.add_argument(
