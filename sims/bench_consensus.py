@@ -84,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
 
     import trio
 
-    from fedchain.consensus.pbft import PbftConfig
     from fedchain.sims.collector import tune_for_throughput
     from fedchain.sims.report import emit_json, peak_rss_bytes, print_table
 
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     query_in_process = measure_query_in_process(args.seed)
     with tempfile.TemporaryDirectory(prefix="fedchain-bench-") as tmp:
         homes = args.keep or Path(tmp)
-        points, queries, validator_rss = trio.run(
+        points, queries, validator_rss, batch_timeouts = trio.run(
             _real_clock, args, rates, query_rates, homes, probe
         )
     # This machine's speed drifts over minutes (a shared VM: 8,600 to 15,700
@@ -205,9 +204,7 @@ def run(args: argparse.Namespace) -> int:
             "cores": cores,
             "queue_seconds": args.queue_seconds,
             "journal_sync": args.journal_sync,
-            "batch_timeout_s": PbftConfig.batch_timeout
-            if args.batch_timeout is None
-            else args.batch_timeout,
+            "batch_timeout_s": batch_timeouts[0] if len(batch_timeouts) == 1 else batch_timeouts,
             "default_gc": args.default_gc,
             "verify_per_s_per_core": round(verify_rate),
             "verify_per_s_per_core_samples": [round(r) for r in samples],
@@ -377,6 +374,7 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             processes.append(
                 await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=log)
             )
+    readies = []
     for process in processes:  # each prints one JSON line once it listens
         line = b""
         while not line.endswith(b"\n"):
@@ -384,8 +382,8 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             if not chunk:
                 raise RuntimeError("a validator process exited before it listened")
             line += chunk
-        json.loads(line)
-    return [load_home(h) for h in homes], processes
+        readies.append(json.loads(line))
+    return [load_home(h) for h in homes], processes, readies
 
 
 def _rss_of(pid: int) -> int:
@@ -406,11 +404,13 @@ async def _real_clock(
 ):
     import trio
 
-    homes, processes = await _start_validators(args, tmp)
+    homes, processes, readies = await _start_validators(args, tmp)
     try:
         pids = [p.pid for p in processes]
         points, queries = await _drive(args, rates, query_rates, homes, pids, probe)
-        return points, queries, max(_rss_of(p.pid) for p in processes)
+        # What the validators say they run with, not what was asked for.
+        batch_timeouts = sorted({ready["batch_timeout_s"] for ready in readies})
+        return points, queries, max(_rss_of(p.pid) for p in processes), batch_timeouts
     finally:
         for process in processes:
             process.terminate()

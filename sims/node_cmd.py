@@ -127,6 +127,8 @@ async def serve(home, args: argparse.Namespace) -> None:
                     "key": home.identity.public_key.hex(),
                     "listen": f"{host}:{port}",
                     "height": store.tip(),
+                    "batch_size": pbft.batch_size,
+                    "batch_timeout_s": pbft.batch_timeout,
                 }
                 print(json.dumps(ready), flush=True)
                 async with trio.open_nursery() as nursery:

@@ -19,6 +19,7 @@ import trio
 
 from fedchain.consensus.client import LedgerClient
 from fedchain.consensus.contracts import kv_key, kv_set
+from fedchain.consensus.pbft import PbftConfig
 from fedchain.consensus.tx import sign_transaction
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.node import open_node
@@ -39,7 +40,10 @@ async def _start(home: Path) -> trio.Process:
         chunk = await process.stdout.receive_some(1)
         assert chunk, "the node exited before it listened"
         line += chunk
-    assert json.loads(line)["listen"]
+    ready = json.loads(line)
+    assert ready["listen"]
+    # What it runs with: the batch asked for, PBFT's default timeout.
+    assert (ready["batch_size"], ready["batch_timeout_s"]) == (50, PbftConfig.batch_timeout)
     return process
 
 
