@@ -272,6 +272,39 @@ def test_a_restarted_validator_one_block_behind_a_quiet_cluster_catches_up() -> 
     assert live[2].node.counters["sync.blocks_received"] > 0
 
 
+def _random_faults(seed: int) -> dict:
+    """A seeded mix within the model for :func:`_run_cluster`: at most one
+    validator crashed for good, cut off for a while, or restarted on its
+    store; 0, 5 or 10% loss; in two runs of five a {0, 1} | {2, 3}
+    partition that heals."""
+    rng = np.random.default_rng(seed + 777)
+    kind = str(rng.choice(["none", "crashed", "restart", "cut_off"]))
+    victim = int(rng.integers(4))
+    crashed = {victim} if kind == "crashed" else set()
+    faults: dict = {"seed": seed, "duration": 14.0, "crashed": crashed}
+    if kind == "restart":
+        down = float(rng.uniform(0.1, 2.5))
+        faults["restart"] = (victim, down, down + float(rng.uniform(0.2, 3)))
+    if kind == "cut_off":
+        faults["cut_off"] = (victim, float(rng.uniform(0.5, 4)))
+    faults["loss"] = float(rng.choice([0.0, 0.05, 0.1]))
+    if rng.random() < 0.4:
+        start = float(rng.uniform(0.2, 2))
+        faults["partition"] = (start, start + float(rng.uniform(0.5, 3)))
+    return faults
+
+
+@pytest.mark.parametrize("seed", [7, 9, 12, 13])
+def test_random_fault_mix_keeps_every_store_agreeing_and_complete(seed: int) -> None:
+    """The seeded mix of ``_random_faults`` (the sweep over it that found
+    the quiet-cluster laggard above passed 700 seeds after the fix; these
+    four cover a cut-off validator, a crashed one, a restarted primary,
+    loss and partitions): the stores agree block for block, verify, and
+    hold every transaction exactly once."""
+    genesis, txs, live, wall = _run_cluster(**_random_faults(seed))
+    _check(genesis, txs, live, wall)
+
+
 def test_replay_refuses_a_stored_block_without_a_quorum() -> None:
     """A restart re-checks what it stored; a bad block is named, not trusted."""
     rng = np.random.Generator(np.random.PCG64(3))
