@@ -57,9 +57,13 @@ validators, and it becomes a validator when a later epoch includes it.
 CONSENSUS frames reaching a follower are counted
 (``consensus.not_validator``) and dropped. A validator polls too, every
 four intervals, but only while PBFT is stalled (no block since the last
-poll, and changing views or holding work): should the quorum that
-committed a change block move on to the new epoch before this replica saw
-enough COMMITs, the old epoch's own state transfer would never start.
+poll): at once while changing views or holding work, backing off to every
+16th poll when idle. Should the quorum that committed a change block move
+on to the new epoch before this replica saw enough COMMITs, or the replica
+restart in an epoch the others have left, the old epoch's own state
+transfer would never start. A follower also sends on again, after a poll
+interval without a block, what its clients gave it and the validators
+did not take (``LedgerService._reforward``).
 
 Known gaps (documented, not hidden):
 
@@ -74,8 +78,10 @@ Known gaps (documented, not hidden):
   timer running. A validator that joins in a new epoch never got the
   forwards sent before it joined: if it is the new epoch's primary, those
   transactions wait for a view change.
-* The stalled validator's poll above is a fallback that no test forces
-  (the tests' change blocks reach every validator by PBFT).
+* The stalled validator's poll above is forced by one test (a validator
+  restarted in the epoch the others left); a validator that missed the
+  change block's COMMITs while running is covered by the same path but
+  not forced by a test.
 * A follower checks blocks, not peers: it takes BLOCK_SYNC answers from
   anyone (unsolicited ones included) and asks only the current epoch's
   validators, so one far behind relies on retired validators still
@@ -269,6 +275,7 @@ class LedgerReplica:
         self._poll_timer: Timer | None = None
         self._poll_round = 0
         self._stalled_at = -1
+        self._quiet_polls = 0
         self._started = False
         self.epoch_changes = 0
         """Epoch switches this process made (restarts land in an epoch without one)."""
@@ -602,16 +609,29 @@ class LedgerReplica:
     def _poll(self) -> None:
         """Ask a validator of the epoch for the blocks above the tip: always
         as a follower; as a validator only when PBFT has not executed since
-        the last poll and is changing views or has work (the quorum that
-        committed a block may have moved on to a new epoch whose messages
-        this replica cannot verify, so PBFT's own transfer might never start)."""
+        the last poll (the quorum that committed a block may have moved on
+        to a new epoch whose messages this replica cannot verify, so PBFT's
+        own transfer might never start). A stalled validator that is
+        changing views or has work asks every time; an idle one asks after
+        1, 2, 4, 8 and then every 16 quiet polls, so a quiet cluster costs
+        one small request a validator every 16 polls, yet a validator
+        restarted in an epoch the others have left (nothing to do, nobody
+        left to send it that epoch's messages) still learns of the change:
+        a seeded sweep of restarts around a validator change found one
+        stuck at its stored height for good."""
         replica = self.replica
         if replica is not None:
             stalled = self.tip.height == self._stalled_at
             self._stalled_at = self.tip.height
-            busy = replica.mode is not Mode.NORMAL or self.pending() > 0 or self._spec
-            if not stalled or not busy:
+            if not stalled:
+                self._quiet_polls = 0
                 return
+            busy = replica.mode is not Mode.NORMAL or self.pending() > 0 or self._spec
+            if not busy:
+                self._quiet_polls += 1
+                quiet = self._quiet_polls
+                if quiet & (quiet - 1) and quiet % 16:  # neither a power of two nor a 16th
+                    return
         peers = [v for v in self.validators if v != self.me]
         if not peers:
             return

@@ -324,24 +324,36 @@ class LedgerService:
         holding pending transactions sends what the primary could propose
         next straight to it. (Relaying while proposals are in flight fed a
         loop under overload: the primary spent its time refusing
-        duplicates, commits slowed, and more relays followed.)"""
+        duplicates, commits slowed, and more relays followed.)
+
+        A follower does the same towards every validator of the epoch: the
+        validators admit its forwards as a client's, so paced admission may
+        have answered them busy, and a validator that became a follower at
+        an epoch change may hold transactions it forwarded to the old set
+        alone. Without this, found by a seeded sweep of restarts around a
+        validator change, those transactions waited in the follower for
+        good while its clients had heard "accepted"."""
         ledger = self.ledger
         replica = ledger.replica
         height = ledger.tip.height
         progressed, self._reforward_height = height != self._reforward_height, height
-        if progressed or replica is None or replica.is_primary or ledger.pending() == 0:
+        if progressed or ledger.pending() == 0:
             return
-        if replica.mode is not Mode.NORMAL:
-            return  # the view is changing: the next primary proposes from its own pool
-        if len(ledger.mempool.in_flight):
+        if replica is None:
+            peers = [v for v in ledger.validators if v != self.node.id]
+        elif replica.is_primary or replica.mode is not Mode.NORMAL:
+            return  # a changing view: the next primary proposes from its own pool
+        elif len(ledger.mempool.in_flight):
             return  # the primary is proposing: it is slow, not idle
+        else:
+            peers = [replica.primary(replica.view)]
         txs = ledger.mempool.reap(
             4 * self.forward_batch,
             ledger.params.max_block_bytes,
             exclude=ledger.mempool.in_flight,
             next_nonce=lambda sender: next_nonce(ledger.tip.state, sender),
         )
-        self._send_forwards([tx.encoded for tx in txs], [replica.primary(replica.view)])
+        self._send_forwards([tx.encoded for tx in txs], peers)
         self.node.counters["client.reforwarded"] += len(txs)
 
     # -- the CLIENT channel ------------------------------------------------------

@@ -26,6 +26,7 @@ from fedchain.consensus.contracts import (
     kv_set,
     validator_change_transaction,
 )
+from fedchain.consensus.errors import DuplicateTransaction, MempoolFull
 from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.pbft import PbftConfig
@@ -73,11 +74,17 @@ def _run(
     restarts=(),
     forge: bool = False,
     client_at: float | None = None,
+    resubmit_after: float | None = None,
+    tail_at: float | None = None,
 ):
     """Run the cluster; ``restarts`` are (index, down_at, up_at) crashes
     followed by a new process on the same store. ``client_at``: then a
     LedgerClient that trusts only the genesis set queries node 0 and waits
-    for a late transaction (what it got lands in ``seen``)."""
+    for a late transaction (what it got lands in ``seen``).
+    ``resubmit_after``: clients send again what has not committed that
+    long after they sent it (a node that crashes loses its mempool, and
+    what it had accepted with it). ``tail_at``: one more transaction then,
+    so a block commits after every restart is over (it joins ``txs``)."""
     rng, identities = _identities(seed)
     ids = [i.public_key for i in identities]
     genesis = Genesis.create(CHAIN, 1_000, ids[:4])
@@ -92,6 +99,9 @@ def _run(
         for c in clients
         for n in range(PER_CLIENT)
     ]
+    tail = sign_transaction(
+        Identity(b"t" * 32), CHAIN, type="kv", content=kv_set("tail", 1), nonce=0, timestamp=0
+    )
     signatures = SignatureCache(CHAIN)
     net = SimNetwork(seed, LinkModel(latency=Constant(0.01)))
     transports = [net.add_node(peer) for peer in ids]
@@ -142,13 +152,28 @@ def _run(
 
             def submit(client: int, tx: Transaction) -> None:
                 via = {6: OUT, 7: EXTRA}.get(client, client % 3)
-                services[client % 3 if via in down else via].submit(tx)
+                try:
+                    services[client % 3 if via in down else via].submit(tx)
+                except MempoolFull:  # busy (paced by commits): ask again, as a client would
+                    net.schedule(trio.current_time() + 0.2, lambda: submit(client, tx))
+                    return
+                except DuplicateTransaction:  # a forward brought it meanwhile
+                    pass
+                if resubmit_after is not None:
+
+                    def again() -> None:
+                        if services[0].committed_at(tx.digest) is None:
+                            submit(client, tx)
+
+                    net.schedule(trio.current_time() + resubmit_after, again)
 
             for k, tx in enumerate(txs):
                 client, n = divmod(k, PER_CLIENT)
                 at = n * 0.1 + client * 0.01
                 net.schedule(at, lambda client=client, tx=tx: submit(client, tx))
             net.schedule(CHANGE_AT, lambda: services[0].submit(change))
+            if tail_at is not None:
+                net.schedule(tail_at, lambda: submit(0, tail))
 
             for index, down_at, up_at in restarts:
 
@@ -228,6 +253,8 @@ def _run(
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    if tail_at is not None:
+        txs.append(tail)
     return genesis, ids, new_set, change, txs, ledgers, seen
 
 
@@ -380,6 +407,59 @@ def test_nodes_restarted_after_the_change_resume_in_their_epoch_and_role() -> No
     assert seen[f"role{OUT}"] == (1, False)
     assert seen[f"role{EXTRA}"] == (1, True)
     assert ledgers[EXTRA].epoch_changes == 0, "the restart began in epoch 1"
+
+
+def test_a_validator_restarted_in_the_epoch_the_others_left_learns_of_the_change() -> None:
+    """Found by a seeded sweep of restarts around the change: the leaving
+    validator crashes before the change commits and restarts after it, an
+    idle validator of epoch 0 on its store. Nobody sends epoch 0's messages
+    any more, so PBFT's own transfer never starts; it used to poll only
+    with work in hand and stayed at its stored height for good. An idle
+    stalled validator now polls too (backing off), follows the change and
+    becomes a follower."""
+    genesis, ids, new_set, change, txs, ledgers, seen = _run(
+        seed=36, restarts=[(OUT, 0.619, 1.952), (EXTRA, 2.174, 3.309)], duration=10.0
+    )
+    h = _check(genesis, ids, new_set, change, txs, ledgers)
+    restarted_at = dict(seen["restarted"])[OUT]
+    assert restarted_at < h, "it restarted in epoch 0"
+    assert seen[f"role{OUT}"] == (0, True)
+    assert ledgers[OUT].epoch_changes == 1
+
+
+def test_a_follower_sends_on_again_what_the_validators_refused() -> None:
+    """Found by the same sweep: with the new validator down, the one that
+    leaves (a follower from the change on) forwards its clients'
+    transactions, which the validators admit as a client's, paced, and
+    answered busy; the follower held them, its clients had heard
+    "accepted", and they never committed. A follower now sends what it
+    still holds again after a poll interval without a block."""
+    genesis, ids, new_set, change, txs, ledgers, _ = _run(
+        seed=15, restarts=[(EXTRA, 1.099, 2.692)], duration=10.0
+    )
+    _check(genesis, ids, new_set, change, txs, ledgers)
+    assert ledgers[OUT].node.counters["client.reforwarded"] > 0
+    refused = sum(ledgers[i].node.counters["tx.busy"] for i in range(3))
+    assert refused > 0, "the validators answered some forward busy"
+
+
+@pytest.mark.parametrize("seed", [23, 40, 118, 150])
+def test_random_restarts_around_the_change(seed: int) -> None:
+    """The sweep's mix: the leaving and the new validator each restart
+    (or not) at random moments around the change, clients send again what
+    has not committed after 2 s (a crashed node loses what it accepted),
+    and one last transaction at 7 s makes every node that is back take
+    part: the run ends agreeing, complete, and in its roles (``_check``)."""
+    rng = np.random.default_rng(seed + 31)
+    restarts = []
+    for index in (OUT, EXTRA):
+        if rng.random() < 0.7:
+            down = float(rng.uniform(0.2, 3.5))
+            restarts.append((index, down, down + float(rng.uniform(0.1, 2.5))))
+    genesis, ids, new_set, change, txs, ledgers, _ = _run(
+        seed=seed, restarts=restarts, duration=10.0, resubmit_after=2.0, tail_at=7.0
+    )
+    _check(genesis, ids, new_set, change, txs, ledgers)
 
 
 def test_a_certificate_of_the_epoch_0_chain_id_does_not_certify_epoch_1() -> None:
