@@ -341,8 +341,10 @@ class LedgerService:
             return
         if replica is None:
             peers = [v for v in ledger.validators if v != self.node.id]
-        elif replica.is_primary or replica.mode is not Mode.NORMAL:
-            return  # a changing view: the next primary proposes from its own pool
+        elif replica.is_primary:
+            return
+        elif replica.mode is not Mode.NORMAL:
+            return  # the view is changing: the next primary proposes from its own pool
         elif len(ledger.mempool.in_flight):
             return  # the primary is proposing: it is slow, not idle
         else:
