@@ -479,6 +479,17 @@ class Replica:
     def high(self) -> int:
         return self.low + self.config.window
 
+    @property
+    def changing_view_alone(self) -> bool:
+        """Changing views with fewer than f+1 VIEW-CHANGEs (its own
+        included) for the view it wants: the others, as far as it knows,
+        stay in the old view, and only they can commit until they time out
+        too (PBFT's f+1 rule makes them join only then)."""
+        if self.mode is not Mode.VIEW_CHANGE:
+            return False
+        wanting = sum(1 for vc in self.view_changes.values() if vc.new_view == self.view)
+        return wanting <= self.f
+
     def _refuse(self, reason: str) -> None:
         self.refused[reason] += 1
 

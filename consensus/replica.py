@@ -72,10 +72,11 @@ Known gaps (documented, not hidden):
   null. Null heights themselves are ordinary certified blocks (``block``
   module docstring).
 * Transactions reach the other validators by one forward from the
-  validator the client chose (:class:`~.service.LedgerService`, batched),
-  sent once: a forward lost (or sent while that validator was cut off) is
-  never repeated, and a transaction only a backup holds keeps its view
-  timer running. A validator that joins in a new epoch never got the
+  validator the client chose (:class:`~.service.LedgerService`, batched);
+  a forward lost (or sent while that validator was cut off) is repeated
+  only by ``LedgerService._reforward`` (after an interval without a
+  commit), and a transaction only a backup holds keeps its view timer
+  running. A validator that joins in a new epoch never got the
   forwards sent before it joined: if it is the new epoch's primary, those
   transactions wait for a view change.
 * The stalled validator's poll above is forced by one test (a validator

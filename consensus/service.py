@@ -15,7 +15,9 @@ Why these choices:
   does not vouch for its sender) costs as much as the transaction's own
   check. A backup that saw no commit for ``reforward_interval``
   while it holds pending transactions relays them to the primary (PBFT's
-  rule), so a lost forward costs half a second, not a view change.
+  rule), so a lost forward costs half a second, not a view change; one
+  that changes views alone (nobody joined) relays them to every other
+  validator, and so does a follower.
 - Forwards go to the validators of the ledger's current epoch (it follows
   validator set changes), so a follower's service admits submissions and
   forwards them likewise; queries and waits are answered from the stored
@@ -332,7 +334,14 @@ class LedgerService:
         an epoch change may hold transactions it forwarded to the old set
         alone. Without this, found by a seeded sweep of restarts around a
         validator change, those transactions waited in the follower for
-        good while its clients had heard "accepted"."""
+        good while its clients had heard "accepted".
+
+        So does a backup changing views alone (:attr:`~.pbft.Replica.changing_view_alone`):
+        its timer ran on transactions the primary never got, say behind a
+        nonce whose forward was lost, and the others, for whom those wait
+        behind the gap and run no timer, never join; only they can commit,
+        in the old view (found by a sweep with clients that send to one
+        validator, under 10% loss)."""
         ledger = self.ledger
         replica = ledger.replica
         height = ledger.tip.height
@@ -341,6 +350,11 @@ class LedgerService:
             return
         if replica is None:
             peers = [v for v in ledger.validators if v != self.node.id]
+        elif replica.changing_view_alone:
+            # Its view timer ran on requests the primary never got (their
+            # forwards lost), and nobody joined: the others stay in the
+            # old view, where only they can commit, so they get them.
+            peers = [v for v in replica.validators if v != self.node.id]
         elif replica.is_primary:
             return
         elif replica.mode is not Mode.NORMAL:

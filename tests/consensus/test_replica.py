@@ -272,6 +272,22 @@ def test_a_restarted_validator_one_block_behind_a_quiet_cluster_catches_up() -> 
     assert live[2].node.counters["sync.blocks_received"] > 0
 
 
+def test_a_backup_alone_in_a_view_change_hands_its_requests_to_the_others() -> None:
+    """Found by a seeded sweep with clients that send each transaction to
+    one validator (10% loss, a restart): the forward of one client's next
+    nonce was lost to the primary and a backup, so there the client's
+    later transactions waited behind the gap (not pending: no view timer
+    runs for them). The validator the client used timed out alone and sat
+    in a view change nobody joined, where it did not relay; the client's
+    last five never committed. A backup alone in a view change now relays
+    what it holds to the others, who stay in the old view and commit it."""
+    genesis, txs, live, wall = _run_cluster(
+        crashed=set(), seed=99, restart=(3, 2.133, 2.467), loss=0.1, multicast=False, duration=14.0
+    )
+    _check(genesis, txs, live, wall)
+    assert max(ledger.replica.view for ledger in live) > 0, "a view change was started"
+
+
 def _random_faults(seed: int) -> dict:
     """A seeded mix within the model for :func:`_run_cluster`: at most one
     validator crashed for good, cut off for a while, or restarted on its
