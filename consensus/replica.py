@@ -638,6 +638,7 @@ class LedgerReplica:
             return
         peer = peers[self._poll_round % len(peers)]
         self._poll_round += 1
+        self.node.counters["sync.polls"] += 1
         height = self.tip.height
         body = msgpack.packb([_SYNC_REQUEST, height + 1, height + MAX_SYNC_BLOCKS])
         self.node.send(peer, MessageType.BLOCK_SYNC, body)
