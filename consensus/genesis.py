@@ -110,11 +110,12 @@ def _check(genesis: Genesis) -> None:
     if any(a >= b for a, b in itertools.pairwise(keys)):
         raise MalformedMessage("validators are sorted and distinct")
     names = [k for k, _ in g.initial_state]
+    # Types first: keys of mixed types cannot be compared for the order check.
+    if any(type(key) is not str or key.startswith("sys/") for key in names):
+        raise MalformedMessage("initial state keys are strings outside sys/")
     if any(a >= b for a, b in itertools.pairwise(names)):
         raise MalformedMessage("initial state keys are sorted and distinct")
     for key, value in g.initial_state:
-        if type(key) is not str or key.startswith("sys/"):
-            raise MalformedMessage("initial state keys are strings outside sys/")
         try:
             check_key(key)
         except ValueError as exc:

@@ -12,7 +12,9 @@ exactly ``k`` indices are chosen; ties go to the lower index.
 
 The payload (:func:`encode_sparse` / :func:`decode_sparse`) sends indices and
 values: magic ``FCS1``, the dense size, ``k``, then ``k`` little-endian
-uint32 indices (ascending) and ``k`` little-endian float32 values.
+uint32 indices (ascending) and ``k`` little-endian float32 values. Values
+are finite: one NaN or infinity from a peer would poison every aggregate it
+joins, so both ends refuse it (:class:`PayloadError`).
 """
 
 from __future__ import annotations
@@ -111,12 +113,22 @@ def encode_sparse(update: SparseUpdate) -> bytes:
     k = len(indices)
     if indices.shape != (k,) or values.shape != (k,):
         raise PayloadError(f"indices {indices.shape} and values {values.shape} must be (k,)")
-    if k and (int(indices.max()) >= update.size or np.any(np.diff(indices.astype(np.int64)) <= 0)):
-        raise PayloadError("indices must be strictly ascending and below size")
+    if not 0 <= update.size < 2**32:
+        raise PayloadError(f"a dense size of {update.size} does not fit the payload")
+    if k and (
+        int(indices.min()) < 0
+        or int(indices.max()) >= update.size
+        or np.any(np.diff(indices.astype(np.int64)) <= 0)
+    ):
+        raise PayloadError("indices must be strictly ascending, from 0 and below size")
+    with np.errstate(over="ignore"):  # a float64 past float32's range: refused below
+        wire_values = values.astype("<f4")
+    if not np.all(np.isfinite(wire_values)):
+        raise PayloadError("values must be finite in float32")
     return (
         _HEADER.pack(_MAGIC, update.size, k)
         + indices.astype("<u4").tobytes()
-        + values.astype("<f4").tobytes()
+        + wire_values.tobytes()
     )
 
 
@@ -133,6 +145,8 @@ def decode_sparse(payload: bytes) -> SparseUpdate:
     values = np.frombuffer(payload, "<f4", k, _HEADER.size + 4 * k).astype(np.float32)
     if k and (int(indices.max()) >= size or np.any(np.diff(indices.astype(np.int64)) <= 0)):
         raise PayloadError("sparse payload indices not strictly ascending or out of range")
+    if not np.all(np.isfinite(values)):
+        raise PayloadError("sparse payload values must be finite")
     return SparseUpdate(indices, values, size)
 
 

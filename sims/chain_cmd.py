@@ -57,19 +57,28 @@ def verify_dir(directory: Path, *, json_only: bool = False) -> int:
         raise SystemExit(f"fedchain chain verify: no {CHAIN_FILE} in {directory}")
     started = time.perf_counter()
     broken: tuple[int, str] | None = None
+
+    def unreadable(broken_at: int | None, error: str) -> int:
+        """Nothing to verify against: say why, as the JSON line too."""
+        figures = {"ok": False, "broken_at": broken_at, "error": error}
+        print(json.dumps(figures) if json_only else f"chain store unreadable: {error}")
+        return 1
+
     try:
         store = SqliteBlockStore(str(path))
     except StoreError as exc:  # damaged rows near the tip are caught on open
-        figures = {"ok": False, "broken_at": None, "error": f"{exc.reason}: {exc}"}
-        print(json.dumps(figures) if json_only else f"chain store unreadable: {exc}")
-        return 1
+        return unreadable(None, f"{exc.reason}: {exc}")
     with store:
-        first = store.get(0)
-        if first is None:
-            raise SystemExit(f"fedchain chain verify: {path} holds no genesis")
-        genesis = decode_genesis(first.data)
+        # Everything rests on the genesis: a damaged one breaks the chain at 0.
+        try:
+            first = store.get(0)
+            if first is None:
+                return unreadable(0, f"{path} holds no genesis")
+            genesis = decode_genesis(first.data)
+        except (StoreError, MalformedMessage) as exc:
+            return unreadable(0, f"{exc.reason}: the genesis: {exc}")
         if genesis.hash != first.block_hash:
-            raise SystemExit("fedchain chain verify: the genesis does not match its hash")
+            return unreadable(0, "the genesis does not match its hash")
         stored_tip = store.tip()
 
         def blocks():

@@ -70,7 +70,7 @@ def _address(text: object, where: Path) -> tuple[str, int]:
     if type(text) is not str or text.count(":") != 1:
         raise HomeError(f"{where}: an address is 'host:port', not {text!r}")
     host, port = text.split(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise HomeError(f"{where}: bad port in {text!r}")
     return host, int(port)
 
@@ -135,12 +135,15 @@ def load_home(path: Path) -> NodeHome:
         genesis = decode_genesis((path / GENESIS_FILE).read_bytes())
     except FileNotFoundError as exc:
         raise HomeError(f"{path} is not a node home: {exc.filename} is missing") from exc
-    except (ValueError, MalformedMessage) as exc:
+    except (OSError, ValueError, MalformedMessage) as exc:  # unreadable, or does not parse
         raise HomeError(f"{path}: {exc}") from exc
     if len(seed) != 32:
         raise HomeError(f"{path / KEY_FILE}: a key is 32 bytes (64 hex digits)")
     if type(config) is not dict or type(config.get("peers")) is not list:
         raise HomeError(f"{path / CONFIG_FILE}: expected an object with 'listen' and 'peers'")
+    index = config.get("index", 0)
+    if type(index) is not int or index < 0:
+        raise HomeError(f"{path / CONFIG_FILE}: index is a whole number, not {index!r}")
     peers = {}
     for peer in config["peers"]:
         try:
@@ -152,7 +155,7 @@ def load_home(path: Path) -> NodeHome:
         peers[key] = _address(peer.get("address"), path / CONFIG_FILE)
     return NodeHome(
         path,
-        int(config.get("index", 0)),
+        index,
         Identity(seed),
         genesis,
         _address(config.get("listen"), path / CONFIG_FILE),

@@ -5,16 +5,19 @@ their bytes alone."""
 
 from __future__ import annotations
 
+import random
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
 import trio
 import trio.testing
+from hostile import HostileTransport
 
 from fedchain.consensus.block import decode_block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor, verify_chain
-from fedchain.consensus.contracts import kv_set
+from fedchain.consensus.contracts import epoch_chain_id, kv_set
 from fedchain.consensus.errors import (
     DuplicateTransaction,
     InvalidCertificate,
@@ -52,6 +55,7 @@ def _run_cluster(
     extra: bytes | None = None,
     multicast: bool = True,
     busy: list[int] | None = None,
+    hostile: int | None = None,
 ):
     rng = np.random.Generator(np.random.PCG64(seed))
     identities = [Identity(rng.bytes(32)) for _ in range(4)]
@@ -80,6 +84,11 @@ def _run_cluster(
         async with trio.open_nursery() as nursery:
 
             def boot(index: int, transport, store) -> LedgerReplica:
+                if index == hostile:  # a byzantine validator: see hostile.py
+                    chain_id = epoch_chain_id(CHAIN, 0)
+                    transport = HostileTransport(
+                        transport, identities[index], chain_id, random.Random(seed)
+                    )
                 node = Node(
                     identities[index],
                     transport,
@@ -329,6 +338,25 @@ def test_random_fault_mix_keeps_every_store_agreeing_and_complete(seed: int) -> 
     agree block for block, verify, and hold every transaction exactly once."""
     genesis, txs, live, wall = _run_cluster(**_random_faults(seed))
     _check(genesis, txs, live, wall)
+
+
+@pytest.mark.parametrize(("hostile", "seed"), [(0, 1), (3, 2)])
+def test_a_validator_signing_garbage_neither_crashes_nor_stalls_the_others(
+    hostile: int, seed: int
+) -> None:
+    """One validator (the primary, or a backup) sends, after each of its
+    PBFT messages, one to three well-signed mutants (hostile.py): wrong
+    views and sequence numbers, borrowed digests and proofs, mangled
+    blocks. No honest node raises (an exception would end the run), and
+    the honest three agree, verify and commit every transaction once."""
+    genesis, txs, live, wall = _run_cluster(crashed=set(), seed=seed, hostile=hostile)
+    assert live[hostile].node.transport.sent > 300
+    honest = [ledger for i, ledger in enumerate(live) if i != hostile]
+    _check(genesis, txs, honest, wall)
+    refused = Counter()
+    for ledger in honest:
+        refused.update(ledger.replica.refused)
+    assert sum(refused.values()) > 300  # they reached PBFT's guards
 
 
 def test_replay_refuses_a_stored_block_without_a_quorum() -> None:

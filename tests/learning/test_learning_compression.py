@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedchain.learning.compression import (
     SparseUpdate,
@@ -116,3 +118,60 @@ def test_payload_is_strict():
         encode_sparse(SparseUpdate(np.array([1, 9], np.uint32), np.ones(2, np.float32), 5))
     with pytest.raises(ConfigError):
         top_k(0.0)
+    with pytest.raises(PayloadError):
+        encode_sparse(SparseUpdate(np.array([-1, 3]), np.ones(2, np.float32), 5))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1e39])
+def test_non_finite_values_are_refused_both_ways(value):
+    """A NaN from one peer would poison every aggregate it joins (1e39 is
+    infinite once cast to the payload's float32)."""
+    values = np.array([1.0, value])
+    with pytest.raises(PayloadError):
+        encode_sparse(SparseUpdate(np.array([1, 4], np.uint32), values, 5))
+    good = encode_sparse(SparseUpdate(np.array([1, 4], np.uint32), np.ones(2, np.float32), 5))
+    with np.errstate(over="ignore"):
+        bad = good[:-4] + np.array([value], "<f4").tobytes()
+    with pytest.raises(PayloadError):
+        decode_sparse(bad)
+
+
+@st.composite
+def _sparse_updates(draw):
+    size = draw(st.integers(0, 300))
+    indices = sorted(draw(st.sets(st.integers(0, max(size - 1, 0)), max_size=size)))
+    floats = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+    values = draw(st.lists(floats, min_size=len(indices), max_size=len(indices)))
+    return SparseUpdate(np.array(indices, np.uint32), np.array(values, np.float32), size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_sparse_updates())
+def test_property_sparse_payload_roundtrip(update):
+    back = decode_sparse(encode_sparse(update))
+    assert back.size == update.size
+    np.testing.assert_array_equal(back.indices, update.indices)
+    np.testing.assert_array_equal(back.values, update.values)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=120), st.binary(max_size=80).map(lambda b: b"FCS1" + b)))
+def test_property_any_bytes_decode_or_raise_payload_error(payload):
+    try:
+        update = decode_sparse(payload)
+    except PayloadError:
+        return
+    assert encode_sparse(update) == payload  # what decodes is canonical
+
+
+@settings(max_examples=300, deadline=None)
+@given(_sparse_updates(), st.data())
+def test_property_a_changed_byte_is_refused_or_changes_the_update(update, data):
+    payload = bytearray(encode_sparse(update))
+    index = data.draw(st.integers(0, len(payload) - 1))
+    payload[index] ^= data.draw(st.integers(1, 255))
+    try:
+        back = decode_sparse(bytes(payload))
+    except PayloadError:
+        return
+    assert encode_sparse(back) == bytes(payload) != encode_sparse(update)

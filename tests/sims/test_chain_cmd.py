@@ -3,8 +3,11 @@ alone, and a break is reported at its height with its reason."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
+
+import msgpack
 
 from fedchain.consensus.block import decode_block, encode_block
 from fedchain.consensus.store import SqliteBlockStore, StoredBlock
@@ -83,3 +86,29 @@ def test_a_damaged_old_row_breaks_the_chain_at_its_height(tmp_path, capsys):
     assert report["broken_at"] == 3
     assert report["verified_height"] == 2
     assert "store_corrupted" in report["error"]
+
+
+def test_a_damaged_genesis_row_breaks_the_chain_at_zero(tmp_path, capsys):
+    """Far below the tip, so only the read finds it; a report, not a traceback."""
+    write_sample_chain(tmp_path, blocks=25, txs=1, seed=6)
+    db = sqlite3.connect(tmp_path / CHAIN_FILE)
+    (data,) = db.execute("SELECT data FROM blocks WHERE height = 0").fetchone()
+    with db:  # flip a bit of the last byte (the genesis's ends in 0x00 already)
+        db.execute("UPDATE blocks SET data = ? WHERE height = 0", (data[:-1] + b"\x01",))
+    db.close()
+    code, report = _verify(tmp_path, capsys)
+    assert code == 1
+    assert report == {"ok": False, "broken_at": 0, "error": report["error"]}
+    assert "store_corrupted" in report["error"] and "genesis" in report["error"]
+
+
+def test_a_store_whose_genesis_is_no_genesis_breaks_at_zero(tmp_path, capsys):
+    """Written through the store API, so every checksum holds."""
+    junk = msgpack.packb(["sample", 0, [], [[1, b""], ["a", b""]], [1, 2, 3, 4]])
+    with SqliteBlockStore(str(tmp_path / CHAIN_FILE)) as store:
+        store.append(StoredBlock(0, hashlib.sha256(junk).digest(), junk))
+    code, report = _verify(tmp_path, capsys)
+    assert code == 1
+    assert report["broken_at"] == 0 and "malformed" in report["error"]
+    assert main(["chain", "verify", str(tmp_path)]) == 1
+    assert "chain store unreadable" in capsys.readouterr().out
