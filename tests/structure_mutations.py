@@ -12,6 +12,7 @@ a shortened string).
 
 from __future__ import annotations
 
+import msgpack
 from hypothesis import strategies as st
 
 ODD_VALUES = st.one_of(
@@ -119,3 +120,15 @@ def mutated(
     for _ in range(draw(st.integers(1, max_changes))):
         value = draw(mutated_once(value, leaves))
     return value
+
+
+def _packed(value: object) -> bytes | None:
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError):  # an integer past 64 bits
+        return None
+
+
+def mutated_msgpack(value: object) -> st.SearchStrategy[bytes]:
+    """The msgpack bytes of ``mutated(value)``, for the values that pack."""
+    return mutated(value).map(_packed).filter(lambda packed: packed is not None)

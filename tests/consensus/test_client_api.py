@@ -10,6 +10,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structure_mutations import mutated
 
 from fedchain.consensus import merkle
 from fedchain.consensus.block import NULL_DIGEST, NULL_PROPOSER, encode_block
@@ -260,3 +261,32 @@ def test_a_mutated_query_answer_is_malformed_or_does_not_verify(
         return
     if back.verify(CHAIN, KEYS):
         assert back.value == state.get(back.key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(present=st.booleans(), data=st.data())
+def test_a_structurally_mutated_answer_is_malformed_or_proves_only_the_truth(
+    present: bool, data
+) -> None:
+    """The same, with changes to the decoded structure (a field of another
+    type or size, a sibling dropped or repeated) instead of bit flips: a
+    node that lies in any shape gets MalformedMessage or a proof that fails,
+    never an exception the client did not ask for."""
+    block, state, txs = _certified_block()
+    key = kv_key(ALICE.public_key, "k3") if present else kv_key(ALICE.public_key, "nope")
+    value, proof = state.prove(key)
+    answer = QueryAnswer(key, value, block.header, block.certificate, proof)
+    wire = msgpack.unpackb(msgpack.packb(answer.as_list(state.get_encoded(key))))
+    try:
+        back = QueryAnswer.from_list(data.draw(mutated(wire)))
+    except MalformedMessage:
+        return
+    if back.verify(CHAIN, KEYS):
+        assert back.value == state.get(back.key)
+    commit = msgpack.unpackb(msgpack.packb(CommitProof.of_block(block, 2).as_list()))
+    try:
+        proof = CommitProof.from_list(data.draw(mutated(commit)))
+    except MalformedMessage:
+        return
+    if proof.verify(txs[2].encoded, CHAIN, KEYS):
+        assert proof == CommitProof.of_block(block, 2)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedchain.learning import data as data_mod
 from fedchain.learning.data import (
@@ -92,6 +94,27 @@ def test_header_inconsistent_with_length(tmp_path):
     path.write_bytes(b"\x01\x02\x03")
     with pytest.raises(DataError, match="magic"):
         read_idx(path)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header=st.binary(min_size=4, max_size=16).map(lambda b: b"\x00\x00" + b[2:]),
+    body=st.binary(max_size=64),
+    compress=st.booleans(),
+)
+def test_any_idx_bytes_read_or_raise_data_error(tmp_path_factory, header, body, compress):
+    """Whatever a file holds (raw or gzip, cut anywhere): an array whose
+    size its header accounts for exactly, or DataError naming the file."""
+    raw = header + body
+    path = tmp_path_factory.mktemp("idx") / "file"
+    data = gzip.compress(raw) if compress else raw
+    path.write_bytes(data[: len(data) - len(body) // 2] if compress and body else data)
+    try:
+        array = read_idx(path)
+    except DataError as exc:
+        assert str(path) in str(exc)
+        return
+    assert 4 + 4 * array.ndim + array.size == len(raw) and array.dtype == np.uint8
 
 
 def test_explicit_folder_is_authoritative(tiny_files, tmp_path, monkeypatch):

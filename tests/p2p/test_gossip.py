@@ -8,6 +8,7 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structure_mutations import mutated_msgpack
 
 from fedchain.p2p import gossip as gossip_module
 from fedchain.p2p import membership
@@ -153,3 +154,26 @@ def test_body_decoders_return_values_or_malformed_body(data):
             decode(data)
         except MalformedBody:
             continue
+
+
+_VALID_BODIES = [
+    (lambda b: gossip_module._decode_ids(b, 64), [bytes(range(20)), b"\x01" * 20]),
+    (gossip_module._decode_message, ["topic", b"data"]),
+    (lambda b: membership._decode_entries(b, 6), [[b"\x02" * 32, 3], [b"\x03" * 32, 0]]),
+]
+
+
+@given(case=st.sampled_from(_VALID_BODIES), data=st.data())
+@settings(max_examples=300, deadline=None)
+def test_mutated_bodies_decode_canonically_or_raise_malformed_body(case, data):
+    """Valid bodies with their structure changed (a field of another type or
+    size, an element dropped or repeated): MalformedBody, or a value that
+    packs back to exactly the bytes given."""
+    decode, valid = case
+    body = data.draw(mutated_msgpack(valid))
+    try:
+        value = decode(body)
+    except MalformedBody:
+        return
+    shape = [list(v) for v in value] if decode is _VALID_BODIES[2][0] else value
+    assert pack_body(list(shape)) == body
