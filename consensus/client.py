@@ -53,6 +53,7 @@ from .client_api import (
 )
 from .contracts import VALIDATORS_KEY, epoch_chain_id
 from .errors import ConsensusError, MalformedMessage, MempoolFull
+from .state import check_key
 from .tx import decode_transaction
 
 __all__ = ["LedgerClient", "NodeError", "SubmitRefused", "TrustedValidators", "UntrustedAnswer"]
@@ -325,7 +326,9 @@ class LedgerClient:
         return QueryAnswer.from_list(reply[2][0]).height + 1
 
     async def query(self, key: str, *, timeout: float = 10.0) -> QueryAnswer:
-        """``key``'s value in the node's last committed state, checked."""
+        """``key``'s value in the node's last committed state, checked.
+        ValueError at once for a key no state holds (the node would drop it)."""
+        check_key(key)
         reply = await self._request(timeout, ClientOp.QUERY, key)
         if reply[0] != ClientOp.ANSWER:
             raise MalformedMessage("the node answered a query with something else")

@@ -69,6 +69,7 @@ from .state import (
     MAX_TOP_SIBLINGS,
     ProofLeaf,
     StateProof,
+    check_key,
     decode_value,
     verify_state_proof,
 )
@@ -134,6 +135,16 @@ def _is_hash(value: object) -> bool:
 
 def _is_u63(value: object) -> bool:
     return type(value) is int and 0 <= value < 2**63  # type: ignore[operator]
+
+
+def _is_key(value: object) -> bool:
+    """A state key as the state itself takes one: a non-empty string of at
+    most MAX_KEY_BYTES in UTF-8 (bytes, not characters: 300 'é' are 600)."""
+    try:
+        check_key(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _path(value: object) -> tuple[bytes, ...]:
@@ -288,8 +299,7 @@ def _decode_state_proof(value: object) -> StateProof:
             type(leaf) is not list
             or len(leaf) != 3
             or not _is_u63(leaf[0])
-            or type(leaf[1]) is not str
-            or len(leaf[1]) > MAX_KEY_BYTES
+            or not _is_key(leaf[1])
             or type(leaf[2]) is not bytes
         ):
             raise MalformedMessage("a proof leaf is [index, key, value]")
@@ -331,8 +341,8 @@ class QueryAnswer(NamedTuple):
         if type(value) is not list or len(value) != 5:
             raise MalformedMessage("a query answer is an array of 5 fields")
         key, encoded, raw_header, raw_cert, raw_proof = value
-        if type(key) is not str or len(key) > MAX_KEY_BYTES:
-            raise MalformedMessage("a key is a string")
+        if not _is_key(key):
+            raise MalformedMessage(f"a key is a non-empty string of up to {MAX_KEY_BYTES} bytes")
         if encoded is not None and type(encoded) is not bytes:
             raise MalformedMessage("a value is its encoding or nil")
         header = decode_header(raw_header)
@@ -442,8 +452,10 @@ def decode_client_message(body: bytes, *, max_txs: int = 10_000) -> list:
         if not _is_hash(fields[2]) or not _is_u63(fields[3]):
             raise MalformedMessage("wait is [op, id, 32-byte digest, timeout ms]")
     elif op == ClientOp.QUERY:
-        if type(fields[2]) is not str or len(fields[2]) > MAX_KEY_BYTES:
-            raise MalformedMessage("query is [op, id, key]")
+        if not _is_key(fields[2]):
+            raise MalformedMessage(
+                f"query is [op, id, key]: a non-empty key of up to {MAX_KEY_BYTES} bytes"
+            )
     elif op == ClientOp.SUBMITTED:
         statuses = fields[2]
         if type(statuses) is not list or any(
