@@ -37,6 +37,7 @@ from typing import Protocol
 from fedchain.p2p.identity import Identity, PeerId, SignatureMemo
 
 from .pbft_journal import (
+    MAX_WINDOW,
     NEW_VIEW_KEY,
     STABLE_KEY,
     VIEW_KEY,
@@ -286,6 +287,10 @@ class PbftConfig:
     drops back at once when that changes; see :meth:`Replica._retransmit`."""
     max_future_views: int = 32
     """VIEW-CHANGEs further ahead than this are refused."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.window <= MAX_WINDOW:
+            raise ValueError(f"checkpoint_interval must be 1..{MAX_WINDOW // 2}")
 
     @property
     def window(self) -> int:

@@ -63,6 +63,7 @@ from .pbft_messages import (
 from .store import MAX_META_BYTES
 
 __all__ = [
+    "MAX_WINDOW",
     "NEW_VIEW_KEY",
     "STABLE_KEY",
     "VIEW_KEY",
@@ -81,6 +82,11 @@ _T = TypeVar("_T")
 VIEW_KEY = "pbft.view"
 STABLE_KEY = "pbft.stable"
 NEW_VIEW_KEY = "pbft.new_view"
+
+MAX_WINDOW = 2**16
+"""The most slots a journal keeps (``PbftConfig`` refuses a larger window).
+A restart reads every slot, so a window read back from the disk must be
+bounded too: a damaged one of 2**32 would hang it instead of failing."""
 
 
 def seq_key(seq: int, window: int) -> str:
@@ -150,6 +156,8 @@ def load_journal(get: Callable[[str], bytes | None], chain_id: str, window: int)
         view = _uint(VIEW_KEY, fields[1])
         changing = _bool(VIEW_KEY, fields[2])
         written_window = _uint(VIEW_KEY, fields[3])
+        if not 0 < written_window <= MAX_WINDOW:
+            raise StoreCorrupted(f"journal record {VIEW_KEY!r}: a window of {written_window}")
     stable_seq, proof = 0, ()
     fields = _ours(get, STABLE_KEY, 3, chain_id)
     if fields is not None:

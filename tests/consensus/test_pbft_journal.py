@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structure_mutations import mutated_msgpack
 
 from fedchain.consensus.errors import StoreCorrupted
 from fedchain.consensus.pbft import (
@@ -28,6 +29,7 @@ from fedchain.consensus.pbft import (
     Send,
 )
 from fedchain.consensus.pbft_journal import (
+    MAX_WINDOW,
     NEW_VIEW_KEY,
     STABLE_KEY,
     VIEW_KEY,
@@ -263,6 +265,38 @@ def test_any_bytes_in_a_journal_record_load_or_raise_store_corrupted(key: str, d
 def test_malformed_records_are_store_corrupted(key: str, value: bytes) -> None:
     with pytest.raises(StoreCorrupted, match="journal record"):
         load_journal({key: value}.get, CHAIN, CONFIG.window)
+
+
+def test_a_window_past_the_bound_is_refused_both_in_config_and_on_disk() -> None:
+    """A restart reads every slot of the window on disk, so a damaged window
+    of 2**32 would hang it: it is StoreCorrupted instead."""
+    with pytest.raises(ValueError, match="checkpoint_interval"):
+        PbftConfig(checkpoint_interval=MAX_WINDOW // 2 + 1)
+    meta = {VIEW_KEY: encode_view(CHAIN, 1, False, 2**32)}
+    with pytest.raises(StoreCorrupted, match="window"):
+        load_journal(meta.get, CHAIN, CONFIG.window)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_a_mutated_journal_loads_and_restarts_or_is_store_corrupted(data) -> None:
+    """A real journal (view, prepared slot, NEW-VIEW) with one record's
+    structure changed (structure_mutations): StoreCorrupted, or a journal
+    a replica restarts from and runs on without raising."""
+    disk = Disk()
+    _, _, actions = _new_primary_sends_new_view(disk)
+    disk.keep(actions)
+    key = data.draw(st.sampled_from(sorted(disk.meta)))
+    disk.meta[key] = data.draw(mutated_msgpack(msgpack.unpackb(disk.meta[key])))
+    try:
+        journal = load_journal(disk.meta.get, CHAIN, CONFIG.window)
+    except StoreCorrupted as exc:
+        assert repr(key) in str(exc)
+        return
+    replica = Replica(KEYS[1], VALIDATORS, CHAIN, App(1), CONFIG, journal=journal)
+    replica.start()
+    replica.step(Receive(VALIDATORS[2], pp(2, b"x", view=journal.view)))
+    replica.step(Receive(VALIDATORS[2], _prepared_vc(2, journal.view + 1, b"d")))
 
 
 def _prepared_vc(sender: int, view: int, payload: bytes) -> ViewChange:
