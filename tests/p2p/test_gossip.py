@@ -177,3 +177,47 @@ def test_mutated_bodies_decode_canonically_or_raise_malformed_body(case, data):
         return
     shape = [list(v) for v in value] if decode is _VALID_BODIES[2][0] else value
     assert pack_body(list(shape)) == body
+
+
+_HOSTILE_SAMPLES = st.sampled_from(
+    [
+        (MessageType.IHAVE, [bytes(range(20))]),
+        (MessageType.IWANT, [bytes(range(20))]),
+        (MessageType.GOSSIP, ["t", b"data"]),
+        (MessageType.PEER_SHUFFLE, [[bytes([9]) * 32, 1], [bytes([1]) * 32, 0]]),
+        (MessageType.PEER_SHUFFLE_REPLY, [[bytes([2]) * 32, 3]]),
+    ]
+)
+
+
+@given(
+    st.lists(
+        _HOSTILE_SAMPLES.flatmap(lambda s: mutated_msgpack(s[1]).map(lambda b: (s[0], b))),
+        min_size=1,
+        max_size=6,
+    )
+)
+@settings(max_examples=100, deadline=None)
+def test_a_peer_sending_any_gossip_or_shuffle_leaves_the_node_working(frames):
+    """Mutated announces, pulls, messages and shuffles (one naming the
+    victim itself, unknown ids, keys of no peer) from a peer: refused or
+    handled, never raised (an exception would end the run), and a message
+    published afterwards still reaches the victim."""
+
+    async def scenario():
+        net, parts = _small_network(3, GossipConfig())
+        got = []
+        parts[2][1].subscribe("t", lambda o, t, d, e: got.append(d))
+        attacker, victim = parts[0][0], parts[2][0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(net.run)
+            for msg_type, body in frames:
+                attacker.send(victim.id, msg_type, body)
+            await trio.sleep(1)
+            parts[1][1].publish("t", b"still works")
+            await trio.sleep(2)
+            nursery.cancel_scope.cancel()
+        return got
+
+    got = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert b"still works" in got
