@@ -30,14 +30,26 @@ import argparse
 import os
 from pathlib import Path
 
+from .arguments import positive_ints
+
 DEFAULT_RATES = "250,500,1000,2000,4000,8000,16000"
 TICK = 0.01
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rates", default=DEFAULT_RATES, help="offered tx/s, comma separated")
+    parser.add_argument(
+        "--rates",
+        default=DEFAULT_RATES,
+        type=positive_ints(),
+        help="offered tx/s, comma separated",
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="offered load per point")
-    parser.add_argument("--query-rates", default="1000,4000,16000", help="offered queries/s")
+    parser.add_argument(
+        "--query-rates",
+        default="1000,4000,16000",
+        type=positive_ints(),
+        help="offered queries/s",
+    )
     parser.add_argument("--validators", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1000, help="PBFT batch (transactions)")
     parser.add_argument(
@@ -88,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from fedchain.sims.report import emit_json, peak_rss_bytes, print_table
 
     tune_for_throughput()  # for the virtual-time part in this process (validators: their own)
-    rates = [int(r) for r in args.rates.split(",") if r]
-    query_rates = [int(r) for r in args.query_rates.split(",") if r]
+    rates, query_rates = args.rates, args.query_rates
     cores = os.cpu_count() or 1
     probe = verify_probe()
     verify_before = measure_verify_rate(probe)

@@ -31,6 +31,8 @@ import sys
 import time
 from typing import Any
 
+from .arguments import names_from
+
 KIB = 1024
 MIB = 1024 * KIB
 SIZES = {"1KiB": KIB, "1MiB": MIB}
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
         default="1KiB,1MiB",
+        type=names_from(SIZES),
         help="message sizes to measure, from 1KiB and 1MiB (default both)",
     )
     parser.add_argument(
@@ -241,7 +244,7 @@ async def _throughput(args, child, ids) -> list[dict[str, Any]]:
 
     allowed = [i.public_key for i in ids.values()]
     sink = ids["sink"].public_key
-    sizes = {name: SIZES[name] for name in args.sizes.split(",")}
+    sizes = {name: SIZES[name] for name in args.sizes}
     results = {(s, n): None for n in sizes for s in SUITES}
     async with trio.open_nursery() as nursery:
         senders = {}

@@ -18,6 +18,8 @@ import dataclasses
 import math
 import time
 
+from .arguments import positive_ints
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="folder with the MNIST IDX files (else FEDCHAIN_DATA...)")
@@ -78,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cnn: the tiered CNNs (--widths, --phones on tier 0); scatter: a linear model on "
         "fixed scattering features, one tier (learning/README.md, 'Scattering')",
     )
-    parser.add_argument("--widths", default="8,16,32", help="conv1,conv2,hidden")
+    parser.add_argument(
+        "--widths", default="8,16,32", type=positive_ints(3), help="conv1,conv2,hidden"
+    )
     parser.add_argument("--activation", choices=["tanh", "relu"], default="tanh")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"scattering features in {time.perf_counter() - started:.0f}s", flush=True)
         base = LinearSpec()
     else:
-        c1, c2, hidden = (int(x) for x in args.widths.split(","))
+        c1, c2, hidden = args.widths
         base = CnnSpec(c1, c2, hidden, dropout=args.dropout, activation=args.activation)
     rng = np.random.default_rng(args.seed)
     n = len(data.train_labels)

@@ -9,6 +9,7 @@ without importing anything heavy.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -16,11 +17,14 @@ import sys
 from importlib.metadata import version
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedchain.consensus.block import decode_block
 from fedchain.consensus.pbft_journal import VIEW_KEY, load_journal
 from fedchain.consensus.store import SqliteBlockStore
 from fedchain.sims import cli
+from fedchain.sims.arguments import positive_ints
 from fedchain.sims.home import load_home
 
 
@@ -213,3 +217,28 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     assert query["answered"] > 0 and query["sample_verified"] is True
     assert figures["query_answers_s_in_process"] > 0
     assert (tmp_path / "consensus_fig2.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "consensus", "--rates", "abc"],
+        ["bench", "consensus", "--query-rates", "10,-1"],
+        ["bench", "transport", "--sizes", "2KiB"],
+        ["train", "--widths", "8,16"],
+    ],
+)
+def test_a_bad_list_argument_is_a_usage_error_not_a_traceback(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {argv[-2]}" in capsys.readouterr().err
+
+
+@given(st.text(max_size=20))
+def test_any_text_is_positive_integers_or_an_argument_error(text):
+    try:
+        values = positive_ints()(text)
+    except argparse.ArgumentTypeError:
+        return
+    assert values and all(type(v) is int and v > 0 for v in values)
