@@ -8,9 +8,18 @@ from deep inside a benchmark.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Collection
 
-__all__ = ["names_from", "positive_ints"]
+__all__ = [
+    "fraction",
+    "int_at_least",
+    "names_from",
+    "non_negative",
+    "port",
+    "positive_ints",
+    "seconds",
+]
 
 
 def positive_ints(count: int | None = None) -> Callable[[str], list[int]]:
@@ -43,3 +52,64 @@ def names_from(allowed: Collection[str]) -> Callable[[str], list[str]]:
         return names
 
     return parse
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An integer >= ``low`` (counts, sizes, seeds)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def seconds(*, zero_ok: bool = False) -> Callable[[str], float]:
+    """A finite duration in seconds, > 0 (or >= 0 where 0 means "off")."""
+
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            bound = ">= 0" if zero_ok else "> 0"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected seconds {bound}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0 (a speed, where 0 means "as fast as possible")."""
+    value = _number(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A probability in [0, 1] (a loss rate)."""
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in [0, 1]")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    value = int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: a port is at most 65535")
+    return value

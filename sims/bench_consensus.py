@@ -30,7 +30,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .arguments import positive_ints
+from .arguments import int_at_least, positive_ints, seconds
 
 DEFAULT_RATES = "250,500,1000,2000,4000,8000,16000"
 TICK = 0.01
@@ -43,27 +43,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_ints(),
         help="offered tx/s, comma separated",
     )
-    parser.add_argument("--seconds", type=float, default=5.0, help="offered load per point")
+    parser.add_argument("--seconds", type=seconds(), default=5.0, help="offered load per point")
     parser.add_argument(
         "--query-rates",
         default="1000,4000,16000",
         type=positive_ints(),
         help="offered queries/s",
     )
-    parser.add_argument("--validators", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=1000, help="PBFT batch (transactions)")
+    parser.add_argument("--validators", type=int_at_least(1), default=4)
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=1000, help="PBFT batch (transactions)"
+    )
     parser.add_argument(
         "--batch-timeout",
-        type=float,
+        type=seconds(zero_ok=True),
         default=None,
         help="seconds a short batch waits (fedchain node --batch-timeout; default: the node's)",
     )
     parser.add_argument(
-        "--mempool", type=int, default=3000, help="each validator's mempool bound (transactions)"
+        "--mempool",
+        type=int_at_least(1),
+        default=3000,
+        help="each validator's mempool bound (transactions)",
     )
     parser.add_argument(
         "--queue-seconds",
-        type=float,
+        type=seconds(zero_ok=True),
         default=2.0,
         help="validators' admission pacing (fedchain node --queue-seconds; 0: off)",
     )
@@ -74,10 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="validators' PBFT journal sync (fedchain node --journal-sync)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-consensus"), help="PNG folder")
-    parser.add_argument("--virtual-validators", type=int, default=100)
-    parser.add_argument("--virtual-blocks", type=int, default=100)
+    parser.add_argument("--virtual-validators", type=int_at_least(1), default=100)
+    parser.add_argument("--virtual-blocks", type=int_at_least(1), default=100)
     parser.add_argument("--skip-virtual", action="store_true", help="only the real-clock part")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument(
         "--default-gc",
         action="store_true",

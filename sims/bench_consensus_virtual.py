@@ -57,6 +57,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .arguments import int_at_least
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -93,12 +95,19 @@ _COLUMNS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--validators", type=int, default=100, help="validators (default 100)")
-    parser.add_argument("--blocks", type=int, default=100, help="blocks to commit (default 100)")
     parser.add_argument(
-        "--txs-per-block", type=int, default=20, help="transactions per block (default 20)"
+        "--validators", type=int_at_least(1), default=100, help="validators (default 100)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--blocks", type=int_at_least(1), default=100, help="blocks to commit (default 100)"
+    )
+    parser.add_argument(
+        "--txs-per-block",
+        type=int_at_least(1),
+        default=20,
+        help="transactions per block (default 20)",
+    )
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 def run(args: argparse.Namespace) -> int:

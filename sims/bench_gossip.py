@@ -18,17 +18,25 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from .arguments import fraction, int_at_least
+
 TARGET_WALL_S = 60.0
 TARGET_RSS_BYTES = 4 * 1024**3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, nargs="+", default=[1000, 10000], help="network sizes")
     parser.add_argument(
-        "--payloads", type=int, nargs="+", default=[1024, 1024 * 1024], help="payload bytes"
+        "--nodes", type=int_at_least(2), nargs="+", default=[1000, 10000], help="network sizes"
     )
-    parser.add_argument("--loss", type=float, nargs="+", default=[0.0, 0.01], help="loss rates")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--payloads",
+        type=int_at_least(1),
+        nargs="+",
+        default=[1024, 1024 * 1024],
+        help="payload bytes",
+    )
+    parser.add_argument("--loss", type=fraction, nargs="+", default=[0.0, 0.01], help="loss rates")
+    parser.add_argument("--seed", type=int_at_least(0), default=1)
 
 
 def _one_run(nodes: int, payload: int, loss: float, seed: int) -> dict[str, Any]:

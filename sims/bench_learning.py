@@ -17,14 +17,22 @@ from __future__ import annotations
 import argparse
 import time
 
+from .arguments import int_at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="folder with the MNIST IDX files (else FEDCHAIN_DATA...)")
-    parser.add_argument("--devices", type=int, nargs="+", default=[40, 400])
-    parser.add_argument("--steps", type=int, default=10, help="local DP-SGD steps per round")
-    parser.add_argument("--batch-size", type=int, default=32, help="expected batch per device")
-    parser.add_argument("--repeat", type=int, default=2, help="timed rounds (after a warm-up)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int_at_least(1), nargs="+", default=[40, 400])
+    parser.add_argument(
+        "--steps", type=int_at_least(1), default=10, help="local DP-SGD steps per round"
+    )
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=32, help="expected batch per device"
+    )
+    parser.add_argument(
+        "--repeat", type=int_at_least(1), default=2, help="timed rounds (after a warm-up)"
+    )
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 def _time_rounds(round_fn, params, data, n, residual, repeat, jax, jnp):
@@ -42,6 +50,15 @@ def _time_rounds(round_fn, params, data, n, residual, repeat, jax, jnp):
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedchain.learning.errors import ConfigError
+
+    try:
+        return _run(args)
+    except ConfigError as exc:  # a setting out of range: say which, no traceback
+        raise SystemExit(f"fedchain bench learning: {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np

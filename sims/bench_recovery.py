@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .arguments import int_at_least, seconds
+
 MIN_BLOCK_BYTES = 100
 MAX_BLOCK_BYTES = 200_000
 META_KEY = "writer/last"
@@ -57,23 +59,27 @@ READY_TIMEOUT_S = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kills", type=int, default=300, help="SIGKILLs to survive (default 300)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for kill moments (default 0)")
+    parser.add_argument(
+        "--kills", type=int_at_least(0), default=300, help="SIGKILLs to survive (default 300)"
+    )
+    parser.add_argument(
+        "--seed", type=int_at_least(0), default=0, help="seed for kill moments (default 0)"
+    )
     parser.add_argument(
         "--max-delay",
-        type=float,
+        type=seconds(zero_ok=True),
         default=0.2,
         help="longest a writer runs before its kill, in seconds (default 0.2)",
     )
     parser.add_argument(
         "--kills-per-store",
-        type=int,
+        type=int_at_least(1),
         default=50,
         help="kills before the store is checked in full and replaced (default 50)",
     )
     parser.add_argument(
         "--rate-seconds",
-        type=float,
+        type=seconds(),
         default=1.0,
         help="seconds spent measuring the steady ~2 KB append rate (default 1)",
     )

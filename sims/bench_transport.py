@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from .arguments import names_from
+from .arguments import int_at_least, names_from, seconds
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -46,13 +46,16 @@ _SEEDS = {"sender": b"\x11" * 32, "sink": b"\x22" * 32, "client": b"\x33" * 32}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--seconds", type=float, default=2.0, help="seconds per measurement (default 2)"
+        "--seconds", type=seconds(), default=2.0, help="seconds per measurement (default 2)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="measurements per case; the best is kept"
+        "--rounds", type=int_at_least(1), default=2, help="measurements per case; the best is kept"
     )
     parser.add_argument(
-        "--window-mib", type=int, default=16, help="unacknowledged MiB in flight (default 16)"
+        "--window-mib",
+        type=int_at_least(1),
+        default=16,
+        help="unacknowledged MiB in flight (default 16)",
     )
     parser.add_argument(
         "--sizes",
@@ -62,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--handshake-concurrency",
-        type=int,
+        type=int_at_least(1),
         default=4,
         help="handshakes in flight while measuring handshakes/s (default 4)",
     )

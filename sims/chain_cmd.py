@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .arguments import int_at_least
+
 CHAIN_FILE = "chain.sqlite"
 
 
@@ -28,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("--json", action="store_true", help="print only the JSON line")
     sample = sub.add_parser("sample", help="write a small certified sample chain to DIR")
     sample.add_argument("dir", type=Path)
-    sample.add_argument("--blocks", type=int, default=20)
-    sample.add_argument("--txs", type=int, default=50, help="transactions per block")
-    sample.add_argument("--seed", type=int, default=1)
+    sample.add_argument("--blocks", type=int_at_least(1), default=20)
+    sample.add_argument("--txs", type=int_at_least(1), default=50, help="transactions per block")
+    sample.add_argument("--seed", type=int_at_least(0), default=1)
 
 
 def run(args: argparse.Namespace) -> int:

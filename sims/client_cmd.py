@@ -28,6 +28,8 @@ import json
 import sys
 from pathlib import Path
 
+from .arguments import seconds
+
 EXIT_FAILED = 1
 """The node refused, timed out or could not be reached."""
 EXIT_UNTRUSTED = 2
@@ -37,7 +39,7 @@ EXIT_UNTRUSTED = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, help="the home of the node to ask")
     parser.add_argument("--key", type=Path, help="this client's key file (fedchain client keygen)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    parser.add_argument("--timeout", type=seconds(), default=30.0, help="seconds per request")
     sub = parser.add_subparsers(dest="client_command", required=True, metavar="ACTION")
     keygen = sub.add_parser("keygen", help="write a new client key (hex seed, mode 0600)")
     keygen.add_argument("path", type=Path)

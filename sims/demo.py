@@ -16,17 +16,19 @@ import argparse
 import json
 import time
 
+from .arguments import int_at_least, non_negative, seconds
+
 TELEMETRY_BYTES = 512
 UPDATE_BYTES = 200 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--duration", type=float, default=24.0, help="network seconds")
+    parser.add_argument("--nodes", type=int_at_least(2), default=200)
+    parser.add_argument("--seed", type=int_at_least(0), default=7)
+    parser.add_argument("--duration", type=seconds(), default=24.0, help="network seconds")
     parser.add_argument(
         "--speed",
-        type=float,
+        type=non_negative,
         default=4.0,
         help="network seconds shown per wall second (0: as fast as possible)",
     )

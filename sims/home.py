@@ -104,6 +104,8 @@ def write_testnet(
     identities = [Identity(s) for s in seeds]
     genesis = Genesis.create(chain_id, genesis_time_ms, [i.public_key for i in identities])
     ports = ports or [base_port + i for i in range(validators)]
+    if len(ports) != validators or not all(0 < p < 65536 for p in ports):
+        raise ValueError(f"{validators} nodes need {validators} ports in 1..65535: {ports}")
     node_hosts = hosts if hosts is not None else [host] * validators
     addresses = [f"{h}:{port}" for h, port in zip(node_hosts, ports, strict=True)]
     homes = []

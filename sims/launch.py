@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .arguments import int_at_least, seconds
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="a folder fedchain testnet wrote")
-    parser.add_argument("--status-every", type=float, default=5.0)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--view-timeout", type=float, default=5.0)
+    parser.add_argument("--status-every", type=seconds(), default=5.0)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=1000)
+    parser.add_argument("--view-timeout", type=seconds(), default=5.0)
 
 
 def homes_in(directory: Path) -> list[Path]:

@@ -12,21 +12,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .arguments import int_at_least, seconds
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, required=True, help="a folder fedchain testnet wrote")
-    parser.add_argument("--status-every", type=float, default=5.0)
-    parser.add_argument("--batch-size", type=int, default=1000, help="PBFT batch (transactions)")
+    parser.add_argument("--status-every", type=seconds(), default=5.0)
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=1000, help="PBFT batch (transactions)"
+    )
     parser.add_argument(
         "--batch-timeout",
-        type=float,
+        type=seconds(zero_ok=True),
         default=None,
         help="seconds a short batch waits (default: PbftConfig's)",
     )
-    parser.add_argument("--mempool", type=int, default=20_000, help="mempool bound (transactions)")
+    parser.add_argument(
+        "--mempool", type=int_at_least(1), default=20_000, help="mempool bound (transactions)"
+    )
     parser.add_argument(
         "--queue-seconds",
-        type=float,
+        type=seconds(zero_ok=True),
         default=2.0,
         help="clients hear busy once more is queued than commits in this many seconds "
         "(0: only the --mempool bound)",
@@ -41,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--view-timeout",
-        type=float,
+        type=seconds(),
         default=5.0,
         help="seconds without progress before a view change (doubles per unproductive view); "
         "must exceed one full batch's validation on the slowest validator",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .arguments import int_at_least, port
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--validators", type=int, default=4)
+    parser.add_argument("--validators", type=int_at_least(1), default=4)
     parser.add_argument("--out", type=Path, required=True, help="folder for the node homes")
     parser.add_argument("--chain-id", default="fedchain-testnet")
     where = parser.add_mutually_exclusive_group()
@@ -17,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one host per node, comma separated, for several machines: peers dial "
         "host:port and each node accepts on every interface",
     )
-    parser.add_argument("--base-port", type=int, default=26656, help="node i listens on base+i")
-    parser.add_argument("--seed", type=int, default=None, help="derive keys from a seed (demos)")
+    parser.add_argument("--base-port", type=port, default=26656, help="node i listens on base+i")
+    parser.add_argument(
+        "--seed", type=int_at_least(0), default=None, help="derive keys from a seed (demos)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,23 +18,27 @@ import dataclasses
 import math
 import time
 
-from .arguments import positive_ints
+from .arguments import int_at_least, positive_ints
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="folder with the MNIST IDX files (else FEDCHAIN_DATA...)")
-    parser.add_argument("--devices", type=int, default=40)
+    parser.add_argument("--devices", type=int_at_least(1), default=40)
     parser.add_argument(
         "--examples",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="train on this many training images (a seeded draw; default all); the test set "
         "stays whole, so accuracies stay comparable",
     )
-    parser.add_argument("--phones", type=int, default=15, help="devices on tier 0; rest tier 2")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=64, help="expected batch per step")
+    parser.add_argument(
+        "--phones", type=int_at_least(0), default=15, help="devices on tier 0; rest tier 2"
+    )
+    parser.add_argument("--rounds", type=int_at_least(1), default=10)
+    parser.add_argument("--local-steps", type=int_at_least(1), default=50)
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=64, help="expected batch per step"
+    )
     parser.add_argument("--lr", type=float, default=None, help="default: 2/clip (DP), 0.1 (no DP)")
     parser.add_argument(
         "--lr-schedule",
@@ -85,10 +89,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--activation", choices=["tanh", "relu"], default="tanh")
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedchain.learning.errors import ConfigError
+
+    try:
+        return _run(args)
+    except ConfigError as exc:  # a setting out of range: say which, no traceback
+        raise SystemExit(f"fedchain train: {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     import logging
 
     import jax

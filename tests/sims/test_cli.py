@@ -226,9 +226,17 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
         ["bench", "consensus", "--query-rates", "10,-1"],
         ["bench", "transport", "--sizes", "2KiB"],
         ["train", "--widths", "8,16"],
+        ["bench", "consensus", "--seconds", "-1"],
+        ["bench", "gossip", "--nodes", "1"],
+        ["bench", "gossip", "--loss", "2"],
+        ["testnet", "--base-port", "70000"],
+        ["node", "--home", ".", "--batch-timeout", "-1"],
+        ["client", "--timeout", "nan"],
+        ["chain", "sample", ".", "--blocks", "0"],
+        ["demo", "--seed", "-3"],
     ],
 )
-def test_a_bad_list_argument_is_a_usage_error_not_a_traceback(argv, capsys):
+def test_a_bad_argument_is_a_usage_error_not_a_traceback(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
@@ -242,3 +250,15 @@ def test_any_text_is_positive_integers_or_an_argument_error(text):
     except argparse.ArgumentTypeError:
         return
     assert values and all(type(v) is int and v > 0 for v in values)
+
+
+def test_a_learning_setting_out_of_range_is_named_not_raised(capsys):
+    with pytest.raises(SystemExit, match=r"fedchain train: density must be in \(0, 1\]"):
+        cli.main(["train", "--density", "2", "--rounds", "1"])
+
+
+def test_a_testnet_past_the_last_port_is_refused_before_writing(tmp_path):
+    out = tmp_path / "t"
+    with pytest.raises(SystemExit, match=r"4 nodes need 4 ports in 1\.\.65535"):
+        cli.main(["testnet", "--validators", "4", "--base-port", "65534", "--out", str(out)])
+    assert not out.exists()

@@ -48,9 +48,12 @@ def test_the_scattering_model_learns_under_dp_on_a_draw_of_the_data(capsys) -> N
     assert all(h["accuracy_tier0"] == h["accuracy"] for h in out["history"])
 
 
-def test_examples_out_of_range_are_refused() -> None:
-    with pytest.raises(SystemExit, match="--examples"):
+def test_examples_out_of_range_are_refused(capsys) -> None:
+    with pytest.raises(SystemExit, match="--examples must be 1.."):
+        cli.main(["train", *TINY, "--examples", str(10**9)])
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own check
         cli.main(["train", *TINY, "--examples", "0"])
+    assert exit_info.value.code == 2 and "--examples" in capsys.readouterr().err
 
 
 def test_the_loss_adaptive_budget_spends_each_devices_budget_and_no_more(capsys) -> None:
