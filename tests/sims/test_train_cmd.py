@@ -49,7 +49,7 @@ def test_the_scattering_model_learns_under_dp_on_a_draw_of_the_data(capsys) -> N
 
 
 def test_examples_out_of_range_are_refused(capsys) -> None:
-    with pytest.raises(SystemExit, match="--examples must be 1.."):
+    with pytest.raises(SystemExit, match=r"--examples must be 1\.\."):
         cli.main(["train", *TINY, "--examples", str(10**9)])
     with pytest.raises(SystemExit) as exit_info:  # argparse's own check
         cli.main(["train", *TINY, "--examples", "0"])
