@@ -84,6 +84,7 @@ async def open_ledger_node(
             transport,
             start_seq=time.time_ns() // 1000,
             priority=(MessageType.CONSENSUS, MessageType.BLOCK_SYNC),
+            contain_handler_errors=True,  # on a real network: see Node
         )
         ledger = LedgerReplica(
             node,

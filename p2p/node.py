@@ -29,6 +29,15 @@ the sequence number is fresh. Every refusal is counted by reason in
 :attr:`Node.counters` and never reaches a handler; nothing a peer sends can
 raise out of the loop.
 
+A handler that raises anything else has a bug some input reached. By
+default that exception ends the node (and a simulation with it), so tests
+find the bug. A node on a real network is built with
+``contain_handler_errors``: the frame is dropped, counted as
+``handler_error.<exception class>`` and logged with its traceback, and the
+node goes on, as CometBFT's connections recover from a reactor's panic and
+drop the peer's message. One crafted message then cannot stop every
+validator at once; the count and the log still say a bug is there.
+
 Crash and restart: cancelling a node's scope drops every piece of its
 in-memory state; a restart is a new :class:`Node` over the same identity
 (and, in later layers, the same block store). Sequence numbers start from
@@ -39,6 +48,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 import time
 from collections import Counter, deque
@@ -52,6 +62,8 @@ from .errors import NodeClosedError, SenderMismatch, WireError
 from .identity import Identity, PeerId, short_id
 from .transport import Transport
 from .wire import RELAYABLE, Envelope, FrameCache, SequenceWindow, sign
+
+_log = logging.getLogger(__name__)
 
 _DRAIN_LIMIT = 4096
 """Frames a priority node holds taken off its transport (the transport's own
@@ -96,6 +108,7 @@ class Node:
         start_seq: int | None = None,
         wakeup: Callable[[float], None] | None = None,
         priority: Collection[int] = (),
+        contain_handler_errors: bool = False,
     ) -> None:
         """``priority``: message types handled ahead of the rest when frames
         queue up (task mode, on transports with ``receive_nowait``). A ledger
@@ -104,6 +117,7 @@ class Node:
         the view changes it would have prevented follow."""
         self.identity = identity
         self.priority = frozenset(priority)
+        self.contain_handler_errors = contain_handler_errors
         self.transport = transport
         self.counters: Counter[str] = Counter()
         self._frames = frame_cache or FrameCache(max_bytes=64 * 1024 * 1024)
@@ -315,6 +329,12 @@ class Node:
             handler(peer, envelope)
         except WireError as exc:
             self.counters[f"rejected.{exc.reason}"] += 1
+            return
+        except Exception as exc:
+            if not self.contain_handler_errors:
+                raise
+            self.counters[f"handler_error.{type(exc).__name__}"] += 1
+            _log.error("a handler raised on a frame from %s", short_id(peer), exc_info=exc)
             return
         self.counters["accepted"] += 1
 

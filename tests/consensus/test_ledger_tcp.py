@@ -132,6 +132,9 @@ async def test_a_client_submits_waits_and_queries_with_checked_proofs(tmp_path) 
             heights = min(tips)
             for h in range(1, heights + 1):
                 assert len({n.ledger.store.get(h).block_hash for n in nodes.values()}) == 1
+            # Real nodes contain a handler's exception (Node N1b): none happened.
+            errors = [k for n in nodes.values() for k in n.node.counters if "handler_error" in k]
+            assert not errors
 
             # A lie does not pass: a changed value, result or validator set.
             assert not answer._replace(value=8).verify(CHAIN, keys)

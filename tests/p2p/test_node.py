@@ -51,6 +51,47 @@ async def test_messages_reach_handlers_and_garbage_is_counted_not_fatal(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("contain", [False, True])
+async def test_a_handler_bug_ends_a_strict_node_and_is_counted_by_a_contained_one(
+    autojump_clock, net, make_identities, contain, caplog
+):
+    """Strict (the default; simulations and tests): the bug's exception
+    ends the node. Contained (a real node): that frame is dropped, counted
+    and logged with its traceback, and the next frames are handled."""
+    alice, bob = make_identities(2)
+    ta, tb = net.add_node(alice.public_key), net.add_node(bob.public_key)
+    got = []
+
+    def buggy(peer, env):
+        if env.body == b"boom":
+            raise KeyError("a bug some input reached")
+        got.append(env.body)
+
+    async def exchange() -> Node:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(net.run)
+            async with (
+                open_node(bob, tb, contain_handler_errors=contain) as node_b,
+                open_node(alice, ta) as node_a,
+            ):
+                node_b.register(MessageType.PING, buggy)
+                for body in (b"one", b"boom", b"two"):
+                    node_a.send(bob.public_key, MessageType.PING, body)
+                await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        return node_b
+
+    if not contain:
+        with pytest.RaisesGroup(KeyError, flatten_subgroups=True):
+            await exchange()
+        assert got == [b"one"]
+        return
+    node_b = await exchange()
+    assert got == [b"one", b"two"]
+    assert node_b.counters["handler_error.KeyError"] == 1
+    assert "a handler raised" in caplog.text and "a bug some input reached" in caplog.text
+
+
 async def test_replays_and_third_party_relays_of_direct_messages_are_refused(
     autojump_clock, net, make_identities
 ):
