@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         points, queries, validator_rss, batch_timeouts = trio.run(
             _real_clock, args, rates, query_rates, homes, probe
         )
+        handler_errors = _handler_errors(Path(homes))
     # This machine's speed drifts over minutes (a shared VM: 8,600 to 15,700
     # verifications/s/core within one day), so the rate is measured before
     # the sweep, right before each point (validators idle) and after it: the
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
             "virtual": virtual,
             "peak_rss_bytes": peak_rss_bytes(children=False),
             "validator_rss_at_end_bytes": validator_rss,
+            "validator_handler_errors": handler_errors,
         },
     )
     return 0
@@ -400,6 +402,24 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             line += chunk
         readies.append(json.loads(line))
     return [load_home(h) for h in homes], processes, readies
+
+
+def _handler_errors(homes: Path) -> int:
+    """Handler exceptions the validators contained (``Node``'s
+    ``contain_handler_errors``), from each one's last status line: a run
+    that hit a bug says so instead of hiding it in the logs."""
+    import json
+
+    total = 0
+    for log in sorted(homes.glob("node*/node.log")):
+        last = None
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                last = line
+        if last is not None:
+            counters = json.loads(last).get("node", {})
+            total += sum(n for k, n in counters.items() if k.startswith("handler_error"))
+    return total
 
 
 def _rss_of(pid: int) -> int:

@@ -182,6 +182,7 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     assert figures["benchmark"] == "consensus" and figures["queue_seconds"] == 2.0
     assert figures["journal_sync"] == "normal"
     assert figures["batch_timeout_s"] == 0.03  # as each validator reported it
+    assert figures["validator_handler_errors"] == 0  # read from their status lines
     # Each validator's PBFT journal is in its SQLite store, at the view it ran in.
     homes = sorted(p.parent for p in (tmp_path / "homes").glob("*/chain.sqlite"))
     assert len(homes) == 4
@@ -262,3 +263,14 @@ def test_a_testnet_past_the_last_port_is_refused_before_writing(tmp_path):
     with pytest.raises(SystemExit, match=r"4 nodes need 4 ports in 1\.\.65535"):
         cli.main(["testnet", "--validators", "4", "--base-port", "65534", "--out", str(out)])
     assert not out.exists()
+
+
+def test_contained_handler_errors_are_read_from_the_last_status_lines(tmp_path):
+    from fedchain.sims.bench_consensus import _handler_errors
+
+    for index, counters in enumerate(({"handler_error.KeyError": 2}, {"sync.polls": 1})):
+        (tmp_path / f"node{index}").mkdir()
+        older = json.dumps({"node": {"handler_error.KeyError": 1}})
+        last = json.dumps({"node": {**counters, "handler_error.ValueError": 1}})
+        (tmp_path / f"node{index}" / "node.log").write_text(f"{older}\nnot json\n{last}\n")
+    assert _handler_errors(tmp_path) == 4  # 2 + 1, then 1: the last line of each
