@@ -18,12 +18,14 @@ import pytest
 import trio
 
 from fedchain.consensus.client import LedgerClient
+from fedchain.consensus.client_api import ClientOp, encode_client_message
 from fedchain.consensus.contracts import kv_key, kv_set
 from fedchain.consensus.pbft import PbftConfig
 from fedchain.consensus.tx import sign_transaction
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.node import open_node
 from fedchain.p2p.tcp import TcpConfig, open_tcp_transport
+from fedchain.p2p.wire import MessageType
 from fedchain.sims.bench_consensus import _free_ports
 from fedchain.sims.chain_cmd import verify_dir
 from fedchain.sims.home import HomeError, load_home, write_testnet
@@ -261,3 +263,50 @@ async def test_nodes_at_different_host_names_commit_together(tmp_path) -> None:
         await _stop(processes)
     for home in homes:
         assert verify_dir(home, json_only=True) == 0
+
+
+async def test_a_node_process_outlives_hostile_client_messages(tmp_path) -> None:
+    """A stranger's malformed client messages, the empty-key query among
+    them (which once ended the process), over encrypted TCP to a real
+    ``fedchain node``: the process keeps running and keeps serving."""
+    (home,) = write_testnet(tmp_path, 1, chain_id="hostile", seed=5, ports=_free_ports(1))
+    server = load_home(home)
+    key = server.identity.public_key
+    alice = Identity(b"a" * 32)
+    hostile = [
+        [ClientOp.QUERY, 1, ""],
+        [ClientOp.QUERY, 2, "é" * 300],
+        [ClientOp.WAIT, 3, b"\x00" * 32, 2**62],
+        [ClientOp.HEADERS, 4, 1, 2**62],
+        [ClientOp.SUBMIT, 5, [b"not a transaction"]],
+        [ClientOp.FORWARD, [b"\xc1"]],
+    ]
+    process = await _start(home)
+    try:
+        with trio.fail_after(60):
+            async with AsyncExitStack() as stack:
+                transport = await stack.enter_async_context(
+                    open_tcp_transport(
+                        alice,
+                        allowed=[key],
+                        rng=np.random.default_rng(0),
+                        listen=None,
+                        peers={key: server.listen},
+                        config=TCP,
+                    )
+                )
+                node = await stack.enter_async_context(open_node(alice, transport))
+                client = LedgerClient(node, key, "hostile", server.genesis.validators)
+                await transport.wait_connected(key)
+                for fields in hostile:
+                    node.send(key, MessageType.CLIENT, encode_client_message(*fields))
+                tx = sign_transaction(
+                    alice, "hostile", type="kv", content=kv_set("k", 1), nonce=0, timestamp=0
+                )
+                await client.submit(tx.encoded)
+                await client.wait_committed(tx.encoded)
+                answer = await client.query(kv_key(alice.public_key, "k"))
+                assert answer.value == 1
+                assert process.returncode is None
+    finally:
+        await _stop([process])
