@@ -13,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structure_mutations import mutated_msgpack
 
-from fedchain.consensus.chain import Executor
+from fedchain.consensus.block import decode_block, encode_block
+from fedchain.consensus.chain import ChainTip, Executor
 from fedchain.consensus.client_api import ClientOp
-from fedchain.consensus.contracts import kv_set
+from fedchain.consensus.contracts import kv_key, kv_set
+from fedchain.consensus.errors import ConsensusError, MalformedMessage
 from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.pbft import PbftConfig
@@ -124,3 +126,38 @@ def test_a_query_for_a_key_no_state_holds_is_refused_not_raised() -> None:
 def test_any_client_or_sync_message_is_answered_refused_or_counted(frames) -> None:
     _, store = _feed(frames)
     assert store.get(1).data == FIRST_BLOCK  # nothing a stranger sent undid the chain
+
+
+def _proposal() -> bytes:
+    """A valid proposal for height 1 on the genesis (what validate takes)."""
+    tip = ChainTip.of_genesis(GENESIS)
+    block, _ = Executor(GENESIS).build_block(
+        tip, TXS, timestamp=5, view=0, proposer=VALIDATOR.public_key
+    )
+    return encode_block(block)
+
+
+PROPOSAL = _proposal()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_proposal_in_any_shape_is_refused_or_valid_never_raised(data) -> None:
+    """What a backup's ``validate`` does with a primary's payload: decode it
+    and re-execute it on its parent. A mutated block (a header field of
+    another type or value, a transaction dropped or repeated, a result
+    changed) is MalformedMessage or a ConsensusError (InvalidBlock...), or
+    a block that still follows from the parent; nothing else escapes."""
+    payload = data.draw(mutated_msgpack(msgpack.unpackb(PROPOSAL)))
+    try:
+        block = decode_block(payload)
+        Executor(GENESIS).validate_block(ChainTip.of_genesis(GENESIS), block)
+    except (MalformedMessage, ConsensusError):
+        return
+    assert encode_block(block) == payload  # accepted only if canonical
+
+
+def test_the_proposal_sample_is_valid() -> None:
+    block = decode_block(PROPOSAL)
+    state = Executor(GENESIS).validate_block(ChainTip.of_genesis(GENESIS), block)
+    assert state.get(kv_key(ALICE.public_key, "k2")) == 2
