@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import defaultdict
+from collections.abc import Callable
 
 import msgpack
 
@@ -29,17 +30,28 @@ _SIGNED = (pm.PrePrepare, pm.Prepare, pm.Checkpoint, pm.ViewChange, pm.NewView)
 
 class HostileTransport:
     def __init__(
-        self, inner: Transport, identity: Identity, chain_id: str, rng: random.Random
+        self,
+        inner: Transport,
+        identity: Identity,
+        chain_id: str | Callable[[], str],
+        rng: random.Random,
     ) -> None:
+        """``chain_id``: what PBFT messages are signed under, or a function
+        giving it now (a validator epoch has its own)."""
         self.inner = inner
         self.identity = identity
-        self.chain_id = chain_id
+        self._chain_id = chain_id
         self.rng = rng
         self.seq = 0
         self.sent = 0
         """Mutants sent."""
         self.seen: dict[str, list] = defaultdict(list)
         """Parts of messages seen, to borrow from: digests, payloads, proofs."""
+
+    @property
+    def chain_id(self) -> str:
+        chain_id = self._chain_id
+        return chain_id if isinstance(chain_id, str) else chain_id()
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

@@ -9,11 +9,13 @@ genesis (``consensus/SPEC.md``, "Validator set changes")."""
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 import pytest
 import trio
 import trio.testing
+from hostile import HostileTransport
 
 from fedchain.consensus.block import Block, decode_block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor, verify_chain
@@ -76,6 +78,7 @@ def _run(
     client_at: float | None = None,
     resubmit_after: float | None = None,
     tail_at: float | None = None,
+    hostile: int | None = None,
 ):
     """Run the cluster; ``restarts`` are (index, down_at, up_at) crashes
     followed by a new process on the same store. ``client_at``: then a
@@ -128,6 +131,13 @@ def _run(
                 return node
 
             def boot(index: int, transport, store) -> LedgerReplica:
+                if index == hostile:  # a byzantine validator: see hostile.py
+                    transport = HostileTransport(
+                        transport,
+                        identities[index],
+                        lambda: ledgers[index].chain_id,  # its epoch's, as it moves
+                        random.Random(seed),
+                    )
                 ledger = LedgerReplica(
                     node_for(identities[index], transport),
                     Executor(genesis, cache_blocks=64, signatures=signatures),
@@ -500,3 +510,14 @@ def test_a_certificate_of_the_epoch_0_chain_id_does_not_certify_epoch_1() -> Non
     assert not verify_chain(
         genesis, [encode_block(_certify(first, validators[:3], f"{CHAIN}#1"))]
     ).ok
+
+
+@pytest.mark.parametrize("hostile", [0, EXTRA])
+def test_a_validator_signing_garbage_across_the_change(hostile: int) -> None:
+    """One validator signs well-formed nonsense after each of its PBFT
+    messages (hostile.py) under its current epoch's chain id: view 0's
+    primary, in both epochs, or the newcomer once it votes. The change
+    still commits and every node ends agreeing, complete and in its role."""
+    genesis, ids, new_set, change, txs, ledgers, _ = _run(seed=hostile, hostile=hostile)
+    assert ledgers[hostile].node.transport.sent > 300
+    _check(genesis, ids, new_set, change, txs, ledgers)
