@@ -15,7 +15,11 @@ certificate)`` in sequence order without gaps; the sequence number doubles as
 the block height and the certificate is the 2f+1 commit votes the COMMIT
 messages carried. A PRE-PREPARE is validated only once its predecessor is
 executed or pre-prepared (``Replica.parked`` holds the ones that overtook
-it), so the application may validate on top of a speculative parent.
+it), so the application may validate on top of a speculative parent. Two
+departures from the paper keep such chained proposals safe: a replica
+COMMITs a seq only after its COMMIT for the seq before (P-CHAINED-COMMIT),
+and a NEW-VIEW re-issues prepared proposals only up to the first seq
+without one, instead of filling gaps with null requests.
 ``consensus/SPEC.md`` (section PBFT) names the invariants.
 
 Two phase enums: ``Phase`` orders one sequence number's progress in a view
@@ -184,8 +188,10 @@ class CancelTimer:
 class Committed:
     """``payload`` (``digest``) is final at ``seq``; emitted in order, no gaps.
 
-    A null request (a gap filled by a NEW-VIEW) has ``digest == NULL_DIGEST``
-    and an empty payload; it still has a certificate and takes its height.
+    A null request has ``digest == NULL_DIGEST`` and an empty payload; it
+    still has a certificate and takes its height. NEW-VIEWs no longer
+    issue them (their plan stops at the first gap), but a state transfer
+    may still deliver one from an older chain.
     """
 
     seq: int
@@ -355,9 +361,24 @@ class Replica:
         state: bytes = GENESIS_STATE,
         signatures: SignatureMemo | None = None,
         journal: Journal | None = None,
+        base: int = 0,
     ) -> None:
         """``executed`` and ``state`` restore a replica restarted from its
         store (the last height it holds and its chained state digest).
+
+        ``base`` is the height this instance orders above: 0 for the
+        genesis set, the height of the block that changed the set for a
+        later validator epoch. Every replica of the epoch reads it from
+        the chain, so it is the first stable checkpoint without a
+        CHECKPOINT proof. The low watermark is always the stable
+        checkpoint, never a height rounded down from ``executed``: a
+        replica must not prepare a seq its VIEW-CHANGE could not carry
+        (P holds seqs up to the stable checkpoint + L). Before this, a
+        new epoch's replicas started at h - h % K with the stable
+        checkpoint at 0, prepared seqs above L that their VIEW-CHANGEs
+        left out, and a view change could commit a second block at a
+        height (found by a seeded sweep: a byzantine validator across a
+        set change).
 
         ``journal`` makes the replica durable (:mod:`.pbft_journal`): it
         resumes the view, stable checkpoint, signed digests and prepared
@@ -385,11 +406,13 @@ class Replica:
         self.mode = Mode.NORMAL
         self.executed = executed
         self.state = state
-        k = self.config.checkpoint_interval
-        self.low = executed - executed % k
-        """h: the low watermark (last stable checkpoint, or where a restore began)."""
+        if not 0 <= base <= executed:
+            raise ValueError(f"base {base} must be between 0 and executed {executed}")
+        self.base = base
+        self.low = base
+        """h: the low watermark, always the stable checkpoint (see ``base``)."""
         self.stable_proof: tuple[Checkpoint, ...] = ()
-        self.stable_seq = 0
+        self.stable_seq = base
         self.next_seq = executed + 1
         self.log: dict[tuple[int, int], _Slot] = {}
         self.prepared: dict[int, PreparedProof] = {}
@@ -439,10 +462,8 @@ class Replica:
         the seqs it already signed in this view (never re-proposing one)."""
         self.view = journal.view
         self.mode = Mode.VIEW_CHANGE if journal.view_changing else Mode.NORMAL
-        if self.low < journal.stable_seq <= self.executed:
-            self.low = journal.stable_seq
-        if 0 < journal.stable_seq <= self.executed:
-            self.stable_seq = journal.stable_seq
+        if self.base < journal.stable_seq <= self.executed:
+            self.low = self.stable_seq = journal.stable_seq
             self.stable_proof = journal.stable_proof
         for seq, record in journal.records.items():
             if seq <= self.stable_seq:
@@ -464,7 +485,12 @@ class Replica:
         nv = journal.new_view
         if nv is not None and nv.view == self.view and nv.replica == self.me:
             # Sent before the crash (installed or not): this view is ours.
-            self._resume_new_view = nv
+            # Checked like anyone's: a damaged record must not be re-sent
+            # or installed (one with no VIEW-CHANGEs crashed the restart).
+            if self._new_view_ok(nv):
+                self._resume_new_view = nv
+            else:
+                self._refuse("bad_journal_new_view")
 
     def _after_signed(self, view: int, floor: int) -> int:
         """The next seq to propose in ``view``: ``floor`` or past every seq
@@ -845,11 +871,44 @@ class Replica:
         proof = PreparedProof(pp, tuple(chosen))
         self.prepared[pp.seq] = proof
         self._persist_seq(pp.seq)
-        commit = Commit.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
-        slot.add_commit(commit)
-        slot.own.append(commit)
-        self._broadcast(commit)
-        self._enter_committed(slot)
+        self._send_commits_from(slot)
+
+    def _commit_ready(self, view: int, seq: int) -> bool:
+        """P-CHAINED-COMMIT: COMMIT for ``seq`` only after our COMMIT for
+        ``seq - 1`` in the same view, or once ``seq - 1`` is executed.
+
+        Each proposal is validated on a speculative parent (P-PARENT-FIRST),
+        and PBFT's view change keeps per seq only what a quorum prepared. A
+        block could commit while its parent was only pre-prepared, and the
+        next view then fill the parent's height with another block or a null
+        request: two committed blocks that do not chain (found by a seeded
+        sweep with a byzantine validator across a set change). With this
+        rule an honest COMMIT for ``seq`` means this replica prepared every
+        height from its executed one up to ``seq`` in that view, so 2f+1
+        COMMITs (f+1 of them honest) leave each of those heights committed in
+        PBFT's sense, and every later view keeps them."""
+        if seq - 1 <= self.executed:
+            return True
+        before = self.log.get((view, seq - 1))
+        return before is not None and self.me in before.commits
+
+    def _send_commits_from(self, slot: _Slot | None) -> None:
+        """Send the COMMIT of ``slot`` if it is prepared and may (above), then
+        those of the prepared slots after it that waited on it."""
+        while (
+            slot is not None
+            and slot.phase is Phase.PREPARED
+            and slot.pre_prepare is not None
+            and self.me not in slot.commits
+            and self._commit_ready(slot.view, slot.seq)
+        ):
+            pp = slot.pre_prepare
+            commit = Commit.create(self.identity, self.chain_id, pp.view, pp.seq, pp.digest)
+            slot.add_commit(commit)
+            slot.own.append(commit)
+            self._broadcast(commit)
+            self._enter_committed(slot)
+            slot = self.log.get((slot.view, slot.seq + 1))
 
     def _on_commit(self, commit: Commit) -> None:
         """COMMITs count in any recent view: 2f+1 of them in *one* view is
@@ -921,6 +980,8 @@ class Replica:
         self.executed_digests[done.seq] = done.digest
         self.state = advance_state(self.state, done.seq, done.digest)
         self._out.append(done)
+        # A prepared successor may have waited for this (P-CHAINED-COMMIT).
+        self._send_commits_from(self.log.get((self.view, done.seq + 1)))
         self.view_change_attempts = 0
         self._reset_view_timer()
         if done.seq % self.config.checkpoint_interval == 0:
@@ -973,7 +1034,9 @@ class Replica:
                 continue
             if seq > self.executed:
                 self._fetch(seq, tuple(c.replica for c in proof))
-            elif self.own_states.get(seq) == state and seq > self.low:
+            elif self.own_states.get(seq, state) == state and seq > self.low:
+                # No own state for seq: executed before a restart. What it
+                # executed carried certificates, so it is the agreed state.
                 self._make_stable(seq, tuple(sorted(proof, key=lambda c: c.replica)))
             return
 
@@ -1276,9 +1339,12 @@ class Replica:
         """A VIEW-CHANGE's signature and every proof inside it check out."""
         if not vc.verify(self.chain_id, memo=self.signatures):
             return False
-        if vc.stable_seq and not self._checkpoint_proof_ok(vc.stable_seq, vc.checkpoint_proof):
+        if vc.stable_seq < self.base:
             return False
-        if not vc.stable_seq and vc.checkpoint_proof:
+        if vc.stable_seq == self.base:  # the epoch's start needs no proof
+            if vc.checkpoint_proof:
+                return False
+        elif not self._checkpoint_proof_ok(vc.stable_seq, vc.checkpoint_proof):
             return False
         seqs = [p.pre_prepare.seq for p in vc.prepared]
         if len(set(seqs)) != len(seqs):
@@ -1316,8 +1382,20 @@ class Replica:
     def _new_view_plan(
         self, changes: Sequence[ViewChange]
     ) -> tuple[int, list[tuple[int, bytes, bytes]]]:
-        """PBFT's O set: for each seq above the highest stable checkpoint, the
-        prepared proposal of the highest view, or a null request."""
+        """PBFT's O set, for proposals that chain: from the highest stable
+        checkpoint up, the prepared proposal of the highest view for each
+        seq, as far as every seq has one.
+
+        Castro and Liskov fill a seq without a prepared certificate with a
+        null request and go on; here the proposals above it were validated
+        on top of a parent that the null now replaces, so they could never
+        validate again, and a NEW-VIEW that re-issued them stalled every
+        later view. None of them can have committed: with P-CHAINED-COMMIT
+        a committed seq has f+1 honest replicas that prepared every seq
+        below it down to what they executed, and any 2f+1 VIEW-CHANGEs
+        include one of them, so every seq from the stable checkpoint up to
+        a committed one has a certificate here. The plan ends at the first
+        seq without one, and the new primary proposes afresh from there."""
         min_s = max(vc.stable_seq for vc in changes)
         best: dict[int, PrePrepare] = {}
         for vc in changes:
@@ -1325,11 +1403,11 @@ class Replica:
                 pp = proof.pre_prepare
                 if pp.seq > min_s and (pp.seq not in best or pp.view > best[pp.seq].view):
                     best[pp.seq] = pp
-        max_s = max(best, default=min_s)
         plan = []
-        for seq in range(min_s + 1, max_s + 1):
-            pp = best.get(seq)
-            plan.append((seq, pp.digest, pp.payload) if pp else (seq, NULL_DIGEST, b""))
+        seq = min_s + 1
+        while (pp := best.get(seq)) is not None:
+            plan.append((seq, pp.digest, pp.payload))
+            seq += 1
         return min_s, plan
 
     def _try_new_view(self) -> None:

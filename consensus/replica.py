@@ -314,6 +314,15 @@ class LedgerReplica:
 
     # -- epochs -------------------------------------------------------------------
 
+    @property
+    def epoch_start(self) -> int:
+        """The height of the block that began this epoch (0: the genesis
+        set): every node learns it from the chain, replayed or followed."""
+        if self.epoch == 0:
+            return 0
+        answer, _ = self.validator_changes[self.epoch]
+        return answer.header.height
+
     def _enter_epoch(self) -> None:
         """Take the set in force after the tip: a PBFT replica for it, with
         the epoch's chain id, resuming at the tip, if this node is in it."""
@@ -330,6 +339,7 @@ class LedgerReplica:
                 state=self.pbft_state,
                 signatures=self.executor.votes,
                 journal=load_journal(self.store.get_meta, self.chain_id, self.config.window),
+                base=self.epoch_start,
             )
         else:
             self.replica = None

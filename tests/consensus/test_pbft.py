@@ -321,10 +321,13 @@ def _proof(view: int, seq: int, payload: bytes) -> PreparedProof:
     )
 
 
-def test_new_view_carries_highest_prepared_and_fills_gaps_with_null() -> None:
+def test_new_view_carries_highest_prepared_up_to_the_first_seq_without_one() -> None:
     """P-VIEW-CHANGE-SAFETY: the NEW-VIEW re-issues, for each seq above the
     stable checkpoint, the prepared proposal of the highest view found in
-    2f+1 VIEW-CHANGEs, and a null request where none prepared."""
+    2f+1 VIEW-CHANGEs, up to the first seq none prepared: seq 3's proposal
+    was validated on a seq 2 that no quorum kept, so it could never
+    validate again and cannot have committed (P-CHAINED-COMMIT); the new
+    primary proposes afresh from seq 2."""
     new_primary = replica(2)
     vc0 = ViewChange.create(KEYS[0], CHAIN_ID, 2, 0, (), (_proof(0, 1, b"old"),))
     vc1 = ViewChange.create(
@@ -333,20 +336,49 @@ def test_new_view_carries_highest_prepared_and_fills_gaps_with_null() -> None:
     new_primary.step(Receive(VALIDATORS[0], vc0))
     actions = new_primary.step(Receive(VALIDATORS[1], vc1))
     (nv,) = sends(actions, NewView)
-    assert [(p.seq, p.digest) for p in nv.pre_prepares] == [
-        (1, sha(b"newer")),
-        (2, NULL_DIGEST),
-        (3, sha(b"three")),
-    ]
+    assert [(p.seq, p.digest) for p in nv.pre_prepares] == [(1, sha(b"newer"))]
     assert new_primary.mode is Mode.NORMAL and new_primary.view == 2
+    assert new_primary.next_seq == 2  # fresh proposals from the first gap
     backup = replica(3)
     actions = backup.step(Receive(VALIDATORS[2], nv))
     assert backup.view == 2 and backup.mode is Mode.NORMAL
-    assert {p.seq for p in sends(actions, Prepare)} == {1, 2, 3}
-    forged = NewView.create(KEYS[2], CHAIN_ID, 2, nv.view_changes, nv.pre_prepares[:1])
+    assert {p.seq for p in sends(actions, Prepare)} == {1}
+    # A NEW-VIEW that re-issues past the gap (the classic O set) is refused.
+    classic = NewView.create(
+        KEYS[2],
+        CHAIN_ID,
+        2,
+        nv.view_changes,
+        (
+            nv.pre_prepares[0],
+            PrePrepare.create(KEYS[2], CHAIN_ID, 2, 2, NULL_DIGEST, b""),
+            PrePrepare.create(KEYS[2], CHAIN_ID, 2, 3, sha(b"three"), b"three"),
+        ),
+    )
     other = replica(1)
-    other.step(Receive(VALIDATORS[2], forged))
+    other.step(Receive(VALIDATORS[2], classic))
     assert other.refused["bad_new_view"] == 1 and other.view == 0
+    forged = NewView.create(KEYS[2], CHAIN_ID, 2, nv.view_changes, ())
+    other.step(Receive(VALIDATORS[2], forged))
+    assert other.refused["bad_new_view"] == 2 and other.view == 0
+
+
+def test_a_commit_waits_for_the_commit_of_the_seq_before() -> None:
+    """P-CHAINED-COMMIT: a backup prepared at seq 2 while seq 1 is only
+    pre-prepared (its PREPAREs lost) sends no COMMIT for 2; once 1 is
+    prepared it sends both COMMITs, 1 first."""
+    backup = replica(1)
+    for seq, payload in ((1, b"one"), (2, b"two")):
+        pp = PrePrepare.create(KEYS[0], CHAIN_ID, 0, seq, sha(payload), payload)
+        backup.step(Receive(VALIDATORS[0], pp))
+    actions = []
+    for i in (2, 3):
+        prepare = Prepare.create(KEYS[i], CHAIN_ID, 0, 2, sha(b"two"))
+        actions += backup.step(Receive(VALIDATORS[i], prepare))
+    assert 2 in backup.prepared and not sends(actions, Commit)
+    prepare = Prepare.create(KEYS[2], CHAIN_ID, 0, 1, sha(b"one"))
+    actions = backup.step(Receive(VALIDATORS[2], prepare))
+    assert [c.seq for c in sends(actions, Commit)] == [1, 2]
 
 
 def test_view_change_with_forged_prepared_proof_is_refused() -> None:

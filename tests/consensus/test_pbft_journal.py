@@ -35,6 +35,7 @@ from fedchain.consensus.pbft_journal import (
     VIEW_KEY,
     Journal,
     SeqRecord,
+    encode_new_view,
     encode_seq_record,
     encode_stable,
     encode_view,
@@ -318,6 +319,20 @@ def _new_primary_sends_new_view(disk: Disk) -> tuple[Replica, NewView, list]:
     (nv,) = sent(actions, NewView)
     assert [p.digest for p in nv.pre_prepares] == [sha(b"d")]
     return primary, nv, actions
+
+
+def test_a_damaged_journaled_new_view_is_neither_sent_nor_installed() -> None:
+    """Its own NEW-VIEW read back with no VIEW-CHANGEs (found by the
+    mutation test above: installing it raised ValueError at restart)."""
+    disk = Disk()
+    _, nv, actions = _new_primary_sends_new_view(disk)
+    disk.keep(actions)
+    bare = NewView.create(KEYS[1], CHAIN, nv.view, (), nv.pre_prepares)
+    disk.meta[NEW_VIEW_KEY] = encode_new_view(CHAIN, bare)
+    journal = load_journal(disk.meta.get, CHAIN, CONFIG.window)
+    restarted = Replica(KEYS[1], VALIDATORS, CHAIN, App(), CONFIG, journal=journal)
+    assert not sent(restarted.start(), NewView)
+    assert restarted.refused["bad_journal_new_view"] == 1 and restarted.view == 1
 
 
 def test_a_new_primary_restarted_after_its_new_view_sends_it_again() -> None:
