@@ -872,6 +872,8 @@ class Replica:
         self.prepared[pp.seq] = proof
         self._persist_seq(pp.seq)
         self._send_commits_from(slot)
+        # Our COMMIT may wait for the seq before; 2f+1 others' may be in.
+        self._enter_committed(slot)
 
     def _commit_ready(self, view: int, seq: int) -> bool:
         """P-CHAINED-COMMIT: COMMIT for ``seq`` only after our COMMIT for
