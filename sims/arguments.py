@@ -26,13 +26,8 @@ def positive_ints(count: int | None = None) -> Callable[[str], list[int]]:
     """``"250,500"`` -> ``[250, 500]``: positive integers, ``count`` of them if given."""
 
     def parse(text: str) -> list[int]:
-        try:
-            values = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected positive integers separated by commas"
-            ) from None
-        if not values or any(v <= 0 for v in values):
+        values = [int_at_least(1)(part) for part in text.split(",") if part.strip()]
+        if not values:
             raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers")
         if count is not None and len(values) != count:
             raise argparse.ArgumentTypeError(f"{text!r}: expected {count} integers")

@@ -412,13 +412,16 @@ def _handler_errors(homes: Path) -> int:
 
     total = 0
     for log in sorted(homes.glob("node*/node.log")):
-        last = None
+        last: dict = {}
         for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                last = line
-        if last is not None:
-            counters = json.loads(last).get("node", {})
-            total += sum(n for k, n in counters.items() if k.startswith("handler_error"))
+            try:  # a node stopped mid-line leaves a torn one
+                status = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(status, dict):
+                last = status
+        counters = last.get("node", {})
+        total += sum(n for k, n in counters.items() if k.startswith("handler_error"))
     return total
 
 

@@ -63,7 +63,8 @@ def _feed(frames: list[tuple[int, bytes]]) -> tuple[Node, MemoryBlockStore]:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            node = Node(VALIDATOR, transport, start_seq=1, wakeup=net.wakeup_for(node_id))
+            wakeup = net.wakeup_for(VALIDATOR.public_key)
+            node = Node(VALIDATOR, transport, start_seq=1, wakeup=wakeup)
             node.bind(nursery)
             net.drive(node)
             ledger = LedgerReplica(
@@ -87,7 +88,6 @@ def _feed(frames: list[tuple[int, bytes]]) -> tuple[Node, MemoryBlockStore]:
             out.extend([node, ledger.store])
             nursery.cancel_scope.cancel()
 
-    node_id = VALIDATOR.public_key
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     return out[0], out[1]
 
