@@ -289,9 +289,16 @@ class Mempool:
         stale ones are skipped (:meth:`drop_stale` removes them)."""
         chosen: list[Transaction] = []
         total = 0
-        runs = deque(
-            self._run(sender, queue, exclude, next_nonce) for sender, queue in self._queues.items()
-        )
+        runs: deque[Iterator[Transaction]] = deque()
+        for sender, queue in self._queues.items():
+            # Under load most senders have everything in flight: skip them
+            # with a plain loop (and no state read), not a generator each:
+            # 10,000 held, 8,000 of them in flight, one key each (as in
+            # ``fedchain bench consensus``): 1.1 ms a reap instead of 5.1.
+            for _, digest in queue:
+                if digest not in exclude:
+                    runs.append(self._run(sender, queue, exclude, next_nonce))
+                    break
         while runs and len(chosen) < max_txs:
             run = runs.popleft()
             tx = next(run, None)
@@ -309,8 +316,6 @@ class Mempool:
         exclude: Container[bytes],
         next_nonce: Callable[[PeerId], int] | None,
     ) -> Iterator[Transaction]:
-        if all(digest in exclude for _, digest in queue):
-            return  # all in flight (most senders, under load): no state read
         expected = None if next_nonce is None else next_nonce(sender)
         for nonce, digest in list(queue):
             if expected is not None:
