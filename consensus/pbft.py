@@ -916,7 +916,13 @@ class Replica:
         """COMMITs count in any recent view: 2f+1 of them in *one* view is
         PBFT's committed predicate, which lets a replica that is stuck in a
         view change (or restarted at view 0) still learn what committed."""
-        if commit.seq <= self.executed or commit.seq > self.high:
+        if commit.seq <= self.executed:
+            # The normal fate of the COMMITs past the 2f+1st (a replica
+            # executes on 2f+1): counted apart, so "watermark" keeps
+            # meaning traffic outside the window.
+            self._refuse("executed")
+            return
+        if commit.seq > self.high:
             self._refuse("watermark")
             return
         if commit.view > self.view + self.config.max_future_views:

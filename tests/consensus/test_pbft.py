@@ -289,6 +289,24 @@ def test_phase_guards_refuse_and_count() -> None:
     assert r.mode is Mode.VIEW_CHANGE, "a wrong-digest PRE-PREPARE suspects the primary"
 
 
+def test_late_commits_count_as_executed_not_as_watermark() -> None:
+    """COMMITs past the 2f+1st arrive after the seq executed: counted as
+    ``executed``; a COMMIT above the window is still ``watermark``."""
+    config = PbftConfig(checkpoint_interval=4)
+    r = replica(1, config)
+    payload = b"batch"
+    d = sha(payload)
+    r.step(Receive(VALIDATORS[0], PrePrepare.create(KEYS[0], CHAIN_ID, 0, 1, d, payload)))
+    r.step(Receive(VALIDATORS[2], Prepare.create(KEYS[2], CHAIN_ID, 0, 1, d)))
+    for i in (0, 2):
+        r.step(Receive(VALIDATORS[i], Commit.create(KEYS[i], CHAIN_ID, 0, 1, d)))
+    assert r.executed == 1
+    r.step(Receive(VALIDATORS[3], Commit.create(KEYS[3], CHAIN_ID, 0, 1, d)))
+    assert (r.refused["executed"], r.refused["watermark"]) == (1, 0)
+    r.step(Receive(VALIDATORS[3], Commit.create(KEYS[3], CHAIN_ID, 0, 9, d)))
+    assert (r.refused["executed"], r.refused["watermark"]) == (1, 1)
+
+
 def test_prepare_then_commit_emits_certified_commit() -> None:
     """P-CERTIFIED at message level: PRE-PREPARE, 2f PREPAREs and 2f+1
     COMMITs (own included) deliver Committed with a valid certificate."""
