@@ -51,6 +51,7 @@ from fedchain.p2p.wire import pack_body, unpack_body
 from .errors import MalformedMessage, StoreCorrupted
 from .pbft_messages import (
     DIGEST_BYTES,
+    MAX_U63,
     Checkpoint,
     NewView,
     PreparedProof,
@@ -207,8 +208,11 @@ def _fields(key: str, raw: bytes, length: int) -> list[object]:
 
 
 def _uint(key: str, value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise StoreCorrupted(f"journal record {key!r}: expected an unsigned integer")
+    """Views, sequence numbers and windows within the wire's range (a
+    replica restarted at view 2**64 - 1 could not sign its next VIEW-CHANGE:
+    msgpack has no integer for 2**64)."""
+    if type(value) is not int or not 0 <= value <= MAX_U63:
+        raise StoreCorrupted(f"journal record {key!r}: expected an integer in 0..2**63 - 1")
     return value
 
 

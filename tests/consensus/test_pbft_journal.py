@@ -261,6 +261,9 @@ def test_any_bytes_in_a_journal_record_load_or_raise_store_corrupted(key: str, d
         (STABLE_KEY, b"\x93\xacjournal-test\x04\x01"),  # the proof is not an array
         (seq_key(1, CONFIG.window), b"\x95\xacjournal-test\x01\x00\xc4\x01x\xc0"),  # short digest
         (NEW_VIEW_KEY, b"\x92\xacjournal-test\x92\x05\x01"),  # not a NEW-VIEW
+        # A view past the wire's 2**63 - 1 (the next VIEW-CHANGE could not be signed):
+        (VIEW_KEY, msgpack.packb(["journal-test", 2**64 - 1, False, CONFIG.window])),
+        (seq_key(1, CONFIG.window), encode_seq_record(CHAIN, SeqRecord(2**63 + 1, 0, bytes(32)))),
     ],
 )
 def test_malformed_records_are_store_corrupted(key: str, value: bytes) -> None:
