@@ -36,7 +36,7 @@ import msgpack
 from fedchain.p2p.identity import PUBLIC_KEY_BYTES, Identity, PeerId, verify
 
 from .errors import ContractRejected, MalformedMessage
-from .state import State, decode_value, encode_value
+from .state import State, decode_value, encode_value, packed_key
 from .tx import Transaction, sign_transaction
 from .votes import quorum
 
@@ -131,6 +131,13 @@ class StateView:
         if type(key) is not str or not key or value is None:
             raise ValueError("set takes a non-empty string key and a non-None value")
         self._tx[key] = encode_value(value)
+
+    def set_encoded(self, key: str, encoded: bytes) -> None:
+        """Like :meth:`set` with the value's canonical encoding, which the
+        caller vouches for (a slice of content :func:`decode_value` checked)."""
+        if type(key) is not str or not key or type(encoded) is not bytes or encoded == b"\xc0":
+            raise ValueError("set_encoded takes a non-empty string key and a non-nil encoding")
+        self._tx[key] = encoded
 
     def delete(self, key: str) -> None:
         self._tx[key] = None
@@ -260,6 +267,10 @@ def kv_delete(key: str) -> bytes:
     return encode_value(["del", key])
 
 
+_SET_PREFIX = len(b"\x93\xa3set")
+"""A set's content starts with a fixarray of 3 and the fixstr "set"."""
+
+
 class KvContract:
     """``["set", key, value]`` or ``["del", key]`` in the sender's namespace
     ``kv/<sender hex>/``: nobody can touch another's keys."""
@@ -280,7 +291,10 @@ class KvContract:
         if op[0] == "set":
             if op[2] is None:
                 raise ContractRejected("kv value is not nil")
-            view.set(full, op[2])
+            # The content is canonical (decode_value checked), so the value's
+            # encoding is its tail after the array header, "set" and the
+            # key: no second encoding of the value per transaction.
+            view.set_encoded(full, tx.content[_SET_PREFIX + len(packed_key(key)) :])
         elif full not in view:
             raise ContractRejected("no such key")
         else:

@@ -69,6 +69,7 @@ __all__ = [
     "check_key",
     "decode_value",
     "encode_value",
+    "packed_key",
     "verify_state_proof",
 ]
 
@@ -150,8 +151,8 @@ def bucket_of(key: str, buckets: int) -> int:
     return int.from_bytes(_sha256(key.encode()).digest()[:4], "big") & (buckets - 1)
 
 
-def _packed_key(key: str) -> bytes:
-    """``msgpack.packb(key)`` without building a Packer: ~0.2 µs instead of
+def packed_key(key: str) -> bytes:
+    """``msgpack.packb(key)`` for a str, without building a Packer: ~0.2 µs instead of
     ~1 µs, and it ran for every write (a tenth of a backup validator's
     time, py-spy at 8,000 offered tx/s)."""
     raw = key.encode()
@@ -168,7 +169,7 @@ def _packed_key(key: str) -> bytes:
 def _leaf_hash(key: str, encoded_value: bytes) -> bytes:
     """RFC 6962 leaf hash of the leaf, the canonical msgpack array
     [key, value], in one call (hot path)."""
-    return _sha256(b"\x00\x92" + _packed_key(key) + encoded_value).digest()
+    return _sha256(b"\x00\x92" + packed_key(key) + encoded_value).digest()
 
 
 def _bucket_digest(hashes: bytes) -> bytes:

@@ -4,6 +4,8 @@ the kv and validators built-ins, and a registry that takes new contracts."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedchain.consensus.contracts import (
     BlockContext,
@@ -62,6 +64,24 @@ def test_kv_set_and_delete_in_the_senders_namespace() -> None:
     assert kv_key(ALICE.public_key, "x") not in state
     assert state.get(kv_key(BOB.public_key, "x")) == "bob's"
     assert next_nonce(state, ALICE.public_key) == 2 and next_nonce(state, BOB.public_key) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(min_size=1, max_size=128),
+    st.recursive(
+        st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text() | st.binary(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=10,
+    ),
+)
+def test_property_a_kv_set_stores_the_values_canonical_encoding(key: str, value: object) -> None:
+    """The stored bytes are a slice of the content (not a second encoding):
+    whatever the key's and the value's msgpack widths, the slice is exactly
+    the value's canonical encoding."""
+    state, results = run(State(), [tx(ALICE, 0, kv_set(key, value))])
+    assert results == [TxResult(0)]
+    assert state.get_encoded(kv_key(ALICE.public_key, key)) == encode_value(value)
 
 
 @pytest.mark.parametrize(

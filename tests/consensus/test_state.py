@@ -15,10 +15,10 @@ from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.state import (
     State,
     StateProof,
-    _packed_key,
     bucket_of,
     decode_value,
     encode_value,
+    packed_key,
     verify_state_proof,
 )
 
@@ -290,9 +290,9 @@ def test_property_many_small_applies_match_a_plain_reference(batches: list, buck
 @settings(max_examples=300, deadline=None)
 @given(st.text(min_size=1, max_size=200) | st.text(min_size=100, max_size=512))
 def test_property_packed_key_is_msgpacks_encoding(key: str) -> None:
-    assert _packed_key(key) == msgpack.packb(key)
+    assert packed_key(key) == msgpack.packb(key)
 
 
 @pytest.mark.parametrize("size", [31, 32, 255, 256, 65535, 65536])
 def test_packed_key_at_each_msgpack_string_width(size: int) -> None:
-    assert _packed_key("k" * size) == msgpack.packb("k" * size)
+    assert packed_key("k" * size) == msgpack.packb("k" * size)
