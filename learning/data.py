@@ -15,7 +15,10 @@ Lookup order (DESIGN.md "Data"):
 Every file may be gzipped (``*.gz``) or raw. Its *decompressed* content is
 checked against the published SHA-256, so a re-gzipped copy passes and a
 single flipped pixel does not; the IDX header (magic, counts, dimensions) is
-then checked against the file length. Any failure raises
+then checked against the file length. A gzip stream is inflated no further
+than its IDX header says the content reaches (and never past
+``MAX_IDX_BYTES``), so a small file that inflates without end costs what
+its header claims, not the memory it would take. Any failure raises
 :class:`~fedchain.learning.errors.DataError` naming the file: a corrupt file
 is never silently misread.
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
 import shutil
 import struct
@@ -95,6 +100,9 @@ MIRRORS: Sequence[str] = (
 SUBSET_RESOURCE = "mnist_subset.npz"
 
 _IDX_DTYPES = {0x08: np.uint8}
+MAX_IDX_BYTES = 2**31
+"""The largest IDX content a gzipped file may claim (MNIST's largest file
+holds 47 MB, EMNIST's 0.55 GB)."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,7 @@ def read_idx(path: str | Path, expected_sha256: str | None = None) -> np.ndarray
         raise DataError(f"cannot read: {exc}", path) from exc
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = gzip.decompress(raw)
+            raw = _gunzip_idx(raw, path)
         except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"corrupt or truncated gzip stream ({exc})", path) from exc
     if expected_sha256 is not None:
@@ -154,6 +162,27 @@ def read_idx(path: str | Path, expected_sha256: str | None = None) -> np.ndarray
                 path,
             )
     return _parse_idx(raw, path)
+
+
+def _gunzip_idx(data: bytes, path: Path) -> bytes:
+    """Inflate a gzipped IDX file up to one byte past the length its header
+    implies: enough for :func:`_parse_idx` to accept it or to name the
+    mismatch, and no more. A stream that ends early raises EOFError; one
+    that reaches its end has had its CRC checked by ``gzip``."""
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+        head = stream.read(4)
+        if len(head) < 4 or head[0] or head[1] or head[3] < 1:
+            return head  # not an IDX header: _parse_idx says why
+        head += stream.read(4 * head[3])
+        if len(head) < 4 + 4 * head[3]:
+            return head  # truncated header
+        shape = struct.unpack(f">{head[3]}I", head[4:])
+        size = len(head) + math.prod(shape)
+        if size > MAX_IDX_BYTES:
+            raise DataError(
+                f"IDX header claims {shape} ({size} bytes), more than {MAX_IDX_BYTES}", path
+            )
+        return head + stream.read(size - len(head) + 1)
 
 
 def _parse_idx(raw: bytes, path: Path) -> np.ndarray:

@@ -3,7 +3,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import struct
 import threading
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -93,6 +95,31 @@ def test_header_inconsistent_with_length(tmp_path):
         read_idx(path)
     path.write_bytes(b"\x01\x02\x03")
     with pytest.raises(DataError, match="magic"):
+        read_idx(path)
+
+
+def test_a_gzip_stream_is_inflated_no_further_than_its_header_says(tmp_path):
+    """A small .gz whose content runs far past what its IDX header claims
+    (a gzip bomb, or a damaged file) is refused having inflated about the
+    header's worth, not the whole stream."""
+    path = tmp_path / "bomb.gz"
+    claimed = _idx_bytes(np.zeros((3, 28, 28), np.uint8))
+    path.write_bytes(gzip.compress(claimed + bytes(64 * 2**20), compresslevel=1))
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="header says"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"inflated {peak} bytes for a 2,368-byte claim"
+
+
+def test_a_header_claiming_more_than_the_bound_is_refused_before_inflating(tmp_path):
+    path = tmp_path / "huge.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + struct.pack(">3I", 2**20, 2**10, 2**10)))
+    with pytest.raises(DataError, match="more than"):
         read_idx(path)
 
 
