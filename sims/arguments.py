@@ -18,6 +18,7 @@ __all__ = [
     "non_negative",
     "port",
     "positive_ints",
+    "power_of_two",
     "seconds",
 ]
 
@@ -45,6 +46,18 @@ def names_from(allowed: Collection[str]) -> Callable[[str], list[str]]:
         if not names or unknown:
             raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(sorted(allowed))}")
         return names
+
+    return parse
+
+
+def power_of_two(high: int) -> Callable[[str], int]:
+    """A power of two from 1 to ``high`` (hash bucket counts)."""
+
+    def parse(text: str) -> int:
+        value = int_at_least(1)(text)
+        if value & (value - 1) or value > high:
+            raise argparse.ArgumentTypeError(f"{value} is not a power of two from 1 to {high}")
+        return value
 
     return parse
 

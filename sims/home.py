@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fedchain.consensus.errors import MalformedMessage
-from fedchain.consensus.genesis import Genesis, decode_genesis
+from fedchain.consensus.genesis import ConsensusParams, Genesis, decode_genesis
 from fedchain.p2p.identity import Identity, PeerId
 
 __all__ = ["HomeError", "NodeHome", "load_home", "write_testnet"]
@@ -86,6 +86,7 @@ def write_testnet(
     genesis_time_ms: int = 0,
     seed: int | None = None,
     ports: list[int] | None = None,
+    params: ConsensusParams | None = None,
 ) -> list[Path]:
     """Write ``validators`` node homes under ``out``; their paths.
 
@@ -102,7 +103,9 @@ def write_testnet(
         rng.bytes(32) if rng is not None else secrets.token_bytes(32) for _ in range(validators)
     ]
     identities = [Identity(s) for s in seeds]
-    genesis = Genesis.create(chain_id, genesis_time_ms, [i.public_key for i in identities])
+    genesis = Genesis.create(
+        chain_id, genesis_time_ms, [i.public_key for i in identities], params=params
+    )
     ports = ports or [base_port + i for i in range(validators)]
     if len(ports) != validators or not all(0 < p < 65536 for p in ports):
         raise ValueError(f"{validators} nodes need {validators} ports in 1..65535: {ports}")

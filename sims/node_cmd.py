@@ -109,7 +109,8 @@ async def serve(home, args: argparse.Namespace) -> None:
     store = SqliteBlockStore(home.store_path)
     batch_timeout = args.batch_timeout
     pbft = PbftConfig(
-        batch_size=args.batch_size,
+        # A batch is full at what a block may hold (the chain's genesis).
+        batch_size=min(args.batch_size, home.genesis.params.max_block_txs),
         batch_timeout=PbftConfig.batch_timeout if batch_timeout is None else batch_timeout,
         view_change_timeout=args.view_timeout,
     )

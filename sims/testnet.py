@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arguments import int_at_least, port
+from .arguments import int_at_least, port, power_of_two
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int_at_least(0), default=None, help="derive keys from a seed (demos)"
     )
+    parser.add_argument(
+        "--state-buckets",
+        type=power_of_two(2**20),
+        default=16384,
+        help="hash buckets of the provable state, fixed for the chain's life: about the "
+        "keys you expect / 8 (a write costs more as buckets fill; see consensus/state.py)",
+    )
+    parser.add_argument(
+        "--max-block-txs",
+        type=int_at_least(1),
+        default=2000,
+        help="transactions a block may hold, fixed for the chain's life",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from fedchain.consensus.genesis import ConsensusParams
     from fedchain.sims.home import write_testnet
 
     hosts = None if args.hosts is None else [h.strip() for h in args.hosts.split(",")]
@@ -41,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
             base_port=args.base_port,
             genesis_time_ms=time.time_ns() // 1_000_000,
             seed=args.seed,
+            params=ConsensusParams(
+                max_block_txs=args.max_block_txs, state_buckets=args.state_buckets
+            ),
         )
     except (ValueError, FileExistsError) as exc:
         raise SystemExit(f"fedchain testnet: {exc}") from exc

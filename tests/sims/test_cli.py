@@ -231,6 +231,7 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
         ["bench", "gossip", "--nodes", "1"],
         ["bench", "gossip", "--loss", "2"],
         ["testnet", "--base-port", "70000"],
+        ["testnet", "--state-buckets", "1000"],
         ["node", "--home", ".", "--batch-timeout", "-1"],
         ["client", "--timeout", "nan"],
         ["chain", "sample", ".", "--blocks", "0"],
@@ -263,6 +264,15 @@ def test_a_testnet_past_the_last_port_is_refused_before_writing(tmp_path):
     with pytest.raises(SystemExit, match=r"4 nodes need 4 ports in 1\.\.65535"):
         cli.main(["testnet", "--validators", "4", "--base-port", "65534", "--out", str(out)])
     assert not out.exists()
+
+
+def test_a_testnet_sizes_its_state_and_blocks_as_asked(tmp_path):
+    out = tmp_path / "t"
+    argv = ["testnet", "--validators", "2", "--out", str(out), "--seed", "1"]
+    assert cli.main([*argv, "--state-buckets", "65536", "--max-block-txs", "3000"]) == 0
+    for node in ("node0", "node1"):
+        params = load_home(out / node).genesis.params
+        assert (params.state_buckets, params.max_block_txs) == (65536, 3000)
 
 
 def test_contained_handler_errors_are_read_from_the_last_status_lines(tmp_path):

@@ -20,6 +20,7 @@ import trio
 from fedchain.consensus.client import LedgerClient
 from fedchain.consensus.client_api import ClientOp, encode_client_message
 from fedchain.consensus.contracts import kv_key, kv_set
+from fedchain.consensus.genesis import ConsensusParams
 from fedchain.consensus.pbft import PbftConfig
 from fedchain.consensus.tx import sign_transaction
 from fedchain.p2p.identity import Identity
@@ -33,7 +34,7 @@ from fedchain.sims.home import HomeError, load_home, write_testnet
 TCP = TcpConfig(backoff_initial=0.05, backoff_max=0.5)
 
 
-async def _start(home: Path) -> trio.Process:
+async def _start(home: Path, expect_batch: int = 50) -> trio.Process:
     command = [sys.executable, "-m", "fedchain.sims.cli", "node", "--home", str(home)]
     command += ["--batch-size", "50", "--status-every", "3600"]
     process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
@@ -44,8 +45,12 @@ async def _start(home: Path) -> trio.Process:
         line += chunk
     ready = json.loads(line)
     assert ready["listen"]
-    # What it runs with: the batch asked for, PBFT's default timeout.
-    assert (ready["batch_size"], ready["batch_timeout_s"]) == (50, PbftConfig.batch_timeout)
+    # What it runs with: the batch asked for (at most a block's worth),
+    # PBFT's default timeout.
+    assert (ready["batch_size"], ready["batch_timeout_s"]) == (
+        expect_batch,
+        PbftConfig.batch_timeout,
+    )
     return process
 
 
@@ -111,6 +116,14 @@ async def test_four_node_processes_commit_restart_and_verify(tmp_path) -> None:
         await _stop(processes)
     for home in homes:
         assert verify_dir(home, json_only=True) == 0
+
+
+async def test_a_node_batches_no_more_than_its_genesis_lets_a_block_hold(tmp_path) -> None:
+    params = ConsensusParams(max_block_txs=20, state_buckets=64)
+    (home,) = write_testnet(tmp_path, 1, seed=2, ports=_free_ports(1), params=params)
+    assert load_home(home).genesis.params == params
+    process = await _start(home, expect_batch=20)  # asked for 50
+    await _stop([process])
 
 
 def test_a_broken_home_is_a_clear_error(tmp_path) -> None:
