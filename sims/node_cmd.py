@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, required=True, help="a folder fedchain testnet wrote")
     parser.add_argument("--status-every", type=seconds(), default=5.0)
     parser.add_argument(
-        "--batch-size", type=int_at_least(1), default=1000, help="PBFT batch (transactions)"
+        "--batch-size",
+        type=int_at_least(1),
+        default=1000,
+        help="PBFT batch (transactions; at most what the genesis lets a block hold)",
     )
     parser.add_argument(
         "--batch-timeout",
