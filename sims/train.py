@@ -128,6 +128,20 @@ def _run(args: argparse.Namespace) -> int:
 
     # dp-accounting's RDP guess logs a warning per order it drops; not news here
     logging.getLogger("absl").setLevel(logging.ERROR)
+    # Settings first (a ConfigError names the bad one at once), data after:
+    # loading it and computing scattering features take seconds to minutes.
+    private = not args.no_dp
+    config = LocalConfig(
+        steps=args.local_steps,
+        batch_size=args.batch_size,
+        sampling=args.sampling,
+        clip_norm=args.clip if private else None,
+        momentum=args.momentum,
+        optimizer=args.optimizer,
+        density=args.density,
+    )
+    if private and args.budget == "loss-adaptive" and args.noise is not None:
+        raise SystemExit("fedchain train: --noise and --budget loss-adaptive exclude each other")
     data = load_mnist(args.data)
     if data.is_subset:
         print(data.notes[0])
@@ -161,16 +175,6 @@ def _run(args: argparse.Namespace) -> int:
         parts = partition.shards(data.train_labels, args.devices, 2, rng)
     phones = args.devices if args.model == "scatter" else args.phones  # one tier
     devices = [Device(f"dev{i:03d}", 0 if i < phones else 2, p) for i, p in enumerate(parts)]
-    private = not args.no_dp
-    config = LocalConfig(
-        steps=args.local_steps,
-        batch_size=args.batch_size,
-        sampling=args.sampling,
-        clip_norm=args.clip if private else None,
-        momentum=args.momentum,
-        optimizer=args.optimizer,
-        density=args.density,
-    )
     aggregator = {
         "mean": WeightedMean(),
         "median": CoordinateMedian(),
@@ -185,10 +189,6 @@ def _run(args: argparse.Namespace) -> int:
     noise = 0.0
     policy = None
     if private and args.budget == "loss-adaptive":
-        if args.noise is not None:
-            raise SystemExit(
-                "fedchain train: --noise and --budget loss-adaptive exclude each other"
-            )
         policy = LossAdaptiveBudget(base_epsilon=args.epsilon, delta=args.delta, method=method)
     elif private:
         smallest = min(len(d.indices) for d in devices)

@@ -254,9 +254,19 @@ def test_any_text_is_positive_integers_or_an_argument_error(text):
     assert values and all(type(v) is int and v > 0 for v in values)
 
 
-def test_a_learning_setting_out_of_range_is_named_not_raised(capsys):
-    with pytest.raises(SystemExit, match=r"fedchain train: density must be in \(0, 1\]"):
-        cli.main(["train", "--density", "2", "--rounds", "1"])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--density", "2"], r"fedchain train: density must be in \(0, 1\]"),
+        (["--noise", "1", "--budget", "loss-adaptive"], r"exclude each other"),
+    ],
+)
+def test_a_learning_setting_out_of_range_is_named_before_any_data_loads(argv, message, recwarn):
+    """Named at once, not after the data (seconds) and its features (minutes):
+    no DataWarning, so nothing was loaded."""
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["train", *argv, "--rounds", "1"])
+    assert not [w for w in recwarn if "MNIST" in str(w.message)]
 
 
 def test_a_testnet_past_the_last_port_is_refused_before_writing(tmp_path):
