@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection
 __all__ = [
     "fraction",
     "int_at_least",
+    "int_between",
     "names_from",
     "non_negative",
     "port",
@@ -75,6 +76,19 @@ def int_at_least(low: int) -> Callable[[str], int]:
         return value
 
     parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An integer from ``low`` to ``high`` (limits a genesis fixes)."""
+
+    def parse(text: str) -> int:
+        value = int_at_least(low)(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer <= {high:,}")
+        return value
+
+    parse.__name__ = f"integer in {low}..{high}"
     return parse
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arguments import int_at_least, port, power_of_two
+from .arguments import int_at_least, int_between, port, power_of_two
+
+MAX_BLOCK_TXS = 100_000
+"""More than a block's 8 MiB can carry (~84,000 of the smallest
+transactions, ~100 bytes each); the genesis format itself allows up to
+2**40 - 1."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-block-txs",
-        type=int_at_least(1),
+        type=int_between(1, MAX_BLOCK_TXS),
         default=2000,
         help="transactions a block may hold, fixed for the chain's life",
     )

@@ -232,6 +232,7 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
         ["bench", "gossip", "--loss", "2"],
         ["testnet", "--base-port", "70000"],
         ["testnet", "--state-buckets", "1000"],
+        ["testnet", "--max-block-txs", "2000000000000"],
         ["node", "--home", ".", "--batch-timeout", "-1"],
         ["client", "--timeout", "nan"],
         ["chain", "sample", ".", "--blocks", "0"],
