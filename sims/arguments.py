@@ -55,8 +55,8 @@ def power_of_two(high: int) -> Callable[[str], int]:
     """A power of two from 1 to ``high`` (hash bucket counts)."""
 
     def parse(text: str) -> int:
-        value = int_at_least(1)(text)
-        if value & (value - 1) or value > high:
+        value = int_between(1, high)(text)
+        if value & (value - 1):
             raise argparse.ArgumentTypeError(f"{value} is not a power of two from 1 to {high}")
         return value
 
@@ -129,9 +129,5 @@ def fraction(text: str) -> float:
     return value
 
 
-def port(text: str) -> int:
-    """A TCP port, 1..65535."""
-    value = int_at_least(1)(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r}: a port is at most 65535")
-    return value
+port = int_between(1, 65535)
+"""A TCP port, 1..65535."""
