@@ -96,6 +96,12 @@ class Mempool:
         ``client_limit`` bounds."""
         return len(self._from_clients)
 
+    def clients_waiting(self) -> list[Transaction]:
+        """The held transactions from clients that no proposal in flight
+        carries, in order of arrival: what a new primary must be sent."""
+        from_clients, in_flight = self._from_clients, self._in_flight
+        return [tx for d, tx in self._txs.items() if d in from_clients and d not in in_flight]
+
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._txs
 
@@ -145,6 +151,18 @@ class Mempool:
             raise DuplicateTransaction(f"transaction {digest.hex()[:16]} already seen", digest)
         if (tx.sender, tx.nonce) in self._nonces:
             raise DuplicateTransaction(f"nonce {tx.nonce} already pending for this sender")
+        expected = None
+        if self._next_nonce is not None:
+            # A nonce the committed state has used can never commit again:
+            # refused before its signature is checked. Held, it would stay
+            # for good once its sender is done (a restarted validator, whose
+            # memory of committed digests is empty, was sent a committed
+            # transaction again and kept it: found by a seeded sweep).
+            expected = self._expected.get(tx.sender)
+            if expected is None:
+                expected = self._next_nonce(tx.sender)
+            if tx.nonce < expected:
+                raise DuplicateTransaction(f"nonce {tx.nonce} already committed for this sender")
         size = len(tx.encoded)
         scale = 1 + self.forwarded_headroom if forwarded else 1
         if len(self._txs) >= self.max_txs * scale or self._bytes + size > self.max_bytes * scale:
@@ -173,6 +191,8 @@ class Mempool:
             self._queues[tx.sender] = [(tx.nonce, digest)]
         else:
             insort(queue, (tx.nonce, digest))
+        if expected is not None:
+            self._expected[tx.sender] = expected  # the sender holds a queue now
         self._recount(tx.sender)
         return tx
 
@@ -339,25 +359,32 @@ class Mempool:
         self._forget(stale)
         return len(stale)
 
-    def remove_committed(self, digests: Iterable[bytes]) -> None:
+    def remove_committed(self, digests: Iterable[bytes]) -> int:
         """Forget committed (or rejected-in-a-block) transactions and
-        remember their digests, so a replay is refused on sight."""
+        remember their digests, so a replay is refused on sight; how many
+        of those held came from this node's clients (admission's share)."""
         digests = list(digests)
         for digest in digests:
             self._committed[digest] = None
             self._committed.move_to_end(digest)
-        self._forget(digests)
+        own = self._forget(digests)
         while len(self._committed) > self.remember_committed:
             self._committed.popitem(last=False)
+        return own
 
-    def _forget(self, digests: Iterable[bytes]) -> None:
+    def _forget(self, digests: Iterable[bytes]) -> int:
+        """Drop held transactions; how many of them came from clients."""
         senders = set()
+        from_clients = self._from_clients
+        own = 0
         for digest in digests:
             tx = self._txs.pop(digest, None)
             if tx is None:
                 continue
             del self._by_encoding[tx.encoded]
-            self._from_clients.discard(digest)
+            if digest in from_clients:
+                from_clients.remove(digest)
+                own += 1
             if digest in self._in_flight:
                 self._in_flight_here -= 1
             self._bytes -= len(tx.encoded)
@@ -371,3 +398,4 @@ class Mempool:
             # A committed run moves the sender's next nonce past it.
             self._expected.pop(sender, None)
             self._recount(sender)
+        return own

@@ -71,14 +71,14 @@ Known gaps (documented, not hidden):
   the null commits, since this replica holds no speculative block for a
   null. Null heights themselves are ordinary certified blocks (``block``
   module docstring).
-* Transactions reach the other validators by one forward from the
-  validator the client chose (:class:`~.service.LedgerService`, batched);
-  a forward lost (or sent while that validator was cut off) is repeated
-  only by ``LedgerService._reforward`` (after an interval without a
-  commit), and a transaction only a backup holds keeps its view timer
-  running. A validator that joins in a new epoch never got the
-  forwards sent before it joined: if it is the new epoch's primary, those
-  transactions wait for a view change.
+* Transactions reach the primary by one forward from the validator the
+  client chose (:class:`~.service.LedgerService`, batched; the other
+  backups get them in the proposal). A lost forward is repeated after
+  ``stale_forward`` (4 s), or sooner by the relay after an interval
+  without a commit; meanwhile the transaction waits, and the view timer of
+  the backup holding it runs only while nothing commits. If the validator
+  the client chose crashes before its forward left, the transaction is
+  lost with it (its client hears no commit and sends it again).
 * The stalled validator's poll above is forced by one test (a validator
   restarted in the epoch the others left); a validator that missed the
   change block's COMMITs while running is covered by the same path but
@@ -251,8 +251,6 @@ class LedgerReplica:
             if queue_seconds is None
             else CommitPacedLimit(floor=2 * self.config.batch_size, queue_seconds=queue_seconds)
         )
-        self._forwarders: dict[PeerId, float] = {}
-        """Peers whose forwards arrived lately, with when (see :meth:`_pace`)."""
         self.follow_interval = (
             follow_interval if follow_interval is not None else self.config.retransmit_interval
         )
@@ -291,6 +289,11 @@ class LedgerReplica:
         """Called with each certified block once it is stored."""
         self.on_epoch: list[Callable[[int, Sequence[PeerId]], None]] = []
         """Called with the new epoch and its set after each switch."""
+        self.on_primary: list[Callable[[PeerId], None]] = []
+        """Called with the primary each time this validator enters the
+        normal case under another one (a new view installed, an epoch
+        begun): the service sends it what its clients gave this node."""
+        self._primary_seen: PeerId | None = None
 
     @property
     def me(self) -> PeerId:
@@ -389,15 +392,12 @@ class LedgerReplica:
         return admitted
 
     def admit_many(
-        self, txs: Iterable[bytes], *, forwarded_by: PeerId | None = None
+        self, txs: Iterable[bytes], *, forwarded: bool = False
     ) -> list[Transaction | Refusal]:
         """Admit a batch, then tell PBFT once: each entry the transaction or
-        the error that refused it. ``forwarded_by``: the validator that
+        the error that refused it. ``forwarded``: another validator
         admitted them from its clients and sent them on (see
-        :meth:`Mempool.add`); it counts as one with active clients."""
-        forwarded = forwarded_by is not None
-        if forwarded:
-            self._forwarders[forwarded_by] = self.node.now()
+        :meth:`Mempool.add`)."""
         out: list[Transaction | Refusal] = []
         mempool = self.mempool
         pending = iter(txs)
@@ -471,6 +471,17 @@ class LedgerReplica:
         replica = self.replica
         if committed and replica is not None and replica.is_primary and self.pending() > 0:
             self._step(RequestsPending(self.pending()))
+        self._note_primary()
+
+    def _note_primary(self) -> None:
+        replica = self.replica
+        if replica is None or replica.mode is not Mode.NORMAL:
+            return
+        primary = replica.primary(replica.view)
+        if primary != self._primary_seen:
+            self._primary_seen = primary
+            for listener in self.on_primary:
+                listener(primary)
 
     def _send(self, action: Send) -> None:
         frame = self.node.sign(MessageType.CONSENSUS, encode_message(action.message)).frame
@@ -601,26 +612,19 @@ class LedgerReplica:
         self.tip = tip
         self.store.append(StoredBlock(tip.height, certified.hash, encode_block(certified)))
         self.pbft_state = advance_state(self.pbft_state, tip.height, certified.certified_digest)
+        own = 0
         if certified.txs:
-            self.mempool.remove_committed(tx.digest for tx in certified.txs)
+            own = self.mempool.remove_committed(tx.digest for tx in certified.txs)
             self.mempool.advance(tx.sender for tx in certified.txs)
         if self.admission is not None:
-            self._pace(len(certified.txs))
+            limit = self.admission.committed(
+                self.node.now(), len(certified.txs), own, len(self.validators)
+            )
+            self.mempool.client_limit = min(self.mempool.max_txs, limit)
         if tip.height in self._spec:
             self._forget(tip.height)
         for listener in self.on_commit:
             listener(certified)
-
-    def _pace(self, committed: int) -> None:
-        """Move the clients' room after a commit: this node's share of the
-        cluster's paced limit, shared with the validators whose forwards
-        arrived within the window (those with clients of their own)."""
-        now = self.node.now()
-        horizon = now - self.admission.window
-        for peer in [p for p, at in self._forwarders.items() if at <= horizon]:
-            del self._forwarders[peer]
-        limit = self.admission.committed(now, committed, 1 + len(self._forwarders))
-        self.mempool.client_limit = min(self.mempool.max_txs, limit)
 
     # -- following --------------------------------------------------------------
 

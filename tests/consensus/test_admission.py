@@ -31,6 +31,35 @@ def test_old_commits_leave_the_window() -> None:
     assert pacer.rate == 100.0
 
 
+def test_the_share_is_this_validators_part_of_the_commits_but_at_least_one_nth() -> None:
+    """Forwards go to the primary alone, so a validator cannot count who
+    else has clients; it takes its own clients' part of what committed."""
+    alone = CommitPacedLimit(floor=100, queue_seconds=2.0, window=4.0)
+    for second in range(1, 5):
+        alone.committed(float(second), 1_000, own=1_000)
+    assert alone.own_fraction == 1.0 and alone.limit(validators=4) == 2_000  # serves everyone
+    even = CommitPacedLimit(floor=100, queue_seconds=2.0, window=4.0)
+    for second in range(1, 5):
+        even.committed(float(second), 1_000, own=250)
+    assert even.limit(validators=4) == 500  # an even spread adds up to the limit
+    crowded = CommitPacedLimit(floor=100, queue_seconds=2.0, window=4.0)
+    for second in range(1, 5):
+        crowded.committed(float(second), 1_000, own=10)
+    assert crowded.limit(validators=4) == 500  # never below 1/n: it climbs back
+    # Once its own commits leave the window, the share goes with them.
+    assert alone.committed(8.0, 1_000, own=0, validators=4) == 125  # 250 tx/s x 2 s / 4
+    assert alone.own_fraction == 0.0
+
+
+def test_own_commits_are_a_part_of_the_count() -> None:
+    pacer = CommitPacedLimit(floor=10)
+    with pytest.raises(ValueError):
+        pacer.committed(1.0, 5, own=6)
+    with pytest.raises(ValueError):
+        pacer.committed(1.0, 5, own=-1)
+    assert pacer.rate == 0.0 and pacer.own_fraction is None  # nothing recorded
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"floor": 0}, {"floor": 1, "queue_seconds": 0}, {"floor": 1, "window": -1.0}]
 )

@@ -189,8 +189,7 @@ async def test_a_paced_validator_refuses_the_rest_of_a_batch_at_once(tmp_path) -
         assert [s for s, _ in statuses] == [SubmitStatus.ACCEPTED] * 4 + [SubmitStatus.BUSY] * 3
         assert ledger.node.counters["tx.busy"] == 3
         assert ledger.node.counters["tx.malformed_consensus"] == 0, "junk was not decoded"
-        other = validators[1].public_key
-        forwarded = ledger.admit_many([t.encoded for t in txs[4:8]], forwarded_by=other)
+        forwarded = ledger.admit_many([t.encoded for t in txs[4:8]], forwarded=True)
         assert all(isinstance(entry, Transaction) for entry in forwarded)
         assert len(ledger.mempool) == 8
     store.close()
@@ -205,14 +204,11 @@ async def test_refused_submissions_leave_no_garbage_cycles(tmp_path) -> None:
     store = SqliteBlockStore(tmp_path / "alone.sqlite")
     async with open_ledger_node(validators[0], genesis, store, tcp=TCP) as alone:
         ledger = alone.ledger
-        other = validators[1].public_key
-        ledger.admit_many([t.encoded for t in txs], forwarded_by=other)
+        ledger.admit_many([t.encoded for t in txs], forwarded=True)
         gc.collect()
         gc.disable()
         try:
-            refused = ledger.admit_many(
-                [t.encoded for t in txs] + [b"\xc1 junk"], forwarded_by=other
-            )
+            refused = ledger.admit_many([t.encoded for t in txs] + [b"\xc1 junk"], forwarded=True)
             refused += alone.service.submit_many([t.encoded for t in txs])
             assert len(refused) == 9
             del refused

@@ -163,6 +163,31 @@ def test_reap_with_committed_nonces_proposes_no_gap_and_no_stale() -> None:
     assert [t.nonce for t in chosen if t.sender == a] == [3, 4, 5, 6]
 
 
+def test_a_nonce_the_state_has_used_is_refused_before_its_signature() -> None:
+    """With committed nonces tracked, a transaction below its sender's next
+    nonce can never commit: it is refused (not held for good, as a
+    restarted validator that lost its memory of committed digests once
+    held one sent to it again), and its signature is never checked."""
+    cache = SignatureCache(CHAIN)
+    pool = Mempool(CHAIN, signatures=cache)
+    committed = {USERS["a"].public_key: 2}
+    pool.track_nonces(lambda sender: committed.get(sender, 0))
+    for nonce in (0, 1):
+        with pytest.raises(DuplicateTransaction, match="already committed") as refused:
+            pool.add(tx("a", nonce).encoded)
+        assert refused.value.digest is None
+    assert len(pool) == 0 and cache.misses == 0
+    held = pool.add(tx("a", 3))  # behind a gap: held, not pending
+    assert held.digest in pool and pool.pending == 0
+    pool.add(tx("a", 2))
+    assert pool.pending == 2
+    committed[USERS["a"].public_key] = 4  # both commit elsewhere (say, fetched)
+    pool.advance([USERS["a"].public_key])
+    assert len(pool) == 0
+    with pytest.raises(DuplicateTransaction):
+        pool.add(tx("a", 3))
+
+
 def test_mempools_sharing_a_signature_cache_verify_once() -> None:
     cache = SignatureCache(CHAIN)
     pools = [Mempool(CHAIN, signatures=cache) for _ in range(4)]

@@ -472,6 +472,30 @@ def test_stable_checkpoint_ahead_triggers_fetch_and_certified_blocks_are_accepte
     assert r.executed == 6 and r.low == 6 and r.state == state
 
 
+def test_a_stalled_replica_counts_prepared_slots_in_a_view_change_as_witnesses() -> None:
+    """P-STATE-TRANSFER: replica 3 missed seq 1. One peer still resends its
+    COMMIT; another sits alone in a view change, resending its VIEW-CHANGE
+    (whose prepared set holds seq 1), not its COMMITs. Together they are
+    f + 1 replicas further on, so a retransmission tick without execution
+    fetches from them; the COMMIT alone is not enough. (Found by a seeded
+    sweep of restarts under 5% loss, where the replica stayed a block
+    behind for good; a cluster-level seed stopped springing the trap once
+    forwards went to the primary alone, so the rule is pinned here.)"""
+    r = replica(3)
+
+    def tick() -> list[FetchBlocks]:
+        actions = r.step(TimerFired("retransmit", r.timers["retransmit"]))
+        return [a for a in actions if isinstance(a, FetchBlocks)]
+
+    r.step(Receive(VALIDATORS[0], Commit.create(KEYS[0], CHAIN_ID, 0, 1, sha(b"one"))))
+    assert tick() == [], "one witness is not f + 1"
+    vc = ViewChange.create(KEYS[1], CHAIN_ID, 1, 0, (), (_proof(0, 1, b"one"),))
+    r.step(Receive(VALIDATORS[1], vc))
+    assert r.mode is Mode.NORMAL and r.executed == 0
+    (fetch,) = tick()
+    assert fetch.to_seq == 1 and set(fetch.peers) == {VALIDATORS[0], VALIDATORS[1]}
+
+
 def test_follower_accepts_only_certified_blocks_in_order() -> None:
     """P-FOLLOWER: a non-validator accepts the next block only with a valid
     certificate from 2f+1 validators over its (height, digest)."""

@@ -79,6 +79,7 @@ def _run(
     resubmit_after: float | None = None,
     tail_at: float | None = None,
     hostile: int | None = None,
+    batch_size: int = 64,
 ):
     """Run the cluster; ``restarts`` are (index, down_at, up_at) crashes
     followed by a new process on the same store. ``client_at``: then a
@@ -87,7 +88,9 @@ def _run(
     ``resubmit_after``: clients send again what has not committed that
     long after they sent it (a node that crashes loses its mempool, and
     what it had accepted with it). ``tail_at``: one more transaction then,
-    so a block commits after every restart is over (it joins ``txs``)."""
+    so a block commits after every restart is over (it joins ``txs``).
+    ``batch_size``: PBFT's, which also sets the validators' admission floor
+    (two batches)."""
     rng, identities = _identities(seed)
     ids = [i.public_key for i in identities]
     genesis = Genesis.create(CHAIN, 1_000, ids[:4])
@@ -112,7 +115,7 @@ def _run(
     frames = FrameCache()
     ledgers: list[LedgerReplica] = []
     services: dict[int, LedgerService] = {}
-    config = PbftConfig(batch_size=64, batch_timeout=0.02)
+    config = PbftConfig(batch_size=batch_size, batch_timeout=0.02)
     seen: dict[str, object] = {"restarted": []}
 
     async def main() -> None:
@@ -288,7 +291,9 @@ def _check(genesis, ids, new_set, change: Transaction, txs, ledgers) -> int:
     assert len(where) == 1, "the change committed once"
     h, result = where[0]
     assert result == TxResult(0), result
-    assert h < tip - 5, "blocks followed the change"
+    # Blocks followed it (how many varies: after a stall the backlog fills
+    # a few large blocks; the new set's own certificates are checked below).
+    assert h < tip - 1, "blocks followed the change"
     # Blocks up to h are certified by the genesis set, later ones by the new set.
     epoch1 = epoch_chain_id(CHAIN, 1)
     assert epoch1 != CHAIN
@@ -443,9 +448,12 @@ def test_a_follower_sends_on_again_what_the_validators_refused() -> None:
     transactions, which the validators admit as a client's, paced, and
     answered busy; the follower held them, its clients had heard
     "accepted", and they never committed. A follower now sends what it
-    still holds again after a poll interval without a block."""
+    still holds again after a poll interval without a block. Batches of 8
+    keep the validators' room small (two batches while the stall leaves no
+    rate), so the stall behind the new primary's crash fills it whatever
+    each validator's share of the commits was."""
     genesis, ids, new_set, change, txs, ledgers, _ = _run(
-        seed=15, restarts=[(EXTRA, 1.099, 2.692)], duration=10.0
+        seed=15, restarts=[(EXTRA, 1.099, 2.692)], duration=10.0, batch_size=8
     )
     _check(genesis, ids, new_set, change, txs, ledgers)
     assert ledgers[OUT].node.counters["client.reforwarded"] > 0
