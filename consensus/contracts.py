@@ -36,7 +36,7 @@ import msgpack
 from fedchain.p2p.identity import PUBLIC_KEY_BYTES, Identity, PeerId, verify
 
 from .errors import ContractRejected, MalformedMessage
-from .state import State, decode_value, encode_value, packed_key
+from .state import MAX_KEY_BYTES, State, check_key, decode_value, encode_value, packed_key
 from .tx import Transaction, sign_transaction
 from .votes import quorum
 
@@ -127,19 +127,28 @@ class StateView:
     def __contains__(self, key: str) -> bool:
         return self._encoded(key) is not None
 
+    # Keys are checked here, as the contract writes them: a key the state
+    # cannot hold (say over MAX_KEY_BYTES in UTF-8) is then the one
+    # transaction's error, recorded as rejected, not a ValueError from the
+    # block's State.apply that failed the whole proposal (a kv key of 128
+    # four-byte characters did that: any client could stall the primary).
+
     def set(self, key: str, value: object) -> None:
-        if type(key) is not str or not key or value is None:
-            raise ValueError("set takes a non-empty string key and a non-None value")
+        check_key(key)
+        if value is None:
+            raise ValueError("set takes a non-None value")
         self._tx[key] = encode_value(value)
 
     def set_encoded(self, key: str, encoded: bytes) -> None:
         """Like :meth:`set` with the value's canonical encoding, which the
         caller vouches for (a slice of content :func:`decode_value` checked)."""
-        if type(key) is not str or not key or type(encoded) is not bytes or encoded == b"\xc0":
-            raise ValueError("set_encoded takes a non-empty string key and a non-nil encoding")
+        check_key(key)
+        if type(encoded) is not bytes or encoded == b"\xc0":
+            raise ValueError("set_encoded takes a non-nil encoding")
         self._tx[key] = encoded
 
     def delete(self, key: str) -> None:
+        check_key(key)
         self._tx[key] = None
 
 
@@ -288,6 +297,10 @@ class KvContract:
         if type(key) is not str or not 0 < len(key) <= MAX_KV_KEY_CHARS:
             raise ContractRejected("kv key is a string of 1..128 characters")
         full = kv_key(tx.sender, key)
+        if len(full.encode()) > MAX_KEY_BYTES:
+            raise ContractRejected(
+                f"kv key too long: over {MAX_KEY_BYTES} bytes with its namespace"
+            )
         if op[0] == "set":
             if op[2] is None:
                 raise ContractRejected("kv value is not nil")

@@ -26,7 +26,7 @@ from fedchain.consensus.contracts import (
 )
 from fedchain.consensus.errors import ContractRejected
 from fedchain.consensus.genesis import Genesis
-from fedchain.consensus.state import State, encode_value
+from fedchain.consensus.state import MAX_KEY_BYTES, State, encode_value
 from fedchain.consensus.tx import Transaction, sign_transaction
 from fedchain.p2p.identity import Identity
 
@@ -80,8 +80,12 @@ def test_property_a_kv_set_stores_the_values_canonical_encoding(key: str, value:
     whatever the key's and the value's msgpack widths, the slice is exactly
     the value's canonical encoding."""
     state, results = run(State(), [tx(ALICE, 0, kv_set(key, value))])
+    full = kv_key(ALICE.public_key, key)
+    if len(full.encode()) > MAX_KEY_BYTES:  # 128 characters may take 512 bytes
+        assert results == [TxResult(1, "kv key too long: over 512 bytes with its namespace")]
+        return
     assert results == [TxResult(0)]
-    assert state.get_encoded(kv_key(ALICE.public_key, key)) == encode_value(value)
+    assert state.get_encoded(full) == encode_value(value)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +97,10 @@ def test_property_a_kv_set_stores_the_values_canonical_encoding(key: str, value:
         (encode_value(["set", "", 1]), "kv key is a string of 1..128 characters"),
         (encode_value(["set", "k", None]), "kv value is not nil"),
         (kv_delete("missing"), "no such key"),
+        (
+            kv_set("\N{GRINNING FACE}" * 128, 1),
+            "kv key too long: over 512 bytes with its namespace",
+        ),
     ],
 )
 def test_kv_rejections_are_recorded_with_their_reason(content: bytes, reason: str) -> None:
@@ -127,6 +135,11 @@ class Buggy:
         {}["missing"]  # a contract bug
 
 
+class WritesALongKey:
+    def apply(self, view: StateView, tx: Transaction) -> None:
+        view.set("k" * (MAX_KEY_BYTES + 1), 1)
+
+
 class ReadsContext:
     def apply(self, view: StateView, tx: Transaction) -> None:
         view.set("seen", [view.context.height, view.context.timestamp, view.get("seen", 0)])
@@ -148,6 +161,20 @@ def test_nothing_is_half_applied() -> None:
     ]
     assert "half" not in state
     assert next_nonce(state, ALICE.public_key) == 3
+
+
+def test_a_key_the_state_cannot_hold_rejects_the_transaction_not_the_block() -> None:
+    """A contract's write is checked as it is made: a key over the state's
+    bound is that transaction's error, recorded, and the block builds (it
+    used to fail the block's State.apply: one client could stall the
+    primary with a kv key of 128 four-byte characters)."""
+    registry = default_registry()
+    registry.register("long", WritesALongKey())
+    state, results = run(
+        State(), [tx(ALICE, 0, b"", "long"), tx(ALICE, 1, kv_set("k", 1))], registry
+    )
+    assert results == [TxResult(1, "contract error: ValueError"), TxResult(0)]
+    assert state.get(kv_key(ALICE.public_key, "k")) == 1
 
 
 def test_a_transaction_sees_earlier_writes_of_its_block() -> None:

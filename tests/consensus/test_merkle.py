@@ -114,6 +114,14 @@ def test_root_matches_the_rfc_definition(leaves):
     assert merkle.root_of_leaf_hashes(hashes) == mth(leaves)
 
 
+@given(st.lists(st.sampled_from([b"ok", b"no", b""]), max_size=80))
+@settings(max_examples=200, deadline=None)
+def test_a_root_over_repeated_leaves_matches_the_rfc_definition(leaves):
+    """Repeated leaves (a block's results) hash each distinct pair once."""
+    hashes = [merkle.leaf_hash(leaf) for leaf in leaves]
+    assert merkle.root_of_leaf_hashes(hashes) == mth(leaves) == merkle.root(leaves)
+
+
 @given(leaf_lists, st.data())
 @settings(max_examples=200, deadline=None)
 def test_inclusion_proofs_match_and_verify(leaves, data):
