@@ -109,6 +109,33 @@ def test_kv_rejections_are_recorded_with_their_reason(content: bytes, reason: st
     assert state.keys() == [f"sys/nonce/{ALICE.public_key.hex()}"]  # the nonce is used
 
 
+wide = st.characters(min_codepoint=0x10000, max_codepoint=0x1F9FF)  # 4 bytes each in UTF-8
+wide_text = st.text(wide, max_size=130)
+values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text() | wide_text,
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=8,
+)
+kv_shaped = st.builds(
+    lambda op, key, value: [op, key, value] if op == "set" else [op, key],
+    st.sampled_from(["set", "del"]),
+    st.text(max_size=130) | wide_text | st.text(wide, min_size=100, max_size=130),
+    values,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["kv", "validators"]), values | kv_shaped), max_size=6))
+def test_property_any_content_for_any_contract_is_a_result_never_an_error(ops) -> None:
+    """Whatever a client puts in a transaction (wide Unicode keys
+    included), execution gives one result per transaction and never
+    raises: a raise here would fail the whole proposal."""
+    txs = [tx(ALICE, n, encode_value(value), kind) for n, (kind, value) in enumerate(ops)]
+    state, results = run(genesis_state(), txs)
+    assert len(results) == len(txs)
+    assert next_nonce(state, ALICE.public_key) == len(txs)
+
+
 def test_nonces_refuse_replays_and_gaps_without_consuming() -> None:
     first = tx(ALICE, 0, kv_set("k", 1))
     state, results = run(State(), [first, first, tx(ALICE, 5, kv_set("k", 2))])
