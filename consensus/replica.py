@@ -76,9 +76,12 @@ Known gaps (documented, not hidden):
   backups get them in the proposal). A lost forward is repeated after
   ``stale_forward`` (4 s), or sooner by the relay after an interval
   without a commit; meanwhile the transaction waits, and the view timer of
-  the backup holding it runs only while nothing commits. If the validator
-  the client chose crashes before its forward left, the transaction is
-  lost with it (its client hears no commit and sends it again).
+  the backup holding it, restarted at every commit, fires only if nothing
+  commits for a whole timeout (as before: a primary that commits others'
+  transactions while it censors one client's is not replaced). If the
+  validator the client chose crashes before its forward left, the
+  transaction is lost with it (a client that hears no commit sends it
+  again, to another validator).
 * The stalled validator's poll above is forced by one test (a validator
   restarted in the epoch the others left); a validator that missed the
   change block's COMMITs while running is covered by the same path but
