@@ -405,11 +405,11 @@ class LedgerReplica:
         mempool = self.mempool
         pending = iter(txs)
         for data in pending:
-            if not forwarded and mempool.refuses_clients():
+            busy = None if forwarded else mempool.client_refusal()
+            if busy is not None:
                 # Past saturation: the rest of the batch hears busy without
                 # a decode or an exception each (raising one per refusal was
                 # 4-5% of a validator's samples at 8,000 offered, py-spy).
-                busy = mempool.paced_refusal()
                 refused = 1 + sum(1 for _ in pending)
                 out.extend([busy] * refused)
                 self.node.counters[f"tx.{busy.reason}"] += refused

@@ -329,6 +329,24 @@ def test_the_client_limit_counts_and_refuses_clients_only() -> None:
         pool.add(tx("c", 2))
 
 
+def test_a_full_pool_refuses_clients_before_decoding_them() -> None:
+    """Full for clients, every client's submission is refused (a gap filler
+    too), so it is refused before its bytes are decoded: past saturation
+    that is most submissions. Forwards keep their headroom."""
+    pool = Mempool(CHAIN, max_txs=2)
+    assert pool.client_refusal() is None
+    pool.add(tx("a", 0), forwarded=True)
+    pool.add(tx("b", 0), forwarded=True)
+    refusal = pool.client_refusal()
+    assert isinstance(refusal, MempoolFull) and str(refusal) == "mempool is full"
+    with pytest.raises(MempoolFull):
+        pool.add(b"\xc1 not a transaction")  # refused, never decoded (no MalformedMessage)
+    pool.add(tx("c", 0), forwarded=True)
+    pool.remove_committed([tx("a", 0).digest, tx("b", 0).digest])
+    assert pool.client_refusal() is None
+    pool.add(tx("a", 1))
+
+
 def test_a_transaction_filling_a_nonce_gap_is_never_paced() -> None:
     """Held transactions behind a gap take the clients' room; refusing the
     one that fills the gap would strand them all."""
