@@ -19,10 +19,10 @@ Why these choices:
   meet the transaction once, in the proposal, instead of also admitting,
   holding and dropping a forward of it (forwarding to every validator
   cost each 6-9 µs more CPU per committed transaction at 8,000 offered
-  tx/s). While the view changes, and from a
-  follower, forwards go to every other validator of the epoch. A
-  transaction then lives at the validator its client chose until it
-  commits, so three rules keep it from being stranded there: a new
+  tx/s). While the view changes, and from a follower, forwards go to
+  every other validator of the epoch. A transaction then lives at the
+  validator its client chose until it commits, so three rules keep it
+  from being stranded there: a new
   primary (view or epoch) is sent what this node's clients gave it and
   no proposal carries (:meth:`_on_new_primary`); a forward still held
   ``stale_forward`` seconds later with no proposal carrying it is sent
@@ -159,8 +159,9 @@ class LedgerService:
     # -- in process --------------------------------------------------------------
 
     def submit(self, tx: bytes | Transaction) -> bytes:
-        """Admit one transaction (forwarded to the other validators); its
-        digest. Raises MempoolFull (busy: retry later) or the refusal."""
+        """Admit one transaction (forwarded to the primary, see the module
+        docstring); its digest. Raises MempoolFull (busy: retry later) or
+        the refusal."""
         admitted = self.ledger.admit(tx)
         self._queue_forward([admitted])
         return admitted.digest
