@@ -98,6 +98,10 @@ class LedgerService:
         reforward_interval: float = 0.5,
         stale_forward: float = 4.0,
     ) -> None:
+        if forward_batch < 1 or not forward_delay >= 0:
+            raise ValueError("forward_batch >= 1 and forward_delay >= 0")
+        if not reforward_interval > 0 or not stale_forward > 0:
+            raise ValueError("reforward_interval and stale_forward are positive seconds")
         self.ledger = ledger
         self.node = ledger.node
         self.forward_batch = forward_batch

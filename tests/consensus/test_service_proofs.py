@@ -85,6 +85,26 @@ def _service(store: BlockStore) -> LedgerService:
     return LedgerService(LedgerReplica(node, Executor(GENESIS), store, Mempool(CHAIN)))
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"forward_batch": 0},
+        {"forward_delay": -0.1},
+        {"reforward_interval": 0},
+        {"stale_forward": float("nan")},
+        {"stale_forward": -1.0},
+    ],
+)
+def test_forwarding_settings_are_checked(bad: dict) -> None:
+    """A stale_forward of 0 or less would send every forward again at each
+    tick; NaN would never: both are refused when the service is made."""
+    net = SimNetwork(1)
+    node = Node(VALIDATORS[0], net.add_node(KEYS[0]))
+    ledger = LedgerReplica(node, Executor(GENESIS), MemoryBlockStore(), Mempool(CHAIN))
+    with pytest.raises(ValueError):
+        LedgerService(ledger, **bad)
+
+
 def test_queries_at_a_null_tip_are_proved_by_the_last_block_that_binds_its_header(
     tmp_path,
 ) -> None:
