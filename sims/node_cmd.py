@@ -4,7 +4,8 @@ Runs until interrupted (Ctrl-C or SIGTERM), storing blocks in
 ``DIR/chain.sqlite``; restarted on the same home, it replays its store and
 catches up from its peers. Prints one JSON line when it is listening, then
 one status line every ``--status-every`` seconds on stderr (height, epoch and
-role, mempool and its client limit, PBFT's view and unexecuted slots, refusals, transport counters).
+role, mempool, how much of it came from clients and their limit, PBFT's view
+and unexecuted slots, refusals, transport counters).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                                 "epoch": ledger.epoch,
                                 "role": "validator" if ledger.is_validator else "follower",
                                 "mempool": len(ledger.mempool),
+                                "from_clients": ledger.mempool.from_clients,
                                 "pending": ledger.mempool.pending,
                                 "client_limit": ledger.mempool.client_limit,
                                 "in_flight": len(ledger.mempool.in_flight),
