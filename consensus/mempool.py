@@ -144,8 +144,9 @@ class Mempool:
         ``forwarded``: another validator admitted it from its client and
         sent it on. It gets ``forwarded_headroom`` times more room than a
         client's submission, because a forward refused for room is lost:
-        the transaction then sits only at some validators, and if the
-        primary lacks it the others' view timers run until a view change.
+        the transaction then waits at the validator that forwarded it until
+        that forward goes stale and is sent again (seconds, see
+        :class:`~.service.LedgerService`).
         Clients are refused (busy) first, so under overload the room that is
         left goes to what other validators already accepted."""
         if not forwarded:
