@@ -11,12 +11,13 @@ plain design, but an insertion shifts every later leaf, so each block would
 rehash everything to the right of its first new key: measured at ~120 ms
 for 100k keys on this machine, i.e. ~120 µs per transaction of a 1000-tx
 block. Instead each key lives in one of ``buckets`` fixed hash buckets
-(first 4 bytes of SHA-256(key)); a bucket commits to its sorted pairs by
-one hash over their RFC 6962 leaf hashes end to end, and the top is a
-16-way tree over the buckets' commitments (size, digest): RFC 6962 leaf
-hashes, then SHA-256(0x01 || up to 16 children) per parent, kept level by
-level so a block rehashes only the buckets it touched and their paths to
-the top. Choose ``buckets`` (a genesis parameter) near keys / 8.
+(first 4 bytes of SHA-256(key)); a bucket commits to its size and its
+leaves (the msgpack arrays [key, value], in byte order) by one hash,
+SHA-256(0x02 || size || their RFC 6962 leaf hashes end to end), and the
+top is a 16-way tree over the buckets' hashes (SHA-256(0x01 || up to 16
+children) per parent), kept level by level so a block rehashes only the
+buckets it touched and their paths to the top.
+Choose ``buckets`` (a genesis parameter) near keys / 8.
 
 Why a flat bucket and not a tree per bucket (as up to v1): a touched
 bucket is rebuilt whole either way, and a tree over its ~8-12 leaves cost
@@ -38,10 +39,20 @@ buckets), and in Python each hash call costs far more than its bytes. A
 the path carries the other 15 members of the node's group, 1,536 bytes
 at 16,384 buckets against 448.
 
+What v4 changed, for the two writes (a nonce and a value) that every
+transaction makes on every validator: a bucket's hash is the top tree's
+leaf itself (v3 took the RFC 6962 leaf hash of ``size || SHA-256(0x02 ||
+hashes)``: one hash call more per touched bucket; the 0x02 prefix already
+keeps a bucket apart from an interior node, 0x01, which is all that leaf
+hash added), and a bucket holds whole leaves in byte order instead of keys
+then values in str order (see ``_Bucket``). A 2,000-write apply on 250k
+keys went from 7.0-10.1 to 5.8-8.4 µs a write (seven interleaved runs
+each, with ``tune_for_throughput``'s collector settings).
+
 Both levels bind their sizes (the bucket count is in the root, each
-bucket's size in its commitment), so a proof fixes the leaf's index, and
-absence is proved by the two sorted neighbours in the key's bucket (or by
-the bucket being empty). Snapshots share untouched buckets (copy-on-write:
+bucket's size in its hash), so a proof fixes the leaf's index, and
+absence is proved by the key's two neighbours in its bucket's order (or
+by the bucket being empty). Snapshots share untouched buckets (copy-on-write:
 a child costs the touched buckets, ``buckets`` references and ~64 bytes per
 bucket for the top tree's levels).
 """
@@ -49,13 +60,13 @@ bucket for the top tree's levels).
 from __future__ import annotations
 
 import hashlib
+import struct
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple, TypeAlias
 
 import msgpack
 
-from . import merkle
 from .errors import MalformedMessage
 
 __all__ = [
@@ -78,9 +89,12 @@ MAX_KEY_BYTES = 512
 MAX_VALUE_BYTES = 1024 * 1024
 _MAX_DEPTH = 16
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-_ROOT_DOMAIN = b"fedchain/state/v3\x00"
+_ROOT_DOMAIN = b"fedchain/state/v4\x00"
 _BUCKET_DOMAIN = b"\x02"
 """Distinct from RFC 6962's leaf (0x00) and node (0x01) prefixes."""
+_index_of_digest = struct.Struct(">I").unpack_from
+"""The first 4 bytes of a digest as an int (~0.1 µs less than slicing
+and ``int.from_bytes``; it runs for every read and write)."""
 _FAN_OUT_BITS = 4
 """The top tree groups 16 nodes under each parent (the last level: what is left)."""
 MAX_TOP_LEVELS = 5
@@ -148,14 +162,18 @@ def check_key(key: object) -> bytes:
 
 def bucket_of(key: str, buckets: int) -> int:
     """Which bucket holds ``key``: SHA-256(key) mod ``buckets`` (a power of two)."""
-    return int.from_bytes(_sha256(key.encode()).digest()[:4], "big") & (buckets - 1)
+    return _index_of_digest(_sha256(key.encode()).digest())[0] & (buckets - 1)
 
 
 def packed_key(key: str) -> bytes:
     """``msgpack.packb(key)`` for a str, without building a Packer: ~0.2 µs instead of
     ~1 µs, and it ran for every write (a tenth of a backup validator's
     time, py-spy at 8,000 offered tx/s)."""
-    raw = key.encode()
+    return _packed_raw_key(key.encode())
+
+
+def _packed_raw_key(raw: bytes) -> bytes:
+    """:func:`packed_key` of a key already in UTF-8."""
     n = len(raw)
     if n < 32:
         return bytes((0xA0 | n,)) + raw  # fixstr
@@ -166,15 +184,17 @@ def packed_key(key: str) -> bytes:
     return b"\xdb" + n.to_bytes(4, "big") + raw  # str 32
 
 
-def _leaf_hash(key: str, encoded_value: bytes) -> bytes:
+def _leaf_hash(raw_key: bytes, encoded_value: bytes) -> bytes:
     """RFC 6962 leaf hash of the leaf, the canonical msgpack array
-    [key, value], in one call (hot path)."""
-    return _sha256(b"\x00\x92" + packed_key(key) + encoded_value).digest()
+    [key, value], in one call (hot path; the key in UTF-8, as
+    :func:`check_key` gave it, so it is not encoded twice)."""
+    return _sha256(b"\x00\x92" + _packed_raw_key(raw_key) + encoded_value).digest()
 
 
-def _bucket_digest(hashes: bytes) -> bytes:
-    """A bucket's digest: SHA-256(0x02 || its sorted leaves' hashes end to end)."""
-    return _sha256(_BUCKET_DOMAIN + hashes).digest()
+def _bucket_hash(size: int, hashes: bytes) -> bytes:
+    """A bucket's hash, its leaf in the top tree: SHA-256(0x02 || size (8
+    bytes) || its sorted leaves' hashes end to end)."""
+    return _sha256(_BUCKET_DOMAIN + size.to_bytes(8, "big") + hashes).digest()
 
 
 def _top_shifts(buckets: int) -> list[int]:
@@ -208,107 +228,131 @@ def _top_path(top: Sequence[bytes], shifts: Sequence[int], index: int) -> tuple[
     return tuple(path)
 
 
-def _commitment(size: int, digest: bytes) -> bytes:
-    return size.to_bytes(8, "big") + digest
-
-
 _Bucket: TypeAlias = tuple
-"""One bucket: ``(commitment, hashes, key_0 .. key_n-1, value_0 .. value_n-1)``,
-its sorted keys, their encoded values and their leaf hashes end to end
-(32 bytes each, in key order) in one flat tuple; the commitment is
-``size (8 bytes) || SHA-256(0x02 || hashes)``.
+"""One bucket: ``(bucket hash, hashes, leaf_0 .. leaf_n-1)``: its leaves,
+each the canonical msgpack array ``[key, value]`` (0x92, the packed key,
+the encoded value), in byte order, and their RFC 6962 leaf hashes end to
+end (32 bytes each, in the same order) in one flat tuple; see
+:func:`_bucket_hash`. Packed keys are length-prefixed, so no leaf's key
+part is a prefix of another's: leaves in byte order are keys in packed
+order, and the leaf that holds a key is the one that starts with
+:func:`_leaf_prefix` of it.
 
 Why one flat tuple, not an object with ``__slots__`` holding a keys tuple
-and a values tuple (as before): a block rebuilds ~2 buckets per
+and a values tuple (as up to v2): a block rebuilds ~2 buckets per
 transaction, and a write then allocates one tuple and one hash string
 instead of three objects and a string. A backup's per-transaction work in
 one process (forward admission, proposal decoding, execution, store
 append; no verification) went from 29.2-30.0 to 25.2-27.6 µs, and at
 8,000 offered tx/s a validator's CPU per committed transaction from 86-92
-to 84-87 µs (alternating runs, the same roots). A tuple of strings and
-bytes also drops out of the garbage collector's tracking at its first
-pass, so the older generations' passes never walk the state's buckets.
-Splicing a single write into the tuple and the hash string (not list
-copies and a join) is what keeps it one allocation each."""
+to 84-87 µs (alternating runs, the same roots). A tuple of bytes also
+drops out of the garbage collector's tracking at its first pass, so the
+older generations' passes never walk the state's buckets. Splicing a
+single write into the tuple and the hash string (not list copies and a
+join) is what keeps it one allocation each.
+
+Why whole leaves, not keys then values (v4): rebuilding a bucket touches
+every member's reference count, and on a big state each member is a cache
+miss: one object per key instead of a str and a bytes halves them (with
+v3's layout, a write on a 250k-key state cost ~0.14 µs more per key
+already in its bucket, comparing bucket counts). A key also costs one
+object less:
+100k keys of 81 characters took 186 bytes each instead of 241
+(tracemalloc). The leaf is what gets hashed anyway, so it is built once."""
 
 
-def _make_bucket(keys: Sequence[str], values: Sequence[bytes], hashes: bytes) -> _Bucket:
-    return (_commitment(len(keys), _bucket_digest(hashes)), hashes, *keys, *values)
+def _leaf_prefix(raw_key: bytes) -> bytes:
+    """What the leaf of a key (in UTF-8) starts with: 0x92 and the packed key."""
+    return b"\x92" + _packed_raw_key(raw_key)
 
 
-def _bucket_keys(bucket: _Bucket) -> tuple[str, ...]:
-    return bucket[2 : (len(bucket) + 2) >> 1]
+def _leaf_parts(leaf: bytes) -> tuple[str, bytes]:
+    """``(key, encoded value)`` of a stored leaf (read back from its packed
+    key's header; the leaf was built by this module, so it is well formed)."""
+    tag = leaf[1]
+    if tag < 0xC0:  # fixstr
+        start, size = 2, tag & 0x1F
+    elif tag == 0xD9:
+        start, size = 3, leaf[2]
+    elif tag == 0xDA:
+        start, size = 4, int.from_bytes(leaf[2:4], "big")
+    else:
+        start, size = 6, int.from_bytes(leaf[2:6], "big")
+    return leaf[start : start + size].decode(), leaf[start + size :]
 
 
-def _bucket_get(bucket: _Bucket, key: str) -> bytes | None:
-    end = (len(bucket) + 2) >> 1  # keys are bucket[2:end], values bucket[end:]
-    i = bisect_left(bucket, key, 2, end)
-    return bucket[i + end - 2] if i < end and bucket[i] == key else None
+def _make_bucket(leaves: Sequence[bytes], hashes: bytes) -> _Bucket:
+    return (_bucket_hash(len(leaves), hashes), hashes, *leaves)
 
 
-def _bucket_with(bucket: _Bucket, writes: Sequence[tuple[str, bytes | None]]) -> _Bucket:
-    """The bucket after ``writes`` (sorted or not; one per key)."""
-    if len(writes) > 1:
-        return _bucket_with_many(bucket, writes)
-    # One write, the common case (a block's writes spread over the
-    # buckets): splice the tuple and the hash string directly.
-    ((key, encoded),) = writes
-    end = (len(bucket) + 2) >> 1
-    size = end - 2
-    i = bisect_left(bucket, key, 2, end)
-    present = i < end and bucket[i] == key
+def _find(bucket: _Bucket, prefix: bytes) -> tuple[int, bool]:
+    """Where the leaf starting with ``prefix`` is (True) or would go (False)."""
+    i = bisect_left(bucket, prefix, 2)
+    return i, i < len(bucket) and bucket[i].startswith(prefix)
+
+
+def _bucket_get(bucket: _Bucket, raw_key: bytes) -> bytes | None:
+    prefix = _leaf_prefix(raw_key)
+    i = bisect_left(bucket, prefix, 2)
+    if i < len(bucket) and bucket[i].startswith(prefix):
+        return bucket[i][len(prefix) :]
+    return None
+
+
+_Write: TypeAlias = tuple[bytes, bytes | None]
+"""A write as :meth:`State._fill` groups it: the key in UTF-8, the encoded value or None."""
+
+
+def _bucket_with_one(bucket: _Bucket, raw: bytes, encoded: bytes | None) -> _Bucket:
+    """The bucket after one write, the common case (a block's writes spread
+    over the buckets): the tuple and the hash string spliced directly."""
+    prefix = _leaf_prefix(raw)
+    i, present = _find(bucket, prefix)
     after = i + 1 if present else i
     hashes = bucket[1]
     cut, resume = 32 * (i - 2), 32 * (after - 2)
+    size = len(bucket) - 2
     if encoded is None:
         if not present:
             return bucket
         hashes = hashes[:cut] + hashes[resume:]
-        return (
-            _commitment(size - 1, _bucket_digest(hashes)),
-            hashes,
-            *bucket[2:i],
-            *bucket[after:end],
-            *bucket[end : i + size],
-            *bucket[after + size :],
-        )
-    hashes = hashes[:cut] + _leaf_hash(key, encoded) + hashes[resume:]
+        return (_bucket_hash(size - 1, hashes), hashes, *bucket[2:i], *bucket[after:])
+    leaf = prefix + encoded
+    hashes = hashes[:cut] + _sha256(b"\x00" + leaf).digest() + hashes[resume:]
     return (
-        _commitment(size + 1 - (after - i), _bucket_digest(hashes)),
+        _bucket_hash(size + 1 - (after - i), hashes),
         hashes,
         *bucket[2:i],
-        key,
-        *bucket[after:end],
-        *bucket[end : i + size],
-        encoded,
-        *bucket[after + size :],
+        leaf,
+        *bucket[after:],
     )
 
 
-def _bucket_with_many(bucket: _Bucket, writes: Iterable[tuple[str, bytes | None]]) -> _Bucket:
-    """Several writes (building a state, or few buckets): in lists, so
-    k writes into a bucket cost one rebuild, not k."""
-    end = (len(bucket) + 2) >> 1
-    keys, values = list(bucket[2:end]), list(bucket[end:])
+def _bucket_with_many(bucket: _Bucket, writes: Iterable[_Write]) -> _Bucket:
+    """The bucket after several writes (in any order; one per key), in
+    lists, so k writes into a bucket cost one rebuild, not k."""
+    leaves = list(bucket[2:])
     blob = bucket[1]
     hashes = [blob[i : i + 32] for i in range(0, len(blob), 32)]
-    for key, encoded in writes:
-        i = bisect_left(keys, key)
-        present = i < len(keys) and keys[i] == key
+    for raw, encoded in writes:
+        prefix = _leaf_prefix(raw)
+        i = bisect_left(leaves, prefix)
+        present = i < len(leaves) and leaves[i].startswith(prefix)
         if encoded is None:
             if present:
-                del keys[i], values[i], hashes[i]
-        elif present:
-            values[i] = encoded
-            hashes[i] = _leaf_hash(key, encoded)
+                del leaves[i], hashes[i]
+            continue
+        leaf = prefix + encoded
+        if present:
+            leaves[i] = leaf
+            hashes[i] = _sha256(b"\x00" + leaf).digest()
         else:
-            keys.insert(i, key)
-            values.insert(i, encoded)
-            hashes.insert(i, _leaf_hash(key, encoded))
-    return _make_bucket(keys, values, b"".join(hashes))
+            leaves.insert(i, leaf)
+            hashes.insert(i, _sha256(b"\x00" + leaf).digest())
+    return _make_bucket(leaves, b"".join(hashes))
 
 
-_EMPTY_BUCKET: _Bucket = _make_bucket((), (), b"")
+_EMPTY_BUCKET: _Bucket = _make_bucket((), b"")
 
 
 def _empty_top(buckets: int) -> list[bytes | bytearray]:
@@ -322,7 +366,7 @@ def _empty_top(buckets: int) -> list[bytes | bytearray]:
     Keeping the written copy instead of copying it once more into ``bytes``
     took a 26-write apply from ~1.1 to ~0.8 ms (the 2,000-write one is
     dominated by hashing and did not move)."""
-    node = merkle.leaf_hash(_EMPTY_BUCKET[0])
+    node = _EMPTY_BUCKET[0]
     levels = [node * buckets]
     for shift in _top_shifts(buckets):
         node = _node_hash(node * (1 << shift))
@@ -380,20 +424,35 @@ class State:
             self._fill({k: encode_value(v) for k, v in items.items()})
 
     def _fill(self, writes: Mapping[str, bytes | None]) -> None:
-        """Apply encoded writes in place (only on a snapshot being built)."""
-        grouped: dict[int, list[tuple[str, bytes | None]]] = {}
+        """Apply encoded writes in place (only on a snapshot being built).
+
+        Most buckets of a block get one write: those are grouped as the
+        bare write, not a list of one (a list only where a second comes)."""
+        grouped: dict[int, _Write | list[_Write]] = {}
         mask = len(self._buckets) - 1
         for key, encoded in writes.items():
             raw = check_key(key)
             if encoded is not None and type(encoded) is not bytes:
                 raise ValueError("apply takes encoded values (bytes) or None")
-            index = int.from_bytes(_sha256(raw).digest()[:4], "big") & mask  # bucket_of
-            grouped.setdefault(index, []).append((key, encoded))
-        for index, bucket_writes in grouped.items():
-            old = self._buckets[index]
-            new = _bucket_with(old, bucket_writes)
-            self._size += (len(new) - len(old)) >> 1
-            self._buckets[index] = new
+            index = _index_of_digest(_sha256(raw).digest())[0] & mask  # bucket_of
+            write = (raw, encoded)
+            prior = grouped.setdefault(index, write)
+            if prior is not write:
+                if type(prior) is list:
+                    prior.append(write)
+                else:
+                    grouped[index] = [prior, write]  # type: ignore[list-item]
+        buckets = self._buckets
+        size = self._size
+        for index, change in grouped.items():
+            old = buckets[index]
+            if type(change) is list:
+                new = _bucket_with_many(old, change)
+            else:
+                new = _bucket_with_one(old, *change)  # type: ignore[misc]
+            size += len(new) - len(old)
+            buckets[index] = new
+        self._size = size
         self._update_top(grouped)
 
     def _update_top(self, changed: Iterable[int]) -> None:
@@ -408,8 +467,7 @@ class State:
         dirty = set(changed)
         leaves, buckets = top[0], self._buckets
         for i in dirty:
-            leaf = _sha256(b"\x00" + buckets[i][0]).digest()  # merkle.leaf_hash
-            leaves[32 * i : 32 * i + 32] = leaf
+            leaves[32 * i : 32 * i + 32] = buckets[i][0]
         for depth, shift in enumerate(self._shifts, 1):
             below, level = top[depth - 1], top[depth]
             dirty = {i >> shift for i in dirty}
@@ -429,12 +487,11 @@ class State:
     def __len__(self) -> int:
         return self._size
 
-    def _bucket(self, key: str) -> _Bucket:
-        return self._buckets[bucket_of(key, len(self._buckets))]
-
     def get_encoded(self, key: str) -> bytes | None:
         """The canonical encoding stored under ``key``, or None."""
-        return _bucket_get(self._bucket(key), key)
+        raw = key.encode()
+        index = _index_of_digest(_sha256(raw).digest())[0] & (len(self._buckets) - 1)
+        return _bucket_get(self._buckets[index], raw)
 
     def get(self, key: str, default: object = None) -> object:
         """A fresh copy of the value under ``key`` (mutating it changes nothing)."""
@@ -442,12 +499,15 @@ class State:
         return default if encoded is None else msgpack.unpackb(encoded, raw=False)
 
     def __contains__(self, key: object) -> bool:
-        return type(key) is str and _bucket_get(self._bucket(key), key) is not None
+        return type(key) is str and self.get_encoded(key) is not None
 
     def keys(self, prefix: str = "") -> list[str]:
         """Sorted keys (all of them, or those starting with ``prefix``): O(n log n)."""
         return sorted(
-            k for bucket in self._buckets for k in _bucket_keys(bucket) if k.startswith(prefix)
+            key
+            for bucket in self._buckets
+            for leaf in bucket[2:]
+            if (key := _leaf_parts(leaf)[0]).startswith(prefix)
         )
 
     def items(self, prefix: str = "") -> list[tuple[str, object]]:
@@ -498,21 +558,20 @@ class State:
             top = self._proof_top = [bytes(level) for level in self._top]
         index = bucket_of(key, len(self._buckets))
         bucket = self._buckets[index]
-        keys = _bucket_keys(bucket)
-        position = bisect_left(keys, key)
-        values, blob = bucket[2 + len(keys) :], bucket[1]
-        if position < len(keys) and keys[position] == key:
+        position, present = _find(bucket, _leaf_prefix(key.encode()))
+        if present:
             picks: Sequence[int] = (position,)
-            value = msgpack.unpackb(values[position], raw=False)
         else:
-            picks = tuple(i for i in (position - 1, position) if 0 <= i < len(keys))
-            value = None
+            picks = tuple(i for i in (position - 1, position) if 2 <= i < len(bucket))
+        leaves = tuple(ProofLeaf(i - 2, *_leaf_parts(bucket[i])) for i in picks)
+        value = msgpack.unpackb(leaves[0].value, raw=False) if present else None
+        blob = bucket[1]
         proof = StateProof(
             buckets=len(self._buckets),
             top_root=top[-1],
             top_path=_top_path(top, self._shifts, index),
             bucket_hashes=tuple([blob[i : i + 32] for i in range(0, len(blob), 32)]),
-            leaves=tuple(ProofLeaf(i, keys[i], values[i]) for i in picks),
+            leaves=leaves,
         )
         return value, proof
 
@@ -530,14 +589,14 @@ def verify_state_proof(key: str, value: object, proof: StateProof, state_root: b
 
 
 def _top_root_from_path(
-    commitment: bytes, index: int, buckets: int, path: Sequence[bytes]
+    bucket_hash: bytes, index: int, buckets: int, path: Sequence[bytes]
 ) -> bytes | None:
     """The top root that ``path`` (see :func:`_top_path`) gives bucket
-    ``index``'s commitment, or None if the path has the wrong shape."""
+    ``index``'s hash, or None if the path has the wrong shape."""
     shifts = _top_shifts(buckets)
     if type(path) is not tuple or len(path) != len(shifts):
         return None
-    node = merkle.leaf_hash(commitment)
+    node = bucket_hash
     for others, shift in zip(path, shifts, strict=True):
         if type(others) is not bytes or len(others) != 32 * ((1 << shift) - 1):
             return None
@@ -559,8 +618,8 @@ def _verify(key: str, value: object, proof: StateProof, state_root: bytes) -> bo
     if type(hashes) is not tuple or not all(type(h) is bytes and len(h) == 32 for h in hashes):
         return False
     size = len(hashes)
-    commitment = _commitment(size, _bucket_digest(b"".join(hashes)))
-    if _top_root_from_path(commitment, bucket_of(key, n), n, proof.top_path) != proof.top_root:
+    bucket_hash = _bucket_hash(size, b"".join(hashes))
+    if _top_root_from_path(bucket_hash, bucket_of(key, n), n, proof.top_path) != proof.top_root:
         return False
     for leaf in proof.leaves:
         index = leaf.index
@@ -569,7 +628,7 @@ def _verify(key: str, value: object, proof: StateProof, state_root: bytes) -> bo
             or not 0 <= index < size
             or type(leaf.key) is not str
             or type(leaf.value) is not bytes
-            or _leaf_hash(leaf.key, leaf.value) != hashes[index]
+            or _leaf_hash(leaf.key.encode(), leaf.value) != hashes[index]
         ):
             return False
     leaves = proof.leaves
@@ -577,12 +636,15 @@ def _verify(key: str, value: object, proof: StateProof, state_root: bytes) -> bo
         return value is None and size == 0
     if value is not None:
         return len(leaves) == 1 and leaves[0].key == key and leaves[0].value == encode_value(value)
+    # Absence: a bucket orders its leaves by bytes, so its keys by their
+    # packed (length-prefixed) UTF-8, not as str compares them.
+    packed = packed_key(key)
     if len(leaves) == 2:
         low, high = leaves
-        return high.index == low.index + 1 and low.key < key < high.key
+        return high.index == low.index + 1 and packed_key(low.key) < packed < packed_key(high.key)
     if len(leaves) == 1:
         (leaf,) = leaves
-        if leaf.index == 0 and key < leaf.key:
+        if leaf.index == 0 and packed < packed_key(leaf.key):
             return True
-        return leaf.index == size - 1 and leaf.key < key
+        return leaf.index == size - 1 and packed_key(leaf.key) < packed
     return False

@@ -24,7 +24,7 @@ seen verified.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 
@@ -57,10 +57,16 @@ _ARRAY6 = b"\x96"
 _ARRAY7 = b"\x97"
 
 
-@dataclass(frozen=True, slots=True)
-class Transaction:
+class Transaction(NamedTuple):
     """A signed transaction. Build with :func:`sign_transaction` or
-    :func:`decode_transaction`; ``encoded`` and ``digest`` come with it."""
+    :func:`decode_transaction`; ``encoded`` and ``digest`` come with it.
+
+    A NamedTuple, not a frozen dataclass: every validator builds one per
+    transaction it decodes, and a frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) cost ~0.8 µs of the ~2.7 µs a decode
+    took; a tuple is built in ~0.1 µs. ``encoded`` and ``digest`` follow
+    from the other fields, so comparing all nine compares what the
+    dataclass compared."""
 
     type: str
     oid: str
@@ -70,8 +76,8 @@ class Transaction:
     nonce: int
     sender: PeerId
     signature: bytes
-    encoded: bytes = field(default=b"", compare=False, repr=False)
-    digest: bytes = field(default=b"", compare=False, repr=False)
+    encoded: bytes = b""
+    digest: bytes = b""
 
     @property
     def unsigned_bytes(self) -> bytes:
@@ -80,6 +86,11 @@ class Transaction:
     def verify(self, chain_id: str) -> bool:
         """Whether the signature is the sender's over this chain's signing bytes."""
         return verify(self.sender, signing_bytes(chain_id, self.unsigned_bytes), self.signature)
+
+
+_new_transaction = tuple.__new__
+"""Builds a Transaction from its nine fields without the generated
+``__new__``'s argument handling (~0.1 µs instead of ~0.17)."""
 
 
 def signing_bytes(chain_id: str, unsigned: bytes) -> bytes:
@@ -123,7 +134,9 @@ def sign_transaction(
     if len(encoded) > MAX_TX_BYTES:
         raise MalformedMessage(f"transaction of {len(encoded)} bytes exceeds {MAX_TX_BYTES}")
     digest = hashlib.sha256(unsigned).digest()
-    return Transaction(type, oid, content, timestamp, nonce, sender, signature, encoded, digest)
+    return _new_transaction(
+        Transaction, (type, oid, content, timestamp, nonce, sender, signature, encoded, digest)
+    )
 
 
 def decode_transaction(data: bytes, *, max_bytes: int = MAX_TX_BYTES) -> Transaction:
@@ -158,7 +171,9 @@ def decode_transaction(data: bytes, *, max_bytes: int = MAX_TX_BYTES) -> Transac
     ):
         raise MalformedMessage("non-canonical transaction encoding")
     digest = hashlib.sha256(unsigned).digest()
-    return Transaction(tx_type, oid, content, timestamp, nonce, sender, signature, data, digest)
+    return _new_transaction(
+        Transaction, (tx_type, oid, content, timestamp, nonce, sender, signature, data, digest)
+    )
 
 
 class SignatureCache:

@@ -77,21 +77,22 @@ def test_property_any_bytes_decode_or_raise_malformed(data: bytes) -> None:
     assert encode_value(value) == data
 
 
-def _bucket_commitment(leaves: list[bytes]) -> bytes:
-    """(size, digest) from the definition: SHA-256(0x02 || leaf hashes)."""
-    digest = hashlib.sha256(b"\x02" + b"".join(merkle.leaf_hash(leaf) for leaf in leaves))
-    return len(leaves).to_bytes(8, "big") + digest.digest()
+def _bucket_hash(leaves: list[bytes]) -> bytes:
+    """From the definition: SHA-256(0x02 || size (8 bytes) || leaf hashes),
+    the leaves in byte order."""
+    hashes = b"".join(merkle.leaf_hash(leaf) for leaf in sorted(leaves))
+    return hashlib.sha256(b"\x02" + len(leaves).to_bytes(8, "big") + hashes).digest()
 
 
 def _domain_root(buckets: int, top: bytes) -> bytes:
-    return hashlib.sha256(b"fedchain/state/v3\x00" + buckets.to_bytes(4, "big") + top).digest()
+    return hashlib.sha256(b"fedchain/state/v4\x00" + buckets.to_bytes(4, "big") + top).digest()
 
 
-def _reference_top(commitments: list[bytes]) -> bytes:
-    """The top root from its definition, one level at a time: leaf hashes of
-    the commitments, then SHA-256(0x01 || up to 16 children) per parent,
-    16 to a group while 16 or more remain, then one group of the rest."""
-    level = [merkle.leaf_hash(c) for c in commitments]
+def _reference_top(bucket_hashes: list[bytes]) -> bytes:
+    """The top root from its definition, one level at a time: the buckets'
+    hashes, then SHA-256(0x01 || up to 16 children) per parent, 16 to a
+    group while 16 or more remain, then one group of the rest."""
+    level = list(bucket_hashes)
     while len(level) > 1:
         group = 16 if len(level) >= 16 else len(level)
         level = [
@@ -104,13 +105,13 @@ def _reference_top(commitments: list[bytes]) -> bytes:
 def test_root_in_closed_form_with_one_bucket() -> None:
     state = State({"b": 2, "a": [1]}, buckets=1)
     leaves = [msgpack.packb(["a", [1]]), msgpack.packb(["b", 2])]
-    top = merkle.leaf_hash(_bucket_commitment(leaves))
+    top = _bucket_hash(leaves)
     assert state.root == _domain_root(1, top)
 
 
 def test_empty_state_root_matches_an_explicit_empty_tree() -> None:
     for buckets in (2, 8, 16, 64, 16384):
-        top = _reference_top([_bucket_commitment([])] * buckets)
+        top = _reference_top([_bucket_hash([])] * buckets)
         assert State(buckets=buckets).root == _domain_root(buckets, top)
 
 
@@ -171,14 +172,43 @@ def test_absence_cannot_be_claimed_for_a_present_key() -> None:
     state = State({f"k{i}": i for i in range(50)}, buckets=1)
     _, before = state.prove("k10")
     (leaf,) = before.leaves
-    _, low = state.prove(state.keys()[leaf.index - 1])
-    _, high = state.prove(state.keys()[leaf.index + 1])
+    in_bucket_order = sorted(state.keys(), key=packed_key)
+    assert in_bucket_order[leaf.index] == "k10"
+    _, low = state.prove(in_bucket_order[leaf.index - 1])
+    _, high = state.prove(in_bucket_order[leaf.index + 1])
     skipping = before._replace(leaves=(low.leaves[0], high.leaves[0]))  # genuine, not neighbours
     assert not verify_state_proof("k10", None, skipping, state.root)
     # a neighbour's proof for another key in its gap does not transfer
     _, gap = state.prove("k10a")
     assert verify_state_proof("k10a", None, gap, state.root)
     assert not verify_state_proof("k10", None, gap, state.root)
+
+
+def test_a_bucket_orders_keys_by_their_packed_bytes_not_as_str() -> None:
+    """Leaves sit in byte order, and a packed key starts with its length:
+    "b" (0xa1 ...) comes before "aa" (0xa2 ...), and every fixstr before a
+    str8 ("x" * 40). Absence is proved, and only proved, by neighbours in
+    that order."""
+    long = "x" * 40
+    state = State({"b": 1, "aa": 2, long: 3, "é": 4}, buckets=1)
+    order = ["b", "aa", "é", long]  # "é" is two bytes in UTF-8
+    assert sorted(state.keys(), key=packed_key) == order
+    assert [state.prove(k)[1].leaves[0].index for k in order] == [0, 1, 2, 3]
+    for absent, neighbours in (
+        ("a", (None, "b")),  # packed before everything
+        ("c", ("b", "aa")),  # after "b", before "aa": in str order it would follow "aa"
+        ("ab", ("aa", "é")),
+        ("y" * 31, ("é", long)),  # the longest fixstr, before any str8
+        ("y" * 40, (long, None)),
+    ):
+        value, proof = state.prove(absent)
+        assert value is None and verify_state_proof(absent, None, proof, state.root)
+        assert tuple(leaf.key for leaf in proof.leaves) == tuple(k for k in neighbours if k)
+    # neighbours in str order ("aa" < "b") prove nothing about "ab"
+    _, aa = state.prove("aa")
+    _, b = state.prove("b")
+    str_order = aa._replace(leaves=(aa.leaves[0], b.leaves[0]))
+    assert not verify_state_proof("ab", None, str_order, state.root)
 
 
 def test_an_altered_bucket_does_not_verify() -> None:
@@ -255,14 +285,14 @@ def test_property_apply_equals_building_from_scratch(base: dict, changes: dict) 
 
 
 def _reference_root(content: dict, buckets: int) -> bytes:
-    """The root from its definition alone: per bucket the digest of its
-    sorted [key, value] leaves' hashes, then the 16-way tree over the
-    buckets' (size, digest) commitments."""
-    commitments = []
+    """The root from its definition alone: per bucket the hash of its size
+    and its [key, value] leaves' hashes in byte order, then the 16-way tree
+    over the buckets' hashes."""
+    hashes = []
     for index in range(buckets):
-        members = sorted(k for k in content if bucket_of(k, buckets) == index)
-        commitments.append(_bucket_commitment([encode_value([k, content[k]]) for k in members]))
-    return _domain_root(buckets, _reference_top(commitments))
+        members = [k for k in content if bucket_of(k, buckets) == index]
+        hashes.append(_bucket_hash([encode_value([k, content[k]]) for k in members]))
+    return _domain_root(buckets, _reference_top(hashes))
 
 
 @settings(max_examples=60, deadline=None)
