@@ -336,9 +336,23 @@ class Mempool:
         # full: 1,000 from a pool of 10,000 senders (one key each, as in
         # ``fedchain bench consensus``) start 1,000 runs, each a state read
         # for the sender's nonce, not 10,000 (0.5 ms a reap instead of 3.1).
+        txs = self._txs
         for sender, queue in self._queues.items():
             if len(chosen) >= max_txs:
                 return chosen
+            if len(queue) == 1:
+                # One pending (a client with one transaction out, as each
+                # of the bench's is): what _run would give, without a
+                # generator and a copy of the queue (the primary's reap was
+                # ~5% of its CPU at 8,000 offered tx/s).
+                nonce, digest = queue[0]
+                if digest in exclude or (next_nonce is not None and next_nonce(sender) != nonce):
+                    continue
+                tx = txs[digest]
+                if total + len(tx.encoded) <= max_bytes:
+                    chosen.append(tx)
+                    total += len(tx.encoded)
+                continue
             # Under load most senders have everything in flight: skip them
             # with a plain loop (no generator, no state read).
             for _, digest in queue:

@@ -168,6 +168,19 @@ def test_bench_transport_at_tiny_scale():
     assert figures["peak_rss_bytes"] > 0
 
 
+def test_bench_consensus_sizes_the_state_to_its_sweep():
+    """keys / 8 to the nearest power of two, two keys per transaction, never
+    under the testnet default nor over the genesis limit."""
+    from fedchain.sims.bench_consensus import DEFAULT_RATES, state_buckets_for
+
+    default_sweep = [int(r) for r in DEFAULT_RATES.split(",")]
+    assert state_buckets_for(default_sweep, 5.0) == 32768  # 317,500 keys
+    assert state_buckets_for([100], 1.0) == 16384
+    assert state_buckets_for([65536], 1.0) == 16384  # 131,072 keys / 8
+    assert state_buckets_for([65536], 3.0) == 65536  # 393,216 / 8 = 49,152: nearer 2**16
+    assert state_buckets_for([10**7], 100.0) == 2**20
+
+
 def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     """Four real validator processes, a small write and query load: every
     accepted transaction commits, CPU per transaction and the verification
@@ -176,10 +189,11 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     figures = _last_json_line(
         ["bench", "consensus", "--skip-virtual", "--rates", "100", "--seconds", "1",
          "--query-rates", "200", "--out", str(tmp_path), "--journal-sync", "normal",
-         "--batch-timeout", "0.03",
+         "--batch-timeout", "0.03", "--state-buckets", "64",
          "--keep", str(tmp_path / "homes")]
     )  # fmt: skip
     assert figures["benchmark"] == "consensus" and figures["queue_seconds"] == 2.0
+    assert figures["state_buckets"] == 64
     assert figures["journal_sync"] == "normal"
     assert figures["batch_timeout_s"] == 0.03  # as each validator reported it
     assert figures["validator_handler_errors"] == 0  # read from their status lines
@@ -188,6 +202,7 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     assert len(homes) == 4
     for path in homes:
         home = load_home(path)
+        assert home.genesis.params.state_buckets == 64  # the chain the validators ran
         with SqliteBlockStore(home.store_path) as store:
             assert store.tip() > 0 and store.get_meta(VIEW_KEY) is not None
             journal = load_journal(store.get_meta, home.genesis.chain_id, 32)
