@@ -28,7 +28,14 @@ from typing import NamedTuple
 
 import msgpack
 
-from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, PeerId, verify
+from fedchain.p2p.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    Identity,
+    PeerId,
+    SignatureMemo,
+    verify,
+)
 from fedchain.p2p.wire import unpack_body
 
 from .errors import InvalidSignature, MalformedMessage
@@ -184,30 +191,33 @@ class SignatureCache:
     replica in a process: a simulation of n validators then verifies each
     transaction once instead of n times (the p2p FrameCache's idea). Only
     successes are remembered; the oldest go first past ``max_entries``
-    (~150 bytes each)."""
+    (~150 bytes each), in a :class:`~fedchain.p2p.identity.SignatureMemo`
+    keyed by digest + signature."""
 
     def __init__(self, chain_id: str, max_entries: int = 200_000) -> None:
         self.chain_id = chain_id
-        self.max_entries = max_entries
-        self._ok: dict[bytes, None] = {}
-        self.hits = 0
-        self.misses = 0
+        self._memo = SignatureMemo(max_entries)
+
+    @property
+    def max_entries(self) -> int:
+        return self._memo.max_entries
+
+    @property
+    def hits(self) -> int:
+        return self._memo.hits
+
+    @property
+    def misses(self) -> int:
+        return self._memo.misses
 
     def verify(self, tx: Transaction) -> bool:
-        key = tx.digest + tx.signature
-        if key in self._ok:
-            self.hits += 1
-            return True
-        self.misses += 1
-        if not tx.verify(self.chain_id):
-            return False
-        self._ok[key] = None
-        if len(self._ok) > self.max_entries:
-            del self._ok[next(iter(self._ok))]
-        return True
+        return self._memo.check(tx.digest + tx.signature, tx.verify, self.chain_id)
 
     def __contains__(self, tx: Transaction) -> bool:
-        return tx.digest + tx.signature in self._ok
+        return self._memo.remembers(tx.digest + tx.signature)
+
+    def __len__(self) -> int:
+        return len(self._memo)
 
 
 def check_signature(tx: Transaction, chain_id: str) -> None:

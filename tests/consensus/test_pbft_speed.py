@@ -85,6 +85,30 @@ def test_memo_is_bounded_oldest_first() -> None:
         SignatureMemo(max_entries=0)
 
 
+def test_a_full_memo_keeps_the_newest_through_many_evictions() -> None:
+    """Past its bound, every success pushes out the oldest, for as long as
+    it runs (a node's memo is full after its first 200,000 checks)."""
+    memo = SignatureMemo(max_entries=3)
+    calls = []
+
+    def verifier(n: int) -> bool:
+        calls.append(n)
+        return n % 5 != 0  # every fifth fails and is not remembered
+
+    for n in range(1, 1000):
+        memo.check(n, verifier, n)
+    assert len(memo) == 3 and [memo.remembers(n) for n in (996, 997, 998, 999)] == [
+        False,  # the fourth newest success is gone
+        True,
+        True,
+        True,
+    ]
+    assert not memo.remembers(995)  # failed, never kept
+    checked = len(calls)
+    assert memo.check(999, verifier, 999) and len(calls) == checked  # a hit: not checked again
+    assert (memo.hits, memo.misses) == (1, 999)
+
+
 # -- messages and certificates through a memo ----------------------------------
 
 
