@@ -200,7 +200,7 @@ class Executor:
         if any(len(tx.encoded) > self.params.max_tx_bytes for tx in block.txs):
             raise InvalidBlock("a transaction exceeds the size limit")
         check_body(block)
-        check = self.signatures.verify if self.signatures else self._verify
+        check = self.signatures.verify if self.signatures is not None else self._verify
         for tx in block.txs:
             if (verified is None or not verified(tx)) and not check(tx):
                 raise InvalidBlock(f"transaction {tx.digest.hex()[:16]} has a bad signature")

@@ -187,7 +187,7 @@ class Mempool:
         fills_gap = queue is not None and tx.nonce < queue[-1][0]
         if not forwarded and not fills_gap and len(self._from_clients) >= self.client_limit:
             raise MempoolFull(_PACED)
-        ok = self.signatures.verify(tx) if self.signatures else tx.verify(self.chain_id)
+        ok = self.signatures.verify(tx) if self.signatures is not None else tx.verify(self.chain_id)
         if not ok:
             raise InvalidSignature(f"transaction {digest.hex()[:16]} has a bad signature")
         self._txs[digest] = tx

@@ -216,9 +216,6 @@ class SignatureCache:
     def __contains__(self, tx: Transaction) -> bool:
         return self._memo.remembers(tx.digest + tx.signature)
 
-    def __len__(self) -> int:
-        return len(self._memo)
-
 
 def check_signature(tx: Transaction, chain_id: str) -> None:
     """Raise InvalidSignature unless ``tx`` is signed by its sender for ``chain_id``."""
