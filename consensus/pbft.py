@@ -267,17 +267,20 @@ class PbftConfig:
     """K: a CHECKPOINT every K sequence numbers; the window is L = 2K."""
     batch_size: int = 64
     """The primary proposes at once when this many requests are pending."""
-    batch_timeout: float = 0.05
+    batch_timeout: float = 0.025
     """...and otherwise this long after the first pending request, if fewer
     than ``max_partial_in_flight`` proposals are in flight.
 
-    50 ms, not less: a block costs each validator ~7 ms of CPU whatever it
-    holds, ~0.23 ms per transaction on top (``fedchain bench consensus``,
-    2 cores, 4 validators), so at moderate load short batches spend the
-    cores on blocks, and latency goes to queueing for them. Against 20 ms,
-    in alternating runs: p50 at 1,000 tx/s 102-108 ms against 140-210, CPU
-    per transaction at 250 tx/s ~1,100 µs against ~1,440; the price is
-    ~12 ms more p50 at 250 tx/s (62-65 against 51-53 ms)."""
+    25 ms since a block got cheap. It was 50 ms when a block cost each
+    validator ~7 ms of CPU whatever it held (then 20 ms ran more blocks
+    than the cores could carry: p50 at 1,000 tx/s 140-210 ms against
+    102-108). At ~5 ms a block (CPU per transaction at 250 tx/s, ~15 per
+    block, ~510-640 µs), the shorter wait wins at every load below
+    saturation; ``fedchain bench consensus``, two alternating full sweeps
+    each, 25 against 50 ms: p50 30-34 against 48-52 ms at 250 tx/s, 37-43
+    against 57-59 at 1,000, 73-87 against 94-111 at 4,000, and a peak of
+    5,563-5,710 against 5,235-5,612 tx/s (batches fill to ``batch_size``
+    past saturation either way)."""
     max_partial_in_flight: int = 1
     """Adaptive batching (Nagle's rule): a batch short of ``batch_size`` waits
     while this many proposals are unexecuted, so under load batches grow
