@@ -246,7 +246,7 @@ def test_a_mutated_proof_is_malformed_or_does_not_verify(position: int, noise: b
 def test_a_mutated_query_answer_is_malformed_or_does_not_verify(
     present: bool, position: int, noise: bytes
 ) -> None:
-    """State proofs (v3: the bucket's leaf hashes travel whole, and each top
+    """State proofs (since v3: the bucket's leaf hashes travel whole, and each top
     level's 16-way sibling group) under bit flips anywhere: refused, or
     what they prove is true of the state (a flipped key may still be
     proved absent when it is)."""
