@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from bisect import insort
 from collections import OrderedDict, deque
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 
 from fedchain.p2p.identity import PeerId
 
@@ -225,6 +225,29 @@ class Mempool:
         view timers run (and the views change) for a transaction no primary
         may propose. Without it, every held transaction counts."""
         return max(0, self._ready_total - self._in_flight_here)
+
+    def oldest_pending(self) -> bytes | None:
+        """The digest of the pending transaction admitted first, or None
+        (PBFT's request timer follows it on a backup). A scan from the
+        oldest held: the ones before it are in flight or behind a gap, and
+        PBFT asks only when it arms the timer, once per ``request_timeout``."""
+        for digest in self._txs:  # admission order
+            if self.is_pending(digest):
+                return digest
+        return None
+
+    def is_pending(self, digest: Hashable) -> bool:
+        """Whether the held transaction ``digest`` counts in :attr:`pending`:
+        in no proposal in flight and, with :meth:`track_nonces`, within its
+        sender's proposable run (from the committed next nonce, no gap)."""
+        tx = self._txs.get(digest)  # type: ignore[arg-type]
+        if tx is None or digest in self._in_flight:
+            return False
+        if self._next_nonce is None:
+            return True
+        expected = self._expected.get(tx.sender)
+        ready = self._ready.get(tx.sender, 0)
+        return expected is not None and expected <= tx.nonce < expected + ready
 
     def track_nonces(self, next_nonce: Callable[[PeerId], int]) -> None:
         """Count as pending only transactions at their sender's next nonce

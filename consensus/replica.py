@@ -105,7 +105,7 @@ and the replica of the stored height's epoch resumes from it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import msgpack
 
@@ -512,6 +512,12 @@ class LedgerReplica:
 
     def pending(self) -> int:
         return self.mempool.pending
+
+    def oldest_pending(self) -> bytes | None:
+        return self.mempool.oldest_pending()
+
+    def is_pending(self, request: Hashable) -> bool:
+        return self.mempool.is_pending(request)
 
     def _parent(self, seq: int) -> ChainTip | None:
         if seq == self.tip.height + 1:

@@ -82,6 +82,12 @@ class LogApp:
     def pending(self) -> int:
         return len(self.waiting)
 
+    def oldest_pending(self) -> int | None:
+        return next(iter(self.waiting), None)
+
+    def is_pending(self, request: object) -> bool:
+        return request in self.waiting
+
     def propose(self, seq: int) -> tuple[bytes, bytes] | None:
         if not self.waiting:
             return None

@@ -89,6 +89,33 @@ def test_bounds_give_an_explicit_busy_error() -> None:
         Mempool(CHAIN, max_tx_bytes=10).add(tx("a", 0))
 
 
+def test_oldest_pending_follows_admission_order_and_pending_rules() -> None:
+    """The request a backup's PBFT request timer follows: the first admitted
+    of those that count as pending, so not one in a live proposal nor one
+    behind a nonce gap (no primary may propose it)."""
+    committed = {USERS[w].public_key: 0 for w in "abc"}
+    pool = Mempool(CHAIN)
+    pool.track_nonces(lambda sender: committed[sender])
+    assert pool.oldest_pending() is None
+    gapped = pool.add(tx("a", 1))  # waits for a's nonce 0
+    first = pool.add(tx("b", 0))
+    second = pool.add(tx("c", 0))
+    assert not pool.is_pending(gapped.digest) and pool.oldest_pending() == first.digest
+    pool.mark_in_flight([first.digest])  # a proposal carries it
+    assert not pool.is_pending(first.digest) and pool.oldest_pending() == second.digest
+    pool.release([first.digest])  # that proposal was void
+    assert pool.oldest_pending() == first.digest
+    pool.remove_committed([first.digest, second.digest])
+    assert pool.oldest_pending() is None and not pool.is_pending(b"\x00" * 32)
+    filler = pool.add(tx("a", 0))  # fills the gap: both of a's are pending now
+    assert pool.is_pending(gapped.digest) and pool.is_pending(filler.digest)
+    assert pool.oldest_pending() == gapped.digest  # admitted first
+    assert Mempool(CHAIN).oldest_pending() is None
+    untracked = Mempool(CHAIN)  # without nonce tracking every held one counts
+    held = untracked.add(tx("a", 5))
+    assert untracked.oldest_pending() == held.digest
+
+
 def test_reap_is_round_robin_by_sender_in_nonce_order() -> None:
     pool = Mempool(CHAIN)
     for nonce in (2, 0, 1, 3):  # arrival order is not nonce order

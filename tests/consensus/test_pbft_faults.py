@@ -10,9 +10,9 @@ invariant specific to the fault.
 from __future__ import annotations
 
 import pytest
-from pbft_harness import Cluster, Network, payload_ids, random_scenario
+from pbft_harness import Cluster, LogApp, Network, payload_ids, random_scenario
 
-from fedchain.consensus.pbft import Mode, PbftConfig
+from fedchain.consensus.pbft import Committed, Mode, PbftConfig
 from fedchain.consensus.pbft_messages import Commit, NewView
 
 
@@ -95,6 +95,64 @@ def test_equivocating_primary_is_detected_and_replaced(n: int) -> None:
     assert min(cluster.views()) >= 1
     suspicions = sum(cluster.nodes[i].suspects["equivocation"] for i in cluster.honest)
     assert suspicions >= 1
+
+
+CENSORED = 7
+
+
+class _CensoringApp(LogApp):
+    """A primary's application that never proposes request 7, and proposes
+    every other one as usual (so blocks keep committing)."""
+
+    def propose(self, seq: int) -> tuple[bytes, bytes] | None:
+        held = CENSORED in self.waiting
+        self.waiting.pop(CENSORED, None)
+        try:
+            return super().propose(seq)
+        finally:
+            if held:
+                self.waiting[CENSORED] = None
+
+
+class _CensorAt0(Cluster):
+    """Replica 0, the primary of view 0, censors request 7."""
+
+    def _make_node(self, i, log, journal):  # type: ignore[no-untyped-def]
+        self._building = i
+        return super()._make_node(i, log, journal)
+
+    def _make_app(self, log: list[Committed]) -> LogApp:
+        if self._building == 0:
+            return _CensoringApp(self.config.batch_size, log)
+        return super()._make_app(log)
+
+
+def test_a_primary_that_censors_one_request_is_replaced() -> None:
+    """P-CENSORSHIP: the primary commits everyone's requests but one. The
+    view timer restarts at every execution, so only the backups' request
+    timer (Castro and Liskov's per-request timer) notices: it follows the
+    request waited on longest and suspects the primary when that one still
+    waits ``request_timeout`` later. The next primary proposes it."""
+    config = PbftConfig(checkpoint_interval=8, batch_size=16, request_timeout=2.0)
+    cluster = _CensorAt0(4, seed=5, config=config)
+    assert cluster.nodes[0].replica.is_primary
+    cluster.submit_stream(400, rate=40)  # 10 s of steady load around request 7
+    _run(cluster, settle=12.0)
+    assert cluster.views() == [1, 1, 1, 1]
+    assert sum(cluster.nodes[i].suspects["request timeout"] for i in (1, 2, 3)) >= 2
+    for i in range(4):
+        assert CENSORED in {r for done in cluster.log_of(i) for r in payload_ids(done.payload)}
+
+
+def test_steady_load_never_trips_the_request_timer() -> None:
+    """The other side: an honest primary under steady load with 10% loss
+    keeps its view for 20 s, though requests wait their turn."""
+    config = PbftConfig(checkpoint_interval=8, batch_size=16, request_timeout=2.0)
+    cluster = Cluster(4, seed=6, config=config, network=Network(loss=0.1))
+    cluster.submit_stream(2000, rate=100)
+    _run(cluster, settle=20.0, limit=60.0)
+    assert cluster.views() == [0, 0, 0, 0]
+    assert not any(node.suspects["request timeout"] for node in cluster.nodes)
 
 
 @pytest.mark.parametrize("liar", [0, 2], ids=["primary", "backup"])

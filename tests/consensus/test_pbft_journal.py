@@ -73,6 +73,12 @@ class App:
     def pending(self) -> int:
         return self.count
 
+    def oldest_pending(self) -> None:
+        return None  # counts, not requests: no request timer
+
+    def is_pending(self, request: object) -> bool:
+        return False
+
     def propose(self, seq: int) -> tuple[bytes, bytes] | None:
         if not self.count:
             return None

@@ -43,6 +43,18 @@ CLIENTS = 10
 PER_CLIENT = 20
 
 
+class CensoringMempool(Mempool):
+    """A primary's pool that never proposes one client's transactions (it
+    admits and holds them, and proposes everyone else's)."""
+
+    def __init__(self, *args, censored: bytes, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.censored = censored
+
+    def reap(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return [tx for tx in super().reap(*args, **kwargs) if tx.sender != self.censored]
+
+
 class LosingForwards:
     """A transport that loses the first ``count`` FORWARD frames its node
     sends (a link that dropped them), and passes everything else on."""
@@ -80,6 +92,8 @@ def _run_cluster(
     hostile: int | None = None,
     lose_forwards: tuple[int, int] | None = None,
     stale_forward: float = 4.0,
+    censor: int | None = None,
+    request_timeout: float = PbftConfig.request_timeout,
 ):
     rng = np.random.Generator(np.random.PCG64(seed))
     identities = [Identity(rng.bytes(32)) for _ in range(4)]
@@ -102,7 +116,7 @@ def _run_cluster(
     ledgers: list[LedgerReplica] = []
     restarted_at: list[int] = []
     services: dict[int, LedgerService] = {}
-    config = PbftConfig(batch_size=64, batch_timeout=0.02)
+    config = PbftConfig(batch_size=64, batch_timeout=0.02, request_timeout=request_timeout)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -128,7 +142,11 @@ def _run_cluster(
                     node,
                     Executor(genesis, cache_blocks=64, signatures=signatures),
                     store,
-                    Mempool(CHAIN, signatures=signatures),
+                    Mempool(CHAIN, signatures=signatures)
+                    if censor is None or index != 0
+                    else CensoringMempool(
+                        CHAIN, signatures=signatures, censored=clients[censor].public_key
+                    ),
                     config,
                     timestamp_ms=lambda: genesis.genesis_time + int(trio.current_time() * 1000),
                 )
@@ -474,6 +492,21 @@ def test_a_lost_forward_is_sent_again_while_other_commits_go_on() -> None:
     assert live[1].node.counters["client.forwarded_again"] > 0
     assert all(ledger.replica.view == 0 for ledger in live)
     assert sum(ledger.node.counters["client.reforwarded"] for ledger in live) == 0
+
+
+def test_a_primary_censoring_one_client_is_replaced_and_the_client_commits() -> None:
+    """The primary proposes every client's transactions but client 1's,
+    which reached validator 1 and were forwarded to it: blocks keep
+    committing, so view timers keep restarting, but validator 1's request
+    timer follows the transaction it has held longest and suspects the
+    primary (P-CENSORSHIP). In view 1 validator 1 is the primary and
+    proposes what it holds: every transaction commits once."""
+    genesis, txs, live, wall = _run_cluster(
+        crashed=set(), censor=1, request_timeout=1.0, duration=8.0
+    )
+    _check(genesis, txs, live, wall)
+    assert all(ledger.replica.view == 1 for ledger in live)
+    assert live[1].suspects.get("request timeout", 0) >= 1
 
 
 def test_forwards_lost_to_ten_percent_loss_are_relayed_to_the_primary() -> None:
