@@ -256,9 +256,9 @@ every member's reference count, and on a big state each member is a cache
 miss: one object per key instead of a str and a bytes halves them (with
 v3's layout, a write on a 250k-key state cost ~0.14 µs more per key
 already in its bucket, comparing bucket counts). A key also costs one
-object less:
-100k keys of 81 characters took 186 bytes each instead of 241
-(tracemalloc). The leaf is what gets hashed anyway, so it is built once."""
+object less: 100k keys of 81 characters took 186 bytes each instead of
+241 (tracemalloc). The leaf is what gets hashed anyway, so it is built
+once."""
 
 
 def _leaf_prefix(raw_key: bytes) -> bytes:
