@@ -211,6 +211,30 @@ def test_a_bucket_orders_keys_by_their_packed_bytes_not_as_str() -> None:
     assert not verify_state_proof("ab", None, str_order, state.root)
 
 
+# Keys whose packed headers differ: fixstr (< 32 bytes), str8 (< 256) and
+# str16, so one bucket orders them across header kinds.
+wide_keys = st.text(alphabet="ab\u00e9\u4e2d", min_size=1, max_size=3) | st.builds(
+    lambda base, extra: base * extra, st.sampled_from(["a", "b", "\u00e9"]), st.integers(15, 140)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sets(wide_keys, min_size=1, max_size=12), st.lists(wide_keys, max_size=6))
+def test_property_one_bucket_across_key_widths(present: set, probes: list) -> None:
+    """Whatever the keys' widths, one bucket's leaves read back as its keys
+    and values, each key's presence and every other key's absence (by its
+    neighbours in the bucket's byte order) verify against the root, and
+    nothing verifies the other way round."""
+    content = {key: i for i, key in enumerate(sorted(present))}
+    state = State(content, buckets=1)
+    assert state.keys() == sorted(content) and state.items() == sorted(content.items())
+    for key in [*content, *probes]:
+        value, proof = state.prove(key)
+        assert value == content.get(key)
+        assert verify_state_proof(key, value, proof, state.root)
+        assert not verify_state_proof(key, None if key in content else 0, proof, state.root)
+
+
 def test_an_altered_bucket_does_not_verify() -> None:
     """The proof carries the bucket's leaf hashes: dropping, adding or
     reordering one changes the bucket's commitment, and a leaf must hash to
