@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             _real_clock, args, rates, query_rates, homes, probe
         )
         handler_errors = _handler_errors(Path(homes))
+        suspicions, views = _suspicions(Path(homes))
     # This machine's speed drifts over minutes (a shared VM: 8,600 to 15,700
     # verifications/s/core within one day), so the rate is measured before
     # the sweep, right before each point (validators idle) and after it: the
@@ -267,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
             "peak_rss_bytes": peak_rss_bytes(children=False),
             "validator_rss_at_end_bytes": validator_rss,
             "validator_handler_errors": handler_errors,
+            "validator_suspicions": suspicions,
+            "validator_views": views,
         },
     )
     return 0
@@ -440,13 +443,11 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
     return [load_home(h) for h in homes], processes, readies
 
 
-def _handler_errors(homes: Path) -> int:
-    """Handler exceptions the validators contained (``Node``'s
-    ``contain_handler_errors``), from each one's last status line: a run
-    that hit a bug says so instead of hiding it in the logs."""
+def _last_statuses(homes: Path) -> list[dict]:
+    """Each validator's last status line (``fedchain node --status-every``)."""
     import json
 
-    total = 0
+    lasts = []
     for log in sorted(homes.glob("node*/node.log")):
         last: dict = {}
         for line in log.read_text(errors="replace").splitlines():
@@ -456,9 +457,34 @@ def _handler_errors(homes: Path) -> int:
                 continue
             if isinstance(status, dict):
                 last = status
-        counters = last.get("node", {})
-        total += sum(n for k, n in counters.items() if k.startswith("handler_error"))
-    return total
+        lasts.append(last)
+    return lasts
+
+
+def _handler_errors(homes: Path) -> int:
+    """Handler exceptions the validators contained (``Node``'s
+    ``contain_handler_errors``), from each one's last status line: a run
+    that hit a bug says so instead of hiding it in the logs."""
+    return sum(
+        n
+        for last in _last_statuses(homes)
+        for k, n in last.get("node", {}).items()
+        if k.startswith("handler_error")
+    )
+
+
+def _suspicions(homes: Path) -> tuple[dict[str, int], list[int | None]]:
+    """What the validators suspected their primaries of (reason -> count,
+    summed) and the view each ended in, from their last status lines: a
+    benchmark whose load made honest validators change views (a request
+    timer too short for its queues, say) says so."""
+    total: dict[str, int] = {}
+    views = []
+    for last in _last_statuses(homes):
+        for reason, count in last.get("suspects", {}).items():
+            total[reason] = total.get(reason, 0) + count
+        views.append((last.get("pbft") or {}).get("view"))
+    return total, views
 
 
 def _rss_of(pid: int) -> int:

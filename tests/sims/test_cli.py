@@ -197,6 +197,7 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     assert figures["journal_sync"] == "normal"
     assert figures["batch_timeout_s"] == 0.03  # as each validator reported it
     assert figures["validator_handler_errors"] == 0  # read from their status lines
+    assert figures["validator_suspicions"] == {} and figures["validator_views"] == [0, 0, 0, 0]
     # Each validator's PBFT journal is in its SQLite store, at the view it ran in.
     homes = sorted(p.parent for p in (tmp_path / "homes").glob("*/chain.sqlite"))
     assert len(homes) == 4
@@ -310,3 +311,21 @@ def test_contained_handler_errors_are_read_from_the_last_status_lines(tmp_path):
         last = json.dumps({"node": {**counters, "handler_error.ValueError": 1}})
         (tmp_path / f"node{index}" / "node.log").write_text(f"{older}\nnot json\n{last}\n")
     assert _handler_errors(tmp_path) == 4  # 2 + 1, then 1: the last line of each
+
+
+def test_suspicions_and_views_are_read_from_the_last_status_lines(tmp_path):
+    from fedchain.sims.bench_consensus import _suspicions
+
+    lines = (
+        [
+            {"suspects": {"request timeout": 5}, "pbft": {"view": 0}},
+            {"suspects": {}, "pbft": {"view": 2}},
+        ],
+        [{"suspects": {"request timeout": 1, "equivocation": 1}, "pbft": {"view": 1}}],
+        [{"node": {}}],  # a status line without them (a follower, an older node)
+    )
+    for index, statuses in enumerate(lines):
+        (tmp_path / f"node{index}").mkdir()
+        text = "\n".join(json.dumps(status) for status in statuses)
+        (tmp_path / f"node{index}" / "node.log").write_text(text + "\n{torn")
+    assert _suspicions(tmp_path) == ({"request timeout": 1, "equivocation": 1}, [2, 1, None])
