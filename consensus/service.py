@@ -371,7 +371,9 @@ class LedgerService:
         still held with no proposal carrying it: that forward was lost (a
         dropped link, a primary's full pool), and the others' commits keep
         both the no-commit relay below and this backup's view timer quiet,
-        so nothing else would ever move it."""
+        so short of the request timer's view change (PBFT's
+        ``request_timeout``, meant for a censoring primary) nothing else
+        would move it."""
         sent, horizon = self._sent, self.node.now() - self.stale_forward
         stale: list[bytes] = []
         while sent and sent[0][0] <= horizon:

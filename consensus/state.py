@@ -184,11 +184,10 @@ def _packed_raw_key(raw: bytes) -> bytes:
     return b"\xdb" + n.to_bytes(4, "big") + raw  # str 32
 
 
-def _leaf_hash(raw_key: bytes, encoded_value: bytes) -> bytes:
-    """RFC 6962 leaf hash of the leaf, the canonical msgpack array
-    [key, value], in one call (hot path; the key in UTF-8, as
-    :func:`check_key` gave it, so it is not encoded twice)."""
-    return _sha256(b"\x00\x92" + _packed_raw_key(raw_key) + encoded_value).digest()
+def _hash_leaf(leaf: bytes) -> bytes:
+    """RFC 6962 leaf hash of a leaf, the canonical msgpack array [key, value]
+    (see ``_Bucket``)."""
+    return _sha256(b"\x00" + leaf).digest()
 
 
 def _bucket_hash(size: int, hashes: bytes) -> bytes:
@@ -293,10 +292,8 @@ def _find(bucket: _Bucket, prefix: bytes) -> tuple[int, bool]:
 
 def _bucket_get(bucket: _Bucket, raw_key: bytes) -> bytes | None:
     prefix = _leaf_prefix(raw_key)
-    i = bisect_left(bucket, prefix, 2)
-    if i < len(bucket) and bucket[i].startswith(prefix):
-        return bucket[i][len(prefix) :]
-    return None
+    i, present = _find(bucket, prefix)
+    return bucket[i][len(prefix) :] if present else None
 
 
 _Write: TypeAlias = tuple[bytes, bytes | None]
@@ -318,7 +315,7 @@ def _bucket_with_one(bucket: _Bucket, raw: bytes, encoded: bytes | None) -> _Buc
         hashes = hashes[:cut] + hashes[resume:]
         return (_bucket_hash(size - 1, hashes), hashes, *bucket[2:i], *bucket[after:])
     leaf = prefix + encoded
-    hashes = hashes[:cut] + _sha256(b"\x00" + leaf).digest() + hashes[resume:]
+    hashes = hashes[:cut] + _hash_leaf(leaf) + hashes[resume:]
     return (
         _bucket_hash(size + 1 - (after - i), hashes),
         hashes,
@@ -345,10 +342,10 @@ def _bucket_with_many(bucket: _Bucket, writes: Iterable[_Write]) -> _Bucket:
         leaf = prefix + encoded
         if present:
             leaves[i] = leaf
-            hashes[i] = _sha256(b"\x00" + leaf).digest()
+            hashes[i] = _hash_leaf(leaf)
         else:
             leaves.insert(i, leaf)
-            hashes.insert(i, _sha256(b"\x00" + leaf).digest())
+            hashes.insert(i, _hash_leaf(leaf))
     return _make_bucket(leaves, b"".join(hashes))
 
 
@@ -628,7 +625,7 @@ def _verify(key: str, value: object, proof: StateProof, state_root: bytes) -> bo
             or not 0 <= index < size
             or type(leaf.key) is not str
             or type(leaf.value) is not bytes
-            or _leaf_hash(leaf.key.encode(), leaf.value) != hashes[index]
+            or _hash_leaf(_leaf_prefix(leaf.key.encode()) + leaf.value) != hashes[index]
         ):
             return False
     leaves = proof.leaves

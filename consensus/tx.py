@@ -199,10 +199,6 @@ class SignatureCache:
         self._memo = SignatureMemo(max_entries)
 
     @property
-    def max_entries(self) -> int:
-        return self._memo.max_entries
-
-    @property
     def hits(self) -> int:
         return self._memo.hits
 

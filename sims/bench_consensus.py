@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
         points, queries, validator_rss, batch_timeouts = trio.run(
             _real_clock, args, rates, query_rates, homes, probe
         )
-        handler_errors = _handler_errors(Path(homes))
-        suspicions, views = _suspicions(Path(homes))
+        statuses = _last_statuses(Path(homes))
+        handler_errors = _handler_errors(statuses)
+        suspicions, views = _suspicions(statuses)
     # This machine's speed drifts over minutes (a shared VM: 8,600 to 15,700
     # verifications/s/core within one day), so the rate is measured before
     # the sweep, right before each point (validators idle) and after it: the
@@ -461,26 +462,26 @@ def _last_statuses(homes: Path) -> list[dict]:
     return lasts
 
 
-def _handler_errors(homes: Path) -> int:
+def _handler_errors(statuses: list[dict]) -> int:
     """Handler exceptions the validators contained (``Node``'s
     ``contain_handler_errors``), from each one's last status line: a run
     that hit a bug says so instead of hiding it in the logs."""
     return sum(
         n
-        for last in _last_statuses(homes)
+        for last in statuses
         for k, n in last.get("node", {}).items()
         if k.startswith("handler_error")
     )
 
 
-def _suspicions(homes: Path) -> tuple[dict[str, int], list[int | None]]:
+def _suspicions(statuses: list[dict]) -> tuple[dict[str, int], list[int | None]]:
     """What the validators suspected their primaries of (reason -> count,
     summed) and the view each ended in, from their last status lines: a
     benchmark whose load made honest validators change views (a request
     timer too short for its queues, say) says so."""
     total: dict[str, int] = {}
     views = []
-    for last in _last_statuses(homes):
+    for last in statuses:
         for reason, count in last.get("suspects", {}).items():
             total[reason] = total.get(reason, 0) + count
         views.append((last.get("pbft") or {}).get("view"))

@@ -303,18 +303,18 @@ def test_a_testnet_sizes_its_state_and_blocks_as_asked(tmp_path):
 
 
 def test_contained_handler_errors_are_read_from_the_last_status_lines(tmp_path):
-    from fedchain.sims.bench_consensus import _handler_errors
+    from fedchain.sims.bench_consensus import _handler_errors, _last_statuses
 
     for index, counters in enumerate(({"handler_error.KeyError": 2}, {"sync.polls": 1})):
         (tmp_path / f"node{index}").mkdir()
         older = json.dumps({"node": {"handler_error.KeyError": 1}})
         last = json.dumps({"node": {**counters, "handler_error.ValueError": 1}})
         (tmp_path / f"node{index}" / "node.log").write_text(f"{older}\nnot json\n{last}\n")
-    assert _handler_errors(tmp_path) == 4  # 2 + 1, then 1: the last line of each
+    assert _handler_errors(_last_statuses(tmp_path)) == 4  # 2 + 1, then 1: the last line of each
 
 
 def test_suspicions_and_views_are_read_from_the_last_status_lines(tmp_path):
-    from fedchain.sims.bench_consensus import _suspicions
+    from fedchain.sims.bench_consensus import _last_statuses, _suspicions
 
     lines = (
         [
@@ -328,4 +328,7 @@ def test_suspicions_and_views_are_read_from_the_last_status_lines(tmp_path):
         (tmp_path / f"node{index}").mkdir()
         text = "\n".join(json.dumps(status) for status in statuses)
         (tmp_path / f"node{index}" / "node.log").write_text(text + "\n{torn")
-    assert _suspicions(tmp_path) == ({"request timeout": 1, "equivocation": 1}, [2, 1, None])
+    assert _suspicions(_last_statuses(tmp_path)) == (
+        {"request timeout": 1, "equivocation": 1},
+        [2, 1, None],
+    )
