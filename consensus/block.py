@@ -42,7 +42,7 @@ from fedchain.p2p.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, PeerId
 from fedchain.p2p.wire import unpack_body
 
 from . import merkle
-from .contracts import TxResult
+from .contracts import OK_RESULT, TxResult
 from .errors import InvalidBlock, MalformedMessage
 from .pbft_messages import NULL_DIGEST
 from .tx import MAX_TX_BYTES, Transaction, decode_transaction
@@ -275,7 +275,7 @@ def decode_result(value: object) -> TxResult:
         or (value[0] == 0 and value[1])
     ):
         raise MalformedMessage("a result is [0, ''] or [1, reason]")
-    return TxResult(value[0], value[1])
+    return OK_RESULT if value[0] == 0 else TxResult(1, value[1])
 
 
 def encode_certificate(cert: CommitCertificate) -> list[object]:

@@ -42,6 +42,7 @@ from .votes import quorum
 
 __all__ = [
     "NONCE_PREFIX",
+    "OK_RESULT",
     "VALIDATORS_KEY",
     "BlockContext",
     "Contract",
@@ -195,7 +196,9 @@ def next_nonce(state: State, sender: PeerId) -> int:
     return 0 if encoded is None else _decode_count(encoded)
 
 
-_OK_RESULT = TxResult(OK)
+OK_RESULT = TxResult(OK)
+"""The one "ok" result: executors and block decoding share it instead of
+building one per transaction (a block's results are mostly this)."""
 _FIXINTS = tuple(bytes((n,)) for n in range(128))
 """msgpack's one-byte encodings of 0..127 (positive fixint): every nonce
 in practice, read and written once per transaction."""
@@ -254,7 +257,7 @@ def execute_transactions(
             results.append(TxResult(REJECTED, _reason(f"contract error: {type(exc).__name__}")))
             continue
         block.update(view._tx)
-        results.append(_OK_RESULT)
+        results.append(OK_RESULT)
     return state.apply(block), results
 
 

@@ -193,7 +193,14 @@ def _hash_leaf(leaf: bytes) -> bytes:
 def _bucket_hash(size: int, hashes: bytes) -> bytes:
     """A bucket's hash, its leaf in the top tree: SHA-256(0x02 || size (8
     bytes) || its sorted leaves' hashes end to end)."""
-    return _sha256(_BUCKET_DOMAIN + size.to_bytes(8, "big") + hashes).digest()
+    head = _BUCKET_HEADS[size] if size < 256 else _BUCKET_DOMAIN + size.to_bytes(8, "big")
+    return _sha256(head + hashes).digest()
+
+
+_BUCKET_HEADS = tuple(_BUCKET_DOMAIN + size.to_bytes(8, "big") for size in range(256))
+"""What :func:`_bucket_hash` hashes before the leaf hashes, for buckets of
+under 256 keys (all of them but ground ones), looked up: one per touched
+bucket."""
 
 
 def _top_shifts(buckets: int) -> list[int]:
@@ -262,7 +269,13 @@ once."""
 
 def _leaf_prefix(raw_key: bytes) -> bytes:
     """What the leaf of a key (in UTF-8) starts with: 0x92 and the packed key."""
-    return b"\x92" + _packed_raw_key(raw_key)
+    n = len(raw_key)
+    return _LEAF_HEADS[n] + raw_key if n < 256 else b"\x92" + _packed_raw_key(raw_key)
+
+
+_LEAF_HEADS = tuple(b"\x92" + _packed_raw_key(bytes(n))[: -n or None] for n in range(256))
+"""The start of :func:`_leaf_prefix` for keys under 256 bytes (all keys in
+practice), looked up instead of built: it runs for every read and write."""
 
 
 def _leaf_parts(leaf: bytes) -> tuple[str, bytes]:
@@ -304,13 +317,13 @@ def _bucket_with_one(bucket: _Bucket, raw: bytes, encoded: bytes | None) -> _Buc
     """The bucket after one write, the common case (a block's writes spread
     over the buckets): the tuple and the hash string spliced directly."""
     prefix = _leaf_prefix(raw)
-    i, present = _find(bucket, prefix)
-    after = i + 1 if present else i
+    i = bisect_left(bucket, prefix, 2)  # _find, inlined (hot path)
+    after = i + 1 if i < len(bucket) and bucket[i].startswith(prefix) else i
     hashes = bucket[1]
     cut, resume = 32 * (i - 2), 32 * (after - 2)
     size = len(bucket) - 2
     if encoded is None:
-        if not present:
+        if after == i:
             return bucket
         hashes = hashes[:cut] + hashes[resume:]
         return (_bucket_hash(size - 1, hashes), hashes, *bucket[2:i], *bucket[after:])
