@@ -1,10 +1,14 @@
 """A ledger client that trusts no node: every answer is checked.
 
-:class:`LedgerClient` talks to one node on the CLIENT channel (over TCP in
-practice: any :class:`~fedchain.p2p.node.Node` transport works) and checks
-each commit proof and query answer against the validator set it trusts
-(:class:`TrustedValidators`), so a lying node can only fail to answer,
-never make the client believe something false (:class:`UntrustedAnswer`).
+:class:`LedgerClient` talks to one node on the CLIENT channel, its server
+(over TCP in practice: any :class:`~fedchain.p2p.node.Node` transport
+works), or to another named per request, and checks each commit proof and
+query answer against the validator set it trusts (:class:`TrustedValidators`),
+so a lying node can only fail to answer, never make the client believe
+something false (:class:`UntrustedAnswer`). :meth:`LedgerClient.commit`
+is PBFT's client: a transaction not final in time goes to the other
+validators too, so neither a primary that censors it nor a crashed server
+keeps it out.
 
 The trusted set starts as the one the client was given (the genesis set)
 and moves forward only by proof, as CometBFT's light client verifies
@@ -29,6 +33,7 @@ certificate check like any other lie.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -178,11 +183,12 @@ class TrustedValidators:
 
 
 class LedgerClient:
-    """Requests to ``server`` from ``node``; answers verified against the
-    ``validators`` of ``chain_id`` in validator ``epoch`` it starts from
-    (0: the genesis set), following set changes on chain by proof (see the
-    module docstring). Build it before the node's first ``await`` (it
-    registers the CLIENT handler)."""
+    """Requests to ``server`` (or, per request, ``to`` another node) from
+    ``node``, each answered only by the node asked; answers verified
+    against the ``validators`` of ``chain_id`` in validator ``epoch`` it
+    starts from (0: the genesis set), following set changes on chain by
+    proof (see the module docstring). Build it before the node's first
+    ``await`` (it registers the CLIENT handler)."""
 
     def __init__(
         self,
@@ -197,14 +203,11 @@ class LedgerClient:
         self.server = server
         self.trusted = TrustedValidators(chain_id, validators, epoch)
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[trio.Event, list]] = {}
+        self._pending: dict[int, tuple[PeerId, trio.Event, list]] = {}
         self._streams: dict[int, trio.MemorySendChannel] = {}
         node.register(MessageType.CLIENT, self._on_reply)
 
     def _on_reply(self, peer: PeerId, envelope: Envelope) -> None:
-        if peer != self.server:
-            self.node.counters["client.not_from_server"] += 1
-            return
         fields = decode_client_message(envelope.body)
         op = fields[0]
         if op not in _REPLIES:  # a request sent to a client: nothing to answer
@@ -212,27 +215,37 @@ class LedgerClient:
             return
         request = fields[1]
         if op == ClientOp.BLOCK and request in self._streams:
+            if peer != self.server:
+                self.node.counters["client.not_from_server"] += 1
+                return
             try:
                 self._streams[request].send_nowait((fields[2], fields[3]))
             except trio.WouldBlock:
                 self.node.counters["client.notice_dropped"] += 1
             return
-        waiting = self._pending.pop(request, None)
+        waiting = self._pending.get(request)
         if waiting is None:
             self.node.counters["client.unexpected"] += 1
             return
-        event, slot = waiting
+        asked, event, slot = waiting
+        if peer != asked:  # only the node asked answers a request
+            self.node.counters["client.not_from_server"] += 1
+            return
+        del self._pending[request]
         slot.append(fields)
         event.set()
 
-    async def _request(self, timeout: float, op: ClientOp, *fields: object) -> list:
+    async def _request(
+        self, timeout: float, op: ClientOp, *fields: object, to: PeerId | None = None
+    ) -> list:
+        """Send one request to ``to`` (default: the server) and await its
+        reply; trio.TooSlowError after ``timeout``, NodeError on ERROR."""
+        peer = self.server if to is None else to
         request = next(self._ids)
         event, slot = trio.Event(), []
-        self._pending[request] = (event, slot)
+        self._pending[request] = (peer, event, slot)
         try:
-            self.node.send(
-                self.server, MessageType.CLIENT, encode_client_message(op, request, *fields)
-            )
+            self.node.send(peer, MessageType.CLIENT, encode_client_message(op, request, *fields))
             with trio.fail_after(timeout):
                 await event.wait()
         finally:
@@ -243,56 +256,146 @@ class LedgerClient:
         return reply
 
     async def submit_many(
-        self, txs: Sequence[bytes], *, timeout: float = 10.0
+        self, txs: Sequence[bytes], *, timeout: float = 10.0, to: PeerId | None = None
     ) -> list[tuple[SubmitStatus, bytes | str]]:
-        """Per transaction: ACCEPTED/DUPLICATE with the digest, BUSY/REFUSED with why."""
-        reply = await self._request(timeout, ClientOp.SUBMIT, list(txs))
+        """Per transaction: ACCEPTED/DUPLICATE with the digest, BUSY/REFUSED
+        with why. ``to``: another validator than the server."""
+        reply = await self._request(timeout, ClientOp.SUBMIT, list(txs), to=to)
         if reply[0] != ClientOp.SUBMITTED or len(reply[2]) != len(txs):
             raise MalformedMessage("the node answered a submission with something else")
         return [(SubmitStatus(status), detail) for status, detail in reply[2]]
 
-    async def submit(self, tx: bytes, *, timeout: float = 10.0) -> bytes:
+    async def submit(self, tx: bytes, *, timeout: float = 10.0, to: PeerId | None = None) -> bytes:
         """The transaction's digest once the node admitted it. MempoolFull
         when the node is busy (retry later), SubmitRefused otherwise."""
-        ((status, detail),) = await self.submit_many([tx], timeout=timeout)
+        ((status, detail),) = await self.submit_many([tx], timeout=timeout, to=to)
         if status == SubmitStatus.BUSY:
             raise MempoolFull(str(detail))
         if status == SubmitStatus.REFUSED:
             raise SubmitRefused(str(detail))
         return detail  # type: ignore[return-value]
 
-    async def wait_committed(self, tx: bytes, *, timeout: float = 30.0) -> CommitProof:
+    async def wait_committed(
+        self, tx: bytes, *, timeout: float = 30.0, to: PeerId | None = None
+    ) -> CommitProof:
         """Wait until ``tx`` is final; its checked commit proof.
-        trio.TooSlowError if it is not final within ``timeout``."""
+        trio.TooSlowError if it is not final within ``timeout``.
+        ``to``: ask another validator than the server."""
         digest = decode_transaction(tx).digest
         server_ms = int(timeout * 1000) if math.isfinite(timeout) else 2**62
-        reply = await self._request(timeout + 5.0, ClientOp.WAIT, digest, server_ms)
+        reply = await self._request(timeout + 5.0, ClientOp.WAIT, digest, server_ms, to=to)
         if reply[0] != ClientOp.COMMIT:
             raise MalformedMessage("the node answered a wait with something else")
         if reply[2] is None:
             raise trio.TooSlowError
         proof = CommitProof.from_list(reply[2])
         if not self.trusted.verifies_commit(proof, tx):
-            await self.follow_validator_changes(timeout=timeout)
+            await self.follow_validator_changes(timeout=timeout, to=to)
             if not self.trusted.verifies_commit(proof, tx) and not (
-                proof.includes(tx) and await self.is_trusted_ancestor(proof.header, timeout=timeout)
+                proof.includes(tx)
+                and await self.is_trusted_ancestor(proof.header, timeout=timeout, to=to)
             ):
                 raise UntrustedAnswer("the commit proof does not verify")
         return proof
 
-    async def is_trusted_ancestor(self, header: BlockHeader, *, timeout: float = 10.0) -> bool:
+    async def commit(
+        self,
+        tx: bytes,
+        *,
+        timeout: float = 30.0,
+        patience: float = 5.0,
+        fallbacks: Sequence[PeerId] = (),
+    ) -> CommitProof:
+        """Submit ``tx`` to the server and wait until it is final: its
+        checked commit proof, as :meth:`submit` then :meth:`wait_committed`,
+        but with PBFT's client retransmission. Where it is not final after
+        ``patience`` seconds (or the server answers busy, or stops
+        answering), the transaction also goes to every validator in
+        ``fallbacks``, again after twice as long, and so on, and each is
+        asked for the proof: the first that verifies is the answer.
+
+        Why: a transaction only the primary holds can be censored by it
+        for good (no backup's request timer watches what no backup holds,
+        P-CENSORSHIP in the consensus SPEC); once the backups hold it their
+        timers replace such a primary, and a server that crashed is simply
+        bypassed. Validators drop the copies (by digest), and the commit
+        proof is checked whoever sends it.
+
+        SubmitRefused if the server refuses the transaction itself (a bad
+        signature, a used nonce); trio.TooSlowError if nothing final comes
+        within ``timeout``, or the UntrustedAnswer that some node gave."""
+        decode_transaction(tx)  # malformed bytes fail here, not at each node
+        others = [peer for peer in dict.fromkeys(fallbacks) if peer != self.server]
+        found: list[CommitProof] = []
+        lies: list[ConsensusError] = []
+        waiting: set[PeerId] = set()
+        deadline = trio.current_time() + timeout
+        try:  # here, not in the nursery: a refusal raises as itself
+            await self.submit(tx, timeout=min(patience, timeout) if others else timeout)
+            submitted = True
+        except (MempoolFull, trio.TooSlowError):
+            if not others:
+                raise
+            submitted = False
+        async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = deadline
+
+            async def wait_at(peer: PeerId) -> None:
+                waiting.add(peer)
+                try:
+                    proof = await self.wait_committed(
+                        tx, timeout=max(0.0, deadline - trio.current_time()), to=peer
+                    )
+                except (UntrustedAnswer, MalformedMessage) as exc:
+                    lies.append(exc)
+                    return
+                except (trio.TooSlowError, NodeError):
+                    return  # another may still answer
+                found.append(proof)
+                nursery.cancel_scope.cancel()
+
+            async def hand_over(peer: PeerId) -> None:
+                # Whatever the answer (busy, or refused as already
+                # committed), the peer may still prove the commit.
+                with contextlib.suppress(ConsensusError, trio.TooSlowError):
+                    await self.submit(tx, timeout=min(patience, 10.0), to=peer)
+                if peer not in waiting:
+                    await wait_at(peer)
+
+            async def retransmit(wait: float) -> None:
+                while True:
+                    await trio.sleep(wait)
+                    for peer in others:
+                        nursery.start_soon(hand_over, peer)
+                    wait = max(2 * wait, patience)
+
+            if submitted:
+                nursery.start_soon(wait_at, self.server)
+                if others:
+                    nursery.start_soon(retransmit, patience)
+            else:  # busy or silent: the others at once
+                nursery.start_soon(retransmit, 0.0)
+        if found:
+            return found[0]
+        if lies:
+            raise lies[0]
+        raise trio.TooSlowError
+
+    async def is_trusted_ancestor(
+        self, header: BlockHeader, *, timeout: float = 10.0, to: PeerId | None = None
+    ) -> bool:
         """Whether ``header`` is on the chain below the first block the
         oldest trusted set certifies (the module docstring's backward walk).
         False where there is nothing to walk back from (a client that
         started from the genesis set checks every height directly) or the
         node knows no such block; UntrustedAnswer if the node's headers do
         not link or are not certified."""
-        anchor = await self._first_height_of_oldest_epoch(timeout)
+        anchor = await self._first_height_of_oldest_epoch(timeout, to)
         if anchor is None or header.height >= anchor:
             return False
         high, expected = anchor, None
         while True:
-            reply = await self._request(timeout, ClientOp.HEADERS, header.height, high)
+            reply = await self._request(timeout, ClientOp.HEADERS, header.height, high, to=to)
             if reply[0] != ClientOp.HEADER_CHAIN:
                 raise MalformedMessage("the node answered headers with something else")
             chain = HeaderChain.from_fields(reply[2], reply[3])
@@ -311,42 +414,49 @@ class LedgerClient:
                 return lowest == header
             expected, high = lowest.prev_hash, lowest.height - 1
 
-    async def _first_height_of_oldest_epoch(self, timeout: float) -> int | None:
+    async def _first_height_of_oldest_epoch(
+        self, timeout: float, to: PeerId | None = None
+    ) -> int | None:
         """Where the oldest trusted epoch begins, by the node's word (the
         change block to it, plus one); None for epoch 0 or if the node does
         not say. Only a hint: the walk checks the certificate it leads to."""
         epoch = self.trusted.oldest_epoch
         if epoch == 0:
             return None
-        reply = await self._request(timeout, ClientOp.EPOCHS, epoch - 1)
+        reply = await self._request(timeout, ClientOp.EPOCHS, epoch - 1, to=to)
         if reply[0] != ClientOp.EPOCH_PROOFS:
             raise MalformedMessage("the node answered epochs with something else")
         if not reply[2]:
             return None
         return QueryAnswer.from_list(reply[2][0]).height + 1
 
-    async def query(self, key: str, *, timeout: float = 10.0) -> QueryAnswer:
+    async def query(
+        self, key: str, *, timeout: float = 10.0, to: PeerId | None = None
+    ) -> QueryAnswer:
         """``key``'s value in the node's last committed state, checked.
-        ValueError at once for a key no state holds (the node would drop it)."""
+        ValueError at once for a key no state holds (the node would drop it).
+        ``to``: ask another validator than the server."""
         check_key(key)
-        reply = await self._request(timeout, ClientOp.QUERY, key)
+        reply = await self._request(timeout, ClientOp.QUERY, key, to=to)
         if reply[0] != ClientOp.ANSWER:
             raise MalformedMessage("the node answered a query with something else")
         answer = QueryAnswer.from_list(reply[2])
         if answer.key != key:
             raise UntrustedAnswer("the query answer is about another key")
         if not self.trusted.verifies_answer(answer):
-            await self.follow_validator_changes(timeout=timeout)
+            await self.follow_validator_changes(timeout=timeout, to=to)
             if not self.trusted.verifies_answer(answer):
                 raise UntrustedAnswer("the query answer does not verify")
         return answer
 
-    async def follow_validator_changes(self, *, timeout: float = 10.0) -> int:
+    async def follow_validator_changes(
+        self, *, timeout: float = 10.0, to: PeerId | None = None
+    ) -> int:
         """Move the trusted set forward through every change the node
         proves (checked one epoch at a time); the epoch trusted now.
         UntrustedAnswer if a proof fails (the epochs before it stay)."""
         while True:
-            reply = await self._request(timeout, ClientOp.EPOCHS, self.trusted.epoch)
+            reply = await self._request(timeout, ClientOp.EPOCHS, self.trusted.epoch, to=to)
             if reply[0] != ClientOp.EPOCH_PROOFS:
                 raise MalformedMessage("the node answered epochs with something else")
             for raw in reply[2]:

@@ -15,7 +15,10 @@ stranger: an answer that does not verify is an error, never output.
 its public key and the chain's genesis are what a client needs. ``put``
 stores a value in the key's own namespace (the kv contract,
 ``kv/<public key hex>/NAME``), waits until it is final and prints the
-checked proof's height; ``get`` reads ``kv/<owner>/NAME`` (the key's own
+checked proof's height (a put the node does not make final within
+``--patience`` seconds goes to the other validators the home names too,
+as PBFT clients retransmit: a primary that censors it or a node that
+crashed is then bypassed); ``get`` reads ``kv/<owner>/NAME`` (the key's own
 namespace, or ``--owner``); ``query`` reads any state key. Each prints one
 JSON line; a refusal, a timeout or an answer that does not verify exits
 non-zero with the reason on stderr.
@@ -40,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, help="the home of the node to ask")
     parser.add_argument("--key", type=Path, help="this client's key file (fedchain client keygen)")
     parser.add_argument("--timeout", type=seconds(), default=30.0, help="seconds per request")
+    parser.add_argument(
+        "--patience",
+        type=seconds(),
+        default=5.0,
+        help="put: seconds before the transaction also goes to the other validators "
+        "(then twice as long, and so on), as PBFT clients retransmit",
+    )
     sub = parser.add_subparsers(dest="client_command", required=True, metavar="ACTION")
     keygen = sub.add_parser("keygen", help="write a new client key (hex seed, mode 0600)")
     keygen.add_argument("path", type=Path)
@@ -132,24 +142,38 @@ async def _serve(args: argparse.Namespace) -> int:
     identity = me if me is not None else Identity(secrets.token_bytes(32))
     server = home.identity.public_key
     genesis = home.genesis
+    # A put also goes to the other validators the home knows where the
+    # server does not make it final in time (LedgerClient.commit), or is
+    # down; a read needs the node itself.
+    others = {
+        peer: address
+        for peer, address in home.peers.items()
+        if peer in genesis.validators and args.client_command == "put"
+    }
     async with (
         open_tcp_transport(
             identity,
-            allowed=[server],
+            allowed=[server, *others],
             rng=np.random.default_rng(),
             listen=None,
-            peers={server: home.listen},
+            peers={**others, server: home.listen},
         ) as transport,
         open_node(identity, transport) as node,
     ):
         client = LedgerClient(node, server, genesis.chain_id, genesis.validators)
         host, port = home.listen
-        with trio.move_on_after(min(args.timeout, 10.0)) as scope:
+        limit = min(args.timeout, 10.0, args.patience if others else 10.0)
+        with trio.move_on_after(limit):
             await transport.wait_connected(server)
-        if scope.cancelled_caught:
-            return _fail(EXIT_FAILED, f"no connection to the node at {host}:{port}")
+        reader = server
+        if server not in transport.connections():
+            if not others:
+                return _fail(EXIT_FAILED, f"no connection to the node at {host}:{port}")
+            reader = await _first_connected(transport, list(others), min(args.timeout, 10.0))
+            if reader is None:
+                return _fail(EXIT_FAILED, "no connection to any validator the home names")
         try:
-            line = await _act(args, client, identity, genesis.chain_id)
+            line = await _act(args, client, identity, genesis.chain_id, list(others), reader)
         except UntrustedAnswer as exc:
             return _fail(EXIT_UNTRUSTED, f"the node's answer does not verify: {exc}")
         except MalformedMessage as exc:
@@ -164,7 +188,30 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _act(args: argparse.Namespace, client, identity, chain_id: str) -> dict:
+async def _first_connected(transport, peers: list, limit: float):
+    """The first of ``peers`` the transport connects to within ``limit``
+    seconds, or None."""
+    import trio
+
+    first = []
+    async with trio.open_nursery() as nursery:
+        nursery.cancel_scope.deadline = trio.current_time() + limit
+
+        async def wait(peer) -> None:
+            await transport.wait_connected(peer)
+            first.append(peer)
+            nursery.cancel_scope.cancel()
+
+        for peer in peers:
+            nursery.start_soon(wait, peer)
+    return first[0] if first else None
+
+
+async def _act(
+    args: argparse.Namespace, client, identity, chain_id: str, others: list, reader
+) -> dict:
+    """Do the command; its JSON line. ``reader``: the validator to read
+    from (the server, or for a put whose server is down, another)."""
     import time
 
     from fedchain.consensus.client import NodeError
@@ -183,7 +230,8 @@ async def _act(args: argparse.Namespace, client, identity, chain_id: str) -> dic
     # block yet it is 0: a wrong guess only gets the transaction rejected),
     # then the transaction is submitted and its commit proof checked.
     try:
-        nonce = (await client.query(nonce_key(identity.public_key), timeout=timeout)).value or 0
+        answer = await client.query(nonce_key(identity.public_key), timeout=timeout, to=reader)
+        nonce = answer.value or 0
     except NodeError:
         nonce = 0
     try:
@@ -199,13 +247,14 @@ async def _act(args: argparse.Namespace, client, identity, chain_id: str) -> dic
         nonce=nonce,
         timestamp=int(time.time() * 1000),
     )
-    digest = await client.submit(tx.encoded, timeout=timeout)
-    proof = await client.wait_committed(tx.encoded, timeout=timeout)
+    proof = await client.commit(
+        tx.encoded, timeout=timeout, patience=args.patience, fallbacks=others
+    )
     if not proof.result.ok:
         raise ValueError(f"the chain rejected it: {proof.result.reason}")
     return {
         "key": kv_key(identity.public_key, args.name),
-        "digest": digest.hex(),
+        "digest": tx.digest.hex(),
         "height": proof.height,
         "index": proof.index,
         "verified": True,

@@ -1,4 +1,5 @@
-"""A byzantine validator's transport: honest traffic plus signed garbage.
+"""Byzantine validators' parts: a transport that sends honest traffic plus
+signed garbage, and a primary's mempool that censors one client.
 
 ``HostileTransport`` wraps a node's transport. Everything the node sends goes
 out re-signed under the wrapper's own sequence numbers (so receivers accept
@@ -21,9 +22,23 @@ from collections.abc import Callable
 import msgpack
 
 from fedchain.consensus import pbft_messages as pm
+from fedchain.consensus.mempool import Mempool
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.transport import Transport
 from fedchain.p2p.wire import MessageType, decode, sign
+
+
+class CensoringMempool(Mempool):
+    """A primary's pool that never proposes one client's transactions (it
+    admits and holds them, and proposes everyone else's)."""
+
+    def __init__(self, *args, censored: bytes, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.censored = censored
+
+    def reap(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return [tx for tx in super().reap(*args, **kwargs) if tx.sender != self.censored]
+
 
 _SIGNED = (pm.PrePrepare, pm.Prepare, pm.Checkpoint, pm.ViewChange, pm.NewView)
 

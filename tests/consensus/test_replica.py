@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
-from hostile import HostileTransport
+from hostile import CensoringMempool, HostileTransport
 
 from fedchain.consensus.block import decode_block, encode_block
 from fedchain.consensus.chain import ChainTip, Executor, verify_chain
@@ -41,18 +41,6 @@ from fedchain.p2p.wire import FrameCache, MessageType, decode
 CHAIN = "replica-test"
 CLIENTS = 10
 PER_CLIENT = 20
-
-
-class CensoringMempool(Mempool):
-    """A primary's pool that never proposes one client's transactions (it
-    admits and holds them, and proposes everyone else's)."""
-
-    def __init__(self, *args, censored: bytes, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
-        self.censored = censored
-
-    def reap(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return [tx for tx in super().reap(*args, **kwargs) if tx.sender != self.censored]
 
 
 class LosingForwards:

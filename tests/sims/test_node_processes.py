@@ -249,9 +249,11 @@ def test_per_node_hosts_are_dialled_and_each_node_binds_every_interface(tmp_path
 async def test_nodes_at_different_host_names_commit_together(tmp_path) -> None:
     """Four node processes whose peers reach them at different names
     (127.0.0.1 and localhost, each node bound to every interface) commit a
-    client's value and prove it from any of them."""
+    client's value and prove it from any of them; with the primary's
+    process killed, ``fedchain client put`` through its home still commits."""
     hosts = ["127.0.0.1", "localhost", "127.0.0.1", "localhost"]
     homes = write_testnet(tmp_path, 4, chain_id="hosts", hosts=hosts, ports=_free_ports(4))
+    keys = load_home(homes[0]).genesis.validators  # keys[0]: view 0's primary
     processes = [await _start(h) for h in homes]
     try:
         with trio.fail_after(90):
@@ -272,6 +274,21 @@ async def test_nodes_at_different_host_names_commit_together(tmp_path) -> None:
             (other / "node.json").write_text(json.dumps(config))
             status, got, why = await _fedchain_client("--home", other, "--key", key, "get", "n")
             assert status == 0 and got["value"] == 7, why
+            # The primary's process dies; a put through its home goes to
+            # the other validators (LedgerClient.commit), whose view change
+            # replaces it, and commits.
+            primary = next(
+                i for i, h in enumerate(homes) if load_home(h).identity.public_key == keys[0]
+            )
+            processes[primary].kill()
+            await processes[primary].wait()
+            status, put, why = await _fedchain_client(
+                "--home", homes[primary], "--key", key, "--patience", "1", "put", "n", "8"
+            )
+            assert status == 0 and put["verified"], why
+            survivor = homes[(primary + 1) % 4]
+            status, got, why = await _fedchain_client("--home", survivor, "--key", key, "get", "n")
+            assert status == 0 and got["value"] == 8 and got["height"] >= put["height"], why
     finally:
         await _stop(processes)
     for home in homes:
