@@ -130,6 +130,11 @@ def encode_value(value: object) -> bytes:
     return msgpack.packb(_normalize(value), use_bin_type=True)
 
 
+_FLAT = frozenset({str, bytes, int, bool, type(None)})
+"""Types that :func:`_normalize` passes through unchanged (an int that
+msgpack decoded is always in range)."""
+
+
 def decode_value(data: bytes, *, max_bytes: int = MAX_VALUE_BYTES) -> object:
     """Strictly decode bytes from a peer or client as one canonical value."""
     if len(data) > max_bytes:
@@ -142,7 +147,13 @@ def decode_value(data: bytes, *, max_bytes: int = MAX_VALUE_BYTES) -> object:
             use_list=True,
             max_ext_len=0,
         )
-        canonical = encode_value(value)
+        if type(value) is list and _FLAT.issuperset(map(type, value)):
+            # What every kv transaction's content is: encode_value without
+            # _normalize, which would change nothing here (msgpack's ints
+            # are in range by construction): 1.35 -> 0.92 µs a decode (timeit).
+            canonical = msgpack.packb(value, use_bin_type=True)
+        else:
+            canonical = encode_value(value)
     except Exception as exc:
         raise MalformedMessage(f"not a state value: {exc.__class__.__name__}") from exc
     if canonical != data:

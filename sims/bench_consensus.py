@@ -755,6 +755,9 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                 }
             )
             print(points[-1], flush=True)
+            import collections as _c
+            _h = _c.Counter(int((committed[d] - start) * 4) for d in names if d in committed)
+            print("HIST", time.time() - (trio.current_time() - start), [(k / 4, _h[k] * 4) for k in sorted(_h)], flush=True)
             if len(points) == 1:
                 await query_sweep()
     return points, queries

@@ -52,6 +52,10 @@ def test_decoding_is_strict() -> None:
     for data in (
         msgpack.packb({"b": 1, "a": 2}),  # unsorted map
         b"\xcf" + (1).to_bytes(8, "big"),  # wide int
+        b"\x92\xa1k\xcf" + (1).to_bytes(8, "big"),  # wide int in a flat array
+        b"\x92\xd9\x01k\x01",  # str 8 for a short string, in a flat array
+        msgpack.packb(["k", 1.5]),  # a float in a flat array
+        msgpack.packb(["k", {"b": 1, "a": 2}]),  # unsorted map inside an array
         msgpack.packb(1.5),
         b"\x01\x02",  # trailing bytes
         b"\xc1",  # never used
