@@ -213,7 +213,7 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     # The rate is measured before the sweep, before each point and after it.
     samples = figures["verify_per_s_per_core_samples"]
     assert len(samples) == 3 and min(samples) > 0
-    assert abs(figures["verify_per_s_per_core"] - sum(samples) / 3) <= 1
+    assert abs(figures["verify_per_s_per_core"] - sorted(samples)[1]) <= 1  # the median
     (point,) = figures["points"]
     assert point["verify_per_s_per_core"] == samples[1]
     point_bound = figures["cores"] * samples[1] / 4
