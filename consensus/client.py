@@ -323,7 +323,10 @@ class LedgerClient:
 
         SubmitRefused if the server refuses the transaction itself (a bad
         signature, a used nonce); trio.TooSlowError if nothing final comes
-        within ``timeout``, or the UntrustedAnswer that some node gave."""
+        within ``timeout``, or the UntrustedAnswer that some node gave;
+        MalformedMessage at once for bytes that are not a transaction."""
+        if not (timeout > 0 and patience > 0):
+            raise ValueError("timeout and patience are positive seconds")
         decode_transaction(tx)  # malformed bytes fail here, not at each node
         others = [peer for peer in dict.fromkeys(fallbacks) if peer != self.server]
         found: list[CommitProof] = []

@@ -17,6 +17,7 @@ from fedchain.consensus.chain import Executor
 from fedchain.consensus.client import LedgerClient, SubmitRefused
 from fedchain.consensus.client_api import ClientOp, SubmitStatus, encode_client_message
 from fedchain.consensus.contracts import kv_set
+from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.genesis import Genesis
 from fedchain.consensus.mempool import Mempool
 from fedchain.consensus.pbft import PbftConfig
@@ -183,3 +184,37 @@ def test_only_the_node_asked_answers_a_request() -> None:
     assert proof is not None, outcome
     assert proof.verify(mine.encoded, CHAIN, ids) and heights == [proof.height]
     assert outcome["counters"]["client.not_from_server"] == 1
+
+
+@pytest.mark.parametrize(
+    ("tx", "options", "error"),
+    [
+        (b"\x93junk", {}, MalformedMessage),
+        (None, {"patience": 0.0}, ValueError),
+        (None, {"timeout": -1.0}, ValueError),
+    ],
+)
+def test_commit_refuses_bad_arguments_before_sending_anything(tx, options, error) -> None:
+    """Nothing reaches any node: the client's node sends no frame."""
+    net = SimNetwork(1, LinkModel(latency=Constant(0.01)))
+    alice, server = Identity(b"a" * 32), Identity(b"s" * 32)
+    good = sign_transaction(alice, CHAIN, type="kv", content=kv_set("k", 1), nonce=0, timestamp=0)
+    raised: list[BaseException] = []
+    link = net.add_node(alice.public_key)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            me = Node(alice, link)
+            net.add_node(server.public_key)
+            me.bind(nursery)
+            net.drive(me)
+            client = LedgerClient(me, server.public_key, CHAIN, [server.public_key])
+            try:
+                await client.commit(good.encoded if tx is None else tx, **options)
+            except (MalformedMessage, ValueError) as exc:
+                raised.append(exc)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(raised) == 1 and isinstance(raised[0], error)
+    assert link.stats().get("frames_sent", 0) == 0
