@@ -330,7 +330,7 @@ class LedgerClient:
         decode_transaction(tx)  # malformed bytes fail here, not at each node
         others = [peer for peer in dict.fromkeys(fallbacks) if peer != self.server]
         found: list[CommitProof] = []
-        lies: list[ConsensusError] = []
+        lies: list[Exception] = []
         waiting: set[PeerId] = set()
         deadline = trio.current_time() + timeout
         try:  # here, not in the nursery: a refusal raises as itself
@@ -358,9 +358,9 @@ class LedgerClient:
                 nursery.cancel_scope.cancel()
 
             async def hand_over(peer: PeerId) -> None:
-                # Whatever the answer (busy, or refused as already
-                # committed), the peer may still prove the commit.
-                with contextlib.suppress(ConsensusError, trio.TooSlowError):
+                # Whatever the answer (busy, refused as already committed,
+                # or nonsense), the peer may still prove the commit.
+                with contextlib.suppress(ConsensusError, MalformedMessage, trio.TooSlowError):
                     await self.submit(tx, timeout=min(patience, 10.0), to=peer)
                 if peer not in waiting:
                     await wait_at(peer)

@@ -210,7 +210,7 @@ def _bucket_hash(size: int, hashes: bytes) -> bytes:
 
 _BUCKET_HEADS = tuple(_BUCKET_DOMAIN + size.to_bytes(8, "big") for size in range(256))
 """What :func:`_bucket_hash` hashes before the leaf hashes, for buckets of
-under 256 keys (all of them but ground ones), looked up: one per touched
+under 256 keys (all but one crowded on purpose), looked up: one per touched
 bucket."""
 
 

@@ -15,7 +15,12 @@ from hostile import CensoringMempool
 from fedchain.consensus.block import decode_block
 from fedchain.consensus.chain import Executor
 from fedchain.consensus.client import LedgerClient, SubmitRefused
-from fedchain.consensus.client_api import ClientOp, SubmitStatus, encode_client_message
+from fedchain.consensus.client_api import (
+    ClientOp,
+    SubmitStatus,
+    decode_client_message,
+    encode_client_message,
+)
 from fedchain.consensus.contracts import kv_set
 from fedchain.consensus.errors import MalformedMessage
 from fedchain.consensus.genesis import Genesis
@@ -40,6 +45,7 @@ def _commit(
     crash_server: bool = False,
     signed_for: str = CHAIN,
     forge_reply: bool = False,
+    liar: bool = False,
     seed: int = 3,
 ):
     """Run the cluster; what ``commit`` gave (a proof or the exception), the
@@ -106,13 +112,31 @@ def _commit(
                     ClientOp.SUBMITTED, 1, [[SubmitStatus.REFUSED, "forged"]]
                 )
                 ledgers[2].node.send(alice.public_key, MessageType.CLIENT, forged)
+            liars = []
+            if liar:  # a node in the fallbacks that answers every request with nonsense
+                fake = Identity(rng.bytes(32))
+                liar_node = Node(fake, net.add_node(fake.public_key))
+                liar_node.bind(nursery)
+                net.drive(liar_node)
+
+                def answer(peer, envelope) -> None:
+                    op, request = decode_client_message(envelope.body)[:2]
+                    reply = (
+                        [ClientOp.SUBMITTED, request, [[SubmitStatus.ACCEPTED, b"x"]] * 2]
+                        if op == ClientOp.SUBMIT
+                        else [ClientOp.COMMIT, request, [1, 2, 3]]
+                    )
+                    liar_node.send(peer, MessageType.CLIENT, encode_client_message(*reply))
+
+                liar_node.register(MessageType.CLIENT, answer)
+                liars.append(fake.public_key)
             started = trio.current_time()
             try:
                 outcome["proof"] = await client.commit(
                     mine.encoded,
                     timeout=12.0,
                     patience=1.0,
-                    fallbacks=ids[1:] if fallbacks else (),
+                    fallbacks=[*liars, *ids[1:]] if fallbacks else (),
                 )
             except (trio.TooSlowError, SubmitRefused) as exc:
                 outcome["error"] = exc
@@ -218,3 +242,15 @@ def test_commit_refuses_bad_arguments_before_sending_anything(tx, options, error
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert len(raised) == 1 and isinstance(raised[0], error)
     assert link.stats().get("frames_sent", 0) == 0
+
+
+def test_a_fallback_that_answers_nonsense_is_survived() -> None:
+    """A node among the fallbacks answers the hand-over and the wait with
+    malformed replies: it is given up, the validators carry on, and their
+    proof is the answer (a malformed submission reply once escaped the
+    client as an exception group)."""
+    outcome, views, heights, mine, ids = _commit(fallbacks=True, liar=True)
+    proof = outcome.get("proof")
+    assert proof is not None, outcome
+    assert proof.verify(mine.encoded, CHAIN, ids) and heights == [proof.height]
+    assert all(view >= 1 for view in views)
