@@ -13,10 +13,11 @@ import trio.testing
 from hostile import CensoringMempool
 
 from fedchain.consensus.block import decode_block
-from fedchain.consensus.chain import Executor
-from fedchain.consensus.client import LedgerClient, SubmitRefused
+from fedchain.consensus.chain import ChainTip, Executor
+from fedchain.consensus.client import LedgerClient, SubmitRefused, UntrustedAnswer
 from fedchain.consensus.client_api import (
     ClientOp,
+    CommitProof,
     SubmitStatus,
     decode_client_message,
     encode_client_message,
@@ -30,12 +31,56 @@ from fedchain.consensus.replica import LedgerReplica
 from fedchain.consensus.service import LedgerService
 from fedchain.consensus.store import MemoryBlockStore
 from fedchain.consensus.tx import sign_transaction
+from fedchain.consensus.votes import CommitCertificate, sign_commit_vote
 from fedchain.p2p.identity import Identity
 from fedchain.p2p.node import Node
 from fedchain.p2p.simnet import Constant, LinkModel, SimNetwork
 from fedchain.p2p.wire import MessageType
 
 CHAIN = "retransmit-test"
+
+
+def _forger(rng: np.random.Generator, nursery: trio.Nursery, net: SimNetwork, tx) -> bytes:
+    """Start a node that accepts ``tx`` and proves it committed, falsely:
+    its proof is of a real, certified block that holds ``tx``, on a chain
+    named like the client's but run by four validators of its own. It
+    says no validator change happened. Its key (for the fallbacks)."""
+    fakes = sorted((Identity(rng.bytes(32)) for _ in range(4)), key=lambda i: i.public_key)
+    fake_genesis = Genesis.create(CHAIN, 1_000, [f.public_key for f in fakes])
+    block, _ = Executor(fake_genesis).build_block(
+        ChainTip.of_genesis(fake_genesis),
+        [tx],
+        timestamp=fake_genesis.genesis_time,
+        view=0,
+        proposer=fakes[0].public_key,
+    )
+    votes = [
+        (f.public_key, sign_commit_vote(f, CHAIN, block.height, block.hash, view=0))
+        for f in fakes[:3]
+    ]
+    block = block.with_certificate(CommitCertificate.of(block.height, block.hash, votes, view=0))
+    proof = CommitProof.of_block(block, 0)
+    assert proof.verify(tx.encoded, CHAIN, [f.public_key for f in fakes])  # a true proof, elsewhere
+    me = Identity(rng.bytes(32))
+    node = Node(me, net.add_node(me.public_key))
+    node.bind(nursery)
+    net.drive(node)
+
+    def answer(peer, envelope) -> None:
+        fields = decode_client_message(envelope.body)
+        op, request = fields[:2]
+        if op == ClientOp.SUBMIT:
+            reply = [ClientOp.SUBMITTED, request, [[SubmitStatus.ACCEPTED, tx.digest]]]
+        elif op == ClientOp.WAIT:
+            reply = [ClientOp.COMMIT, request, proof.as_list()]
+        elif op == ClientOp.EPOCHS:
+            reply = [ClientOp.EPOCH_PROOFS, request, []]
+        else:
+            return
+        node.send(peer, MessageType.CLIENT, encode_client_message(*reply))
+
+    node.register(MessageType.CLIENT, answer)
+    return me.public_key
 
 
 def _commit(
@@ -46,6 +91,8 @@ def _commit(
     signed_for: str = CHAIN,
     forge_reply: bool = False,
     liar: bool = False,
+    forger: bool = False,
+    only_forger: bool = False,
     seed: int = 3,
 ):
     """Run the cluster; what ``commit`` gave (a proof or the exception), the
@@ -130,15 +177,20 @@ def _commit(
 
                 liar_node.register(MessageType.CLIENT, answer)
                 liars.append(fake.public_key)
+            if forger or only_forger:
+                # A node among the fallbacks that answers with a well-formed
+                # proof of this very transaction: a real block on a chain of
+                # the same name, certified by validators the client does not trust.
+                liars.append(_forger(rng, nursery, net, mine))
             started = trio.current_time()
             try:
                 outcome["proof"] = await client.commit(
                     mine.encoded,
                     timeout=12.0,
                     patience=1.0,
-                    fallbacks=[*liars, *ids[1:]] if fallbacks else (),
+                    fallbacks=liars if only_forger else [*liars, *ids[1:]] if fallbacks else (),
                 )
-            except (trio.TooSlowError, SubmitRefused) as exc:
+            except (trio.TooSlowError, SubmitRefused, UntrustedAnswer) as exc:
                 outcome["error"] = exc
             outcome["seconds"] = trio.current_time() - started
             outcome["counters"] = me.counters
@@ -254,3 +306,24 @@ def test_a_fallback_that_answers_nonsense_is_survived() -> None:
     assert proof is not None, outcome
     assert proof.verify(mine.encoded, CHAIN, ids) and heights == [proof.height]
     assert all(view >= 1 for view in views)
+
+
+def test_a_fallback_that_proves_a_false_commit_is_not_believed() -> None:
+    """A node among the fallbacks answers the wait first with a well-formed
+    proof that does not verify against the client's validators (a real
+    block of a look-alike chain): the client sets it aside, and the
+    validators' proof is the answer."""
+    outcome, _, heights, mine, ids = _commit(fallbacks=True, forger=True)
+    proof = outcome.get("proof")
+    assert proof is not None, outcome
+    assert proof.verify(mine.encoded, CHAIN, ids) and heights == [proof.height]
+
+
+def test_a_false_commit_proof_alone_is_refused_as_untrusted() -> None:
+    """With only the censor and the forger to ask, the transaction never
+    commits, and what the client reports is the forger's lie, not a proof
+    and not a plain timeout."""
+    outcome, _, heights, _, _ = _commit(fallbacks=True, only_forger=True)
+    assert "proof" not in outcome, outcome
+    assert isinstance(outcome["error"], UntrustedAnswer), outcome
+    assert heights == []
