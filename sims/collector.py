@@ -27,12 +27,14 @@ import gc
 __all__ = ["tune_for_throughput"]
 
 YOUNG_THRESHOLD = 1_000_000
-"""Why a million and not 50,000 (up to 2026-11-26): at 50,000 a saturated
+"""Why a million and not 50,000 (until 2026-11-27): at 50,000 a saturated
 validator still spent 0.5-0.8 s of wall time in young passes during a
 30-second point (``gc.callbacks`` timing), against ~0.02 s at 500,000.
 At a million, three alternating pairs of ``bench consensus --rates 8000
 --seconds 20`` committed 6,433-6,587 against 6,058-6,370 tx/s
-(validator CPU 72-74 against 74-78 µs a transaction; end RSS ~3% higher).
+(validator CPU 72-74 against 74-78 µs a transaction; end RSS ~3% higher),
+and three of ``--rates 8000,16000 --seconds 10`` reached 0.516-0.545 of
+the verification bound against 0.499-0.518.
 Those passes had collected ~900 objects in a whole run: what waits longer
 for collection is next to nothing."""
 
