@@ -182,13 +182,11 @@ def _commit(
                 # proof of this very transaction: a real block on a chain of
                 # the same name, certified by validators the client does not trust.
                 liars.append(_forger(rng, nursery, net, mine))
+            asked = liars if only_forger else [*liars, *ids[1:]] if fallbacks else []
             started = trio.current_time()
             try:
                 outcome["proof"] = await client.commit(
-                    mine.encoded,
-                    timeout=12.0,
-                    patience=1.0,
-                    fallbacks=liars if only_forger else [*liars, *ids[1:]] if fallbacks else (),
+                    mine.encoded, timeout=12.0, patience=1.0, fallbacks=asked
                 )
             except (trio.TooSlowError, SubmitRefused, UntrustedAnswer) as exc:
                 outcome["error"] = exc
