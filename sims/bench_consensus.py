@@ -553,6 +553,18 @@ def _sign_load(chain_id: str, total: int, seed: int) -> list[bytes]:
     return out
 
 
+def _shares(
+    accepted: list[int], accepted_before: list[int], busy: list[int], busy_before: list[int]
+) -> list[float | None]:
+    """Per entry validator, the share of this point's submissions to it
+    that it accepted (None where it was sent none)."""
+    shares: list[float | None] = []
+    for a, a0, b, b0 in zip(accepted, accepted_before, busy, busy_before, strict=True):
+        offered = (a - a0) + (b - b0)
+        shares.append(round((a - a0) / offered, 3) if offered else None)
+    return shares
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time the live processes ``pids`` used so far (Linux
     ``/proc/PID/stat``; 0 where unknown). Per committed transaction, this is
@@ -598,6 +610,11 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
     submitted: dict[bytes, float] = {}
     committed: dict[bytes, float] = {}
     statuses = {"busy": 0, "accepted": 0, "refused": 0}
+    # Per entry validator (genesis order: validator 0 is view 0's primary),
+    # to see whether admission past saturation favours some entry points.
+    entry_of = {server: i for i, server in enumerate(servers)}
+    accepted_at = [0] * len(servers)
+    busy_at = [0] * len(servers)
     notices: list[list[bytes]] = []  # each block feed notice's digests, in order
     uncommitted: set[bytes] = set()  # this point's transactions not yet in a notice
     answers = {"count": 0, "sample": []}
@@ -612,11 +629,16 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                 committed.setdefault(digest, now)
                 uncommitted.discard(digest)
         elif op == ClientOp.SUBMITTED:
+            entry = entry_of.get(peer)
             for status, _ in fields[2]:
                 if status == SubmitStatus.BUSY:
                     statuses["busy"] += 1
+                    if entry is not None:
+                        busy_at[entry] += 1
                 elif status in (SubmitStatus.ACCEPTED, SubmitStatus.DUPLICATE):
                     statuses["accepted"] += 1
+                    if entry is not None:
+                        accepted_at[entry] += 1
                 else:
                     statuses["refused"] += 1
         elif op == ClientOp.ANSWER:
@@ -697,6 +719,7 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
             # point's verification rate, for the ratio to its own bound.
             verify_rate = measure_verify_rate(probe)
             before = dict(statuses)
+            accepted_before, busy_before = list(accepted_at), list(busy_at)
             notices_before = len(notices)
             cpu_before = _cpu_seconds(pids)
             own_before, wall_before = time.process_time(), time.perf_counter()
@@ -755,6 +778,9 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                     "txs_per_block": round(len(latencies) / blocks, 1) if blocks else None,
                     "load_generator_cores": round(own_cores, 3),
                     "verify_per_s_per_core": round(verify_rate),
+                    "accepted_share_by_entry": _shares(
+                        accepted_at, accepted_before, busy_at, busy_before
+                    ),
                 }
             )
             print(points[-1], flush=True)

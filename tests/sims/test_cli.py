@@ -221,6 +221,8 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     assert figures["best_point_ratio_to_bound"] == point["ratio_to_bound"]
     assert point["offered_tx_s"] == 100 and point["busy"] == 0
     assert point["committed"] == point["accepted"] == 100
+    # Submissions go round the four validators; none was refused at any.
+    assert point["accepted_share_by_entry"] == [1.0, 1.0, 1.0, 1.0]
     assert point["validator_cpu_us_per_tx"] > 0
     # The blocks the feed announced with this point's transactions are the
     # chain's non-empty blocks (the point wrote nothing else).
