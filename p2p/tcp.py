@@ -342,11 +342,13 @@ class TcpTransport:
         return await self._inbound_recv.receive()
 
     def stats(self) -> dict[str, int]:
-        """Counters (``disconnect_<reason>`` for every drop) and two gauges,
-        ``connections`` and ``peers``."""
+        """Counters (``disconnect_<reason>`` for every drop) and three gauges:
+        ``connections``, ``peers`` and ``inbound_queued`` (frames read but
+        not yet taken by the node: how far behind its loop is)."""
         out = dict(self._stats)
         out["connections"] = sum(1 for p in self._peers.values() if p.conn is not None)
         out["peers"] = len(self._peers)
+        out["inbound_queued"] = self._inbound_recv.statistics().current_buffer_used
         return out
 
     # --- beyond the interface -------------------------------------------------------

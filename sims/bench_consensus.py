@@ -565,6 +565,24 @@ def _shares(
     return shares
 
 
+def _p50s_by_entry(
+    names: list[bytes],
+    entered: dict[bytes, int],
+    submitted: dict[bytes, float],
+    committed: dict[bytes, float],
+    entries: int,
+) -> list[float | None]:
+    """Per entry validator, the median commit latency (ms) of this point's
+    transactions submitted to it (None where none committed)."""
+    import statistics
+
+    waits: list[list[float]] = [[] for _ in range(entries)]
+    for digest in names:
+        if digest in committed:
+            waits[entered[digest]].append(committed[digest] - submitted[digest])
+    return [round(statistics.median(w) * 1000, 1) if w else None for w in waits]
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time the live processes ``pids`` used so far (Linux
     ``/proc/PID/stat``; 0 where unknown). Per committed transaction, this is
@@ -581,6 +599,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 async def _drive(args, rates, query_rates, homes, pids, probe):
     import math
+    import statistics
     import time
 
     import numpy as np
@@ -615,6 +634,9 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
     entry_of = {server: i for i, server in enumerate(servers)}
     accepted_at = [0] * len(servers)
     busy_at = [0] * len(servers)
+    entered: dict[bytes, int] = {}  # each submission's entry validator
+    submit_sent: dict[int, float] = {}  # request id -> when it went out
+    reply_waits: list[list[float]] = [[] for _ in servers]  # per entry, this point
     notices: list[list[bytes]] = []  # each block feed notice's digests, in order
     uncommitted: set[bytes] = set()  # this point's transactions not yet in a notice
     answers = {"count": 0, "sample": []}
@@ -630,6 +652,9 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                 uncommitted.discard(digest)
         elif op == ClientOp.SUBMITTED:
             entry = entry_of.get(peer)
+            sent_at = submit_sent.pop(fields[1], None)
+            if entry is not None and sent_at is not None:
+                reply_waits[entry].append(now - sent_at)
             for status, _ in fields[2]:
                 if status == SubmitStatus.BUSY:
                     statuses["busy"] += 1
@@ -720,6 +745,8 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
             verify_rate = measure_verify_rate(probe)
             before = dict(statuses)
             accepted_before, busy_before = list(accepted_at), list(busy_at)
+            for waits in reply_waits:
+                waits.clear()
             notices_before = len(notices)
             cpu_before = _cpu_seconds(pids)
             own_before, wall_before = time.process_time(), time.perf_counter()
@@ -733,10 +760,13 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                 if upto > sent:
                     chunk = batch[sent:upto]
                     now = trio.current_time()
+                    entry = tick % len(servers)
                     for digest in names[sent:upto]:
                         submitted[digest] = now
+                        entered[digest] = entry
                     body = encode_client_message(ClientOp.SUBMIT, tick, chunk)
-                    node.send(servers[tick % len(servers)], MessageType.CLIENT, body)
+                    submit_sent[tick] = now
+                    node.send(servers[entry], MessageType.CLIENT, body)
                     sent = upto
                 await trio.sleep_until(start + tick * TICK)
             end = start + args.seconds
@@ -781,6 +811,14 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                     "accepted_share_by_entry": _shares(
                         accepted_at, accepted_before, busy_at, busy_before
                     ),
+                    "p50_ms_by_entry": _p50s_by_entry(
+                        names, entered, submitted, committed, len(servers)
+                    ),
+                    # How long a submission waited for its answer at each
+                    # entry (queued at the node before admission or refusal).
+                    "submit_answer_p50_ms_by_entry": [
+                        round(statistics.median(w) * 1000, 1) if w else None for w in reply_waits
+                    ],
                 }
             )
             print(points[-1], flush=True)

@@ -223,6 +223,8 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     assert point["committed"] == point["accepted"] == 100
     # Submissions go round the four validators; none was refused at any.
     assert point["accepted_share_by_entry"] == [1.0, 1.0, 1.0, 1.0]
+    by_entry = point["p50_ms_by_entry"]
+    assert len(by_entry) == 4 and all(0 < p50 <= point["p99_ms"] for p50 in by_entry)
     assert point["validator_cpu_us_per_tx"] > 0
     # The blocks the feed announced with this point's transactions are the
     # chain's non-empty blocks (the point wrote nothing else).
