@@ -439,6 +439,7 @@ async def test_a_slow_reader_pushes_back_through_tcp():
         # The reader holds at most the inbox plus the frame it is blocked on, and the
         # sender was refused: the rest waits in kernel buffers, not in this process.
         assert stats["frames_received"] <= inbound + 1
+        assert stats["inbound_queued"] == inbound  # the gauge: read, not yet taken
         assert fast.stats()["outbound_full"] > 0
         # Bounded by the sender's queue, the node's read buffer and the kernel's
         # socket buffers (at most 32 + 4 MiB here), however long the load lasts.
@@ -447,6 +448,7 @@ async def test_a_slow_reader_pushes_back_through_tcp():
             for _ in range(accepted):
                 sender, got = await slow.receive()
                 assert sender == PEER.public_key and got == frame
+        assert slow.stats()["inbound_queued"] == 0
 
 
 # --- TCP-ONE-LINK ----------------------------------------------------------------------
