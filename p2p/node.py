@@ -120,6 +120,8 @@ class Node:
         self.contain_handler_errors = contain_handler_errors
         self.transport = transport
         self.counters: Counter[str] = Counter()
+        self._urgent: deque[tuple[PeerId, bytes]] = deque()
+        self._normal: deque[tuple[PeerId, bytes]] = deque()
         self._frames = frame_cache or FrameCache(max_bytes=64 * 1024 * 1024)
         self._links_vouch = transport.authenticated_links
         """Direct frames from their link peer skip the envelope signature
@@ -254,8 +256,7 @@ class Node:
     async def _loop(self) -> None:
         receive = self.transport.receive
         drain = getattr(self.transport, "receive_nowait", None) if self.priority else None
-        urgent: deque[tuple[PeerId, bytes]] = deque()
-        normal: deque[tuple[PeerId, bytes]] = deque()
+        urgent, normal = self._urgent, self._normal
         while True:
             if urgent or normal:
                 await trio.lowlevel.checkpoint()
@@ -292,6 +293,13 @@ class Node:
         # (both small ints); anything else is decoded, and refused, in turn.
         first = len(frame) > 2 and frame[0] == 0x96 and frame[1] < 0x80
         (urgent if first and frame[2] in self.priority else normal).append(item)
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """Frames taken off the transport and not yet handled: (priority,
+        the rest). Where a busy node's backlog waits (a priority node
+        drains its transport's queue into these), so its status shows it."""
+        return len(self._urgent), len(self._normal)
 
     def fire_timers(self) -> None:
         """Run every timer that is due (the driver calls this when woken)."""

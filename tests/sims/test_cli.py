@@ -201,6 +201,13 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     # Each validator's PBFT journal is in its SQLite store, at the view it ran in.
     homes = sorted(p.parent for p in (tmp_path / "homes").glob("*/chain.sqlite"))
     assert len(homes) == 4
+    from fedchain.sims.bench_consensus import _last_statuses
+
+    statuses = _last_statuses(tmp_path / "homes")
+    assert len(statuses) == 4
+    for status in statuses:  # frames held, by priority
+        held = status["held_frames"]
+        assert len(held) == 2 and all(type(n) is int and n >= 0 for n in held)
     for path in homes:
         home = load_home(path)
         assert home.genesis.params.state_buckets == 64  # the chain the validators ran
