@@ -565,6 +565,12 @@ def _shares(
     return shares
 
 
+def _median_ms(seconds: list[float]) -> float | None:
+    import statistics
+
+    return round(statistics.median(seconds) * 1000, 1) if seconds else None
+
+
 def _p50s_by_entry(
     names: list[bytes],
     entered: dict[bytes, int],
@@ -574,13 +580,11 @@ def _p50s_by_entry(
 ) -> list[float | None]:
     """Per entry validator, the median commit latency (ms) of this point's
     transactions submitted to it (None where none committed)."""
-    import statistics
-
     waits: list[list[float]] = [[] for _ in range(entries)]
     for digest in names:
         if digest in committed:
             waits[entered[digest]].append(committed[digest] - submitted[digest])
-    return [round(statistics.median(w) * 1000, 1) if w else None for w in waits]
+    return [_median_ms(w) for w in waits]
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -598,8 +602,8 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 async def _drive(args, rates, query_rates, homes, pids, probe):
+    import itertools
     import math
-    import statistics
     import time
 
     import numpy as np
@@ -635,6 +639,7 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
     accepted_at = [0] * len(servers)
     busy_at = [0] * len(servers)
     entered: dict[bytes, int] = {}  # each submission's entry validator
+    submit_ids = itertools.count(1)  # unique across points: late answers match
     submit_sent: dict[int, float] = {}  # request id -> when it went out
     reply_waits: list[list[float]] = [[] for _ in servers]  # per entry, this point
     notices: list[list[bytes]] = []  # each block feed notice's digests, in order
@@ -764,8 +769,9 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                     for digest in names[sent:upto]:
                         submitted[digest] = now
                         entered[digest] = entry
-                    body = encode_client_message(ClientOp.SUBMIT, tick, chunk)
-                    submit_sent[tick] = now
+                    request = next(submit_ids)
+                    body = encode_client_message(ClientOp.SUBMIT, request, chunk)
+                    submit_sent[request] = now
                     node.send(servers[entry], MessageType.CLIENT, body)
                     sent = upto
                 await trio.sleep_until(start + tick * TICK)
@@ -816,9 +822,7 @@ async def _drive(args, rates, query_rates, homes, pids, probe):
                     ),
                     # How long a submission waited for its answer at each
                     # entry (queued at the node before admission or refusal).
-                    "submit_answer_p50_ms_by_entry": [
-                        round(statistics.median(w) * 1000, 1) if w else None for w in reply_waits
-                    ],
+                    "submit_answer_p50_ms_by_entry": [_median_ms(w) for w in reply_waits],
                 }
             )
             print(points[-1], flush=True)
