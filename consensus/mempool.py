@@ -114,7 +114,7 @@ class Mempool:
     def get(self, digest: bytes) -> Transaction | None:
         return self._txs.get(digest)
 
-    def client_refusal(self) -> MempoolFull | None:
+    def client_refusal(self, waiting: int = 0) -> MempoolFull | None:
         """The busy answer any client's submission would get now, known
         before it is even decoded, or None: the pool is full for clients
         (:meth:`add` then refuses every one, gap fillers included), or it is
@@ -128,9 +128,9 @@ class Mempool:
         limit, past saturation every refused submission cost a decode and
         an exception, ~10,000 a second at 16,000 offered, and the committed
         rate fell to 85% of its peak.)"""
-        if len(self._txs) >= self.max_txs:
+        if len(self._txs) + waiting >= self.max_txs:
             return MempoolFull(_FULL)
-        paced = len(self._from_clients) >= self.client_limit < self.max_txs
+        paced = len(self._from_clients) + waiting >= self.client_limit
         if paced and self._ready_total >= len(self._txs):
             return MempoolFull(_PACED)
         return None

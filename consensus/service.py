@@ -51,11 +51,14 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
+import msgpack
 import trio
 
+from fedchain.p2p.errors import WireError
 from fedchain.p2p.identity import PeerId
 from fedchain.p2p.node import Timer
 from fedchain.p2p.wire import Envelope, MessageType
+from fedchain.p2p.wire import decode as decode_frame
 
 from .block import Block, decode_block, decode_certificate, header_and_votes
 from .client_api import (
@@ -130,6 +133,11 @@ class LedgerService:
         self._load_stored(min(index_on_start, index_size))
         ledger.on_commit.append(self._on_commit)
         self.node.register(MessageType.CLIENT, self._on_client)
+        self._held: dict[int, int] = {}
+        """Client SUBMIT frames the node holds unhandled: id(frame) -> transactions."""
+        self._held_txs = 0
+        self.node.hold_check = self._hold
+        self.node.on_release = self._release
         self._reforward_height = -1
         self.reforward_interval = reforward_interval
         ledger.on_start.append(
@@ -445,6 +453,46 @@ class LedgerService:
 
     # -- the CLIENT channel ------------------------------------------------------
 
+    # -- at the door ---------------------------------------------------------------
+
+    def _hold(self, peer: PeerId, frame: bytes) -> bool:
+        """A client's SUBMIT as the node queues it: answered busy at once if
+        the clients' room is full counting what the node already holds for
+        them, else counted as held until handled (``Node.hold_check``).
+
+        Why: a busy validator (past saturation, the primary: it checks every
+        transaction's signature at admission) held its clients' submissions
+        queued ~2 s before admitting them, and queued ones held no room, so
+        its room never filled: a client of the primary was accepted ~3 times
+        as often as a backup's, whose transactions hold the backup's room
+        while their forwards wait in that same queue, and it waited ~2 s to
+        hear busy (``fedchain bench consensus``, per entry)."""
+        if peer in self.ledger.validators:
+            return True  # forwards: room of their own (Mempool.add)
+        counted = _submit_count(frame, peer, self.ledger.params.max_block_txs)
+        if counted is None:
+            return True  # not a client's SUBMIT, or for the handler to refuse
+        request, count = counted
+        refusal = self.ledger.mempool.client_refusal(waiting=self._held_txs)
+        if refusal is not None:
+            self._reply(
+                peer, ClientOp.SUBMITTED, request, [[SubmitStatus.BUSY, refusal.reason]] * count
+            )
+            self.node.counters[f"tx.{refusal.reason}"] += count
+            self.node.counters["client.busy_at_door"] += count
+            return False
+        self._held[id(frame)] = count
+        self._held_txs += count
+        return True
+
+    @property
+    def held_submissions(self) -> int:
+        """Clients' transactions in SUBMIT frames the node holds unhandled."""
+        return self._held_txs
+
+    def _release(self, peer: PeerId, frame: bytes) -> None:
+        self._held_txs -= self._held.pop(id(frame), 0)
+
     def _reply(self, peer: PeerId, *fields: object) -> None:
         if not self.node.send(peer, MessageType.CLIENT, encode_client_message(*fields)):
             self.node.counters["client.reply_dropped"] += 1
@@ -513,3 +561,28 @@ class LedgerService:
                 self._reply(peer, ClientOp.COMMIT, request, None)
 
         self.node.call_later(timeout_ms / 1000, expire)
+
+
+def _submit_count(frame: bytes, peer: PeerId, max_txs: int) -> tuple[int, int] | None:
+    """(request id, transactions) of a client SUBMIT frame sent by ``peer``
+    over its authenticated link, read without decoding the transactions;
+    None for anything else, more than ``max_txs`` included (its handler
+    checks those in full and refuses them)."""
+    try:
+        envelope = decode_frame(frame, link_peer=peer)
+    except WireError:
+        return None
+    if envelope.sender != peer or envelope.type != MessageType.CLIENT:
+        return None
+    unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(envelope.body)))
+    unpacker.feed(envelope.body)
+    try:
+        if unpacker.read_array_header() != 3 or unpacker.unpack() != ClientOp.SUBMIT:
+            return None
+        request = unpacker.unpack()
+        count = unpacker.read_array_header()
+    except (ValueError, msgpack.UnpackException, msgpack.ExtraData):
+        return None
+    if type(request) is not int or count > max_txs:
+        return None
+    return request, count

@@ -120,6 +120,12 @@ class Node:
         self.contain_handler_errors = contain_handler_errors
         self.transport = transport
         self.counters: Counter[str] = Counter()
+        self.hold_check: Callable[[PeerId, bytes], bool] | None = None
+        """Asked of each frame outside ``priority`` as it is queued: False
+        drops it there (the application answered it, say a client told
+        busy at once instead of after the queue ahead of it)."""
+        self.on_release: Callable[[PeerId, bytes], None] | None = None
+        """Told of each such queued frame as it is taken to be handled."""
         self._urgent: deque[tuple[PeerId, bytes]] = deque()
         self._normal: deque[tuple[PeerId, bytes]] = deque()
         self._frames = frame_cache or FrameCache(max_bytes=64 * 1024 * 1024)
@@ -280,7 +286,10 @@ class Node:
             if urgent:
                 self._handle(*urgent.popleft())
             elif normal:
-                self._handle(*normal.popleft())
+                peer, frame = normal.popleft()
+                if self.on_release is not None:
+                    self.on_release(peer, frame)
+                self._handle(peer, frame)
 
     def _sort_in(
         self,
@@ -292,7 +301,19 @@ class Node:
         # An envelope is a msgpack fixarray of 6: 0x96, version, type, ...
         # (both small ints); anything else is decoded, and refused, in turn.
         first = len(frame) > 2 and frame[0] == 0x96 and frame[1] < 0x80
-        (urgent if first and frame[2] in self.priority else normal).append(item)
+        if first and frame[2] in self.priority:
+            urgent.append(item)
+        elif self.hold_check is None or self._check_hold(item):
+            normal.append(item)
+
+    def _check_hold(self, item: tuple[PeerId, bytes]) -> bool:
+        assert self.hold_check is not None
+        try:
+            return self.hold_check(*item)
+        except Exception:  # the frame's own handling will judge it
+            self.counters["hold_check_error"] += 1
+            _log.exception("hold check failed")
+            return True
 
     @property
     def held(self) -> tuple[int, int]:

@@ -158,6 +158,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                                 "client_limit": ledger.mempool.client_limit,
                                 "in_flight": len(ledger.mempool.in_flight),
                                 "held_frames": list(running.node.held),
+                                "held_submissions": running.service.held_submissions,
                                 "refused": dict(ledger.replica.refused) if ledger.replica else {},
                                 "suspects": dict(ledger.suspects),
                                 "pbft": pbft_status(ledger.replica) if ledger.replica else None,

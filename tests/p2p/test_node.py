@@ -248,3 +248,67 @@ async def test_priority_types_overtake_a_queue_of_others_over_tcp() -> None:
     assert held[0] == 0 and 250 < held[1] <= 300 - position
     position, held = await order_seen(())
     assert position == 300 and held == (0, 0)  # nothing drained without priority
+
+
+async def test_a_hold_check_answers_frames_at_the_door_over_tcp() -> None:
+    """A priority node asks ``hold_check`` of each other frame as it queues
+    it: False drops it there, True queues it, and ``on_release`` hears of
+    each queued frame as it goes to its handler. A check that raises is
+    counted and its frame queued, never lost and never fatal."""
+    import numpy as np
+
+    from fedchain.p2p.identity import Identity
+    from fedchain.p2p.tcp import TcpConfig, open_tcp_transport
+    from fedchain.p2p.wire import decode
+
+    alice, bob = Identity(b"r" * 32), Identity(b"s" * 32)
+    keys = [alice.public_key, bob.public_key]
+    handled: list[int] = []
+    released: list[int] = []
+    done = trio.Event()
+
+    def number(peer, frame) -> int:
+        return msgpack.unpackb(decode(frame, link_peer=peer).body)
+
+    def check(peer, frame) -> bool:
+        n = number(peer, frame)
+        if n == 5:
+            raise RuntimeError("a broken check")
+        return n % 2 == 0
+
+    def on_gossip(peer, envelope) -> None:
+        handled.append(msgpack.unpackb(envelope.body))
+        if handled[-1] == 18:
+            done.set()
+
+    config = TcpConfig(backoff_initial=0.02)
+    with trio.fail_after(20):
+        async with open_tcp_transport(
+            bob, allowed=keys, rng=np.random.default_rng(3), config=config
+        ) as bob_transport:
+            receiver = Node(bob, bob_transport, priority=(MessageType.CONSENSUS,))
+            receiver.register(MessageType.GOSSIP, on_gossip)
+            receiver.hold_check = check
+            receiver.on_release = lambda peer, frame: released.append(number(peer, frame))
+            async with (
+                open_tcp_transport(
+                    alice,
+                    allowed=keys,
+                    rng=np.random.default_rng(4),
+                    listen=None,
+                    peers={bob.public_key: bob_transport.listen_address},
+                    config=config,
+                ) as alice_transport,
+                open_node(alice, alice_transport) as sender,
+                trio.open_nursery() as nursery,
+            ):
+                await alice_transport.wait_connected(bob.public_key)
+                for n in range(20):
+                    sender.send(bob.public_key, MessageType.GOSSIP, msgpack.packb(n))
+                await trio.sleep(0.05)
+                nursery.start_soon(receiver.run)
+                await done.wait()
+                nursery.cancel_scope.cancel()
+    assert handled == released == [0, 2, 4, 5, 6, 8, 10, 12, 14, 16, 18]
+    assert receiver.counters["hold_check_error"] == 1
+    assert receiver.held == (0, 0)
