@@ -128,7 +128,7 @@ class Mempool:
         limit, past saturation every refused submission cost a decode and
         an exception, ~10,000 a second at 16,000 offered, and the committed
         rate fell to 85% of its peak.)"""
-        if len(self._txs) + waiting >= self.max_txs:
+        if len(self._txs) >= self.max_txs:
             return MempoolFull(_FULL)
         paced = len(self._from_clients) + waiting >= self.client_limit
         if paced and self._ready_total >= len(self._txs):
