@@ -449,8 +449,6 @@ class LedgerService:
         self._send_forwards([tx.encoded for tx in txs], peers)
         self.node.counters["client.reforwarded"] += len(txs)
 
-    # -- the CLIENT channel ------------------------------------------------------
-
     # -- at the door ---------------------------------------------------------------
 
     def _hold(self, peer: PeerId, frame: bytes) -> bool:
@@ -490,6 +488,8 @@ class LedgerService:
 
     def _release(self, peer: PeerId, frame: bytes) -> None:
         self._held_txs -= self._held.pop(id(frame), 0)
+
+    # -- the CLIENT channel ------------------------------------------------------
 
     def _reply(self, peer: PeerId, *fields: object) -> None:
         if not self.node.send(peer, MessageType.CLIENT, encode_client_message(*fields)):

@@ -288,7 +288,11 @@ class Node:
             elif normal:
                 peer, frame = normal.popleft()
                 if self.on_release is not None:
-                    self.on_release(peer, frame)
+                    try:
+                        self.on_release(peer, frame)
+                    except Exception:  # bookkeeping only: the frame is still handled
+                        self.counters["on_release_error"] += 1
+                        _log.exception("release hook failed")
                 self._handle(peer, frame)
 
     def _sort_in(

@@ -253,8 +253,8 @@ async def test_priority_types_overtake_a_queue_of_others_over_tcp() -> None:
 async def test_a_hold_check_answers_frames_at_the_door_over_tcp() -> None:
     """A priority node asks ``hold_check`` of each other frame as it queues
     it: False drops it there, True queues it, and ``on_release`` hears of
-    each queued frame as it goes to its handler. A check that raises is
-    counted and its frame queued, never lost and never fatal."""
+    each queued frame as it goes to its handler. A hook that raises is
+    counted and its frame still handled, never lost and never fatal."""
     import numpy as np
 
     from fedchain.p2p.identity import Identity
@@ -289,7 +289,13 @@ async def test_a_hold_check_answers_frames_at_the_door_over_tcp() -> None:
             receiver = Node(bob, bob_transport, priority=(MessageType.CONSENSUS,))
             receiver.register(MessageType.GOSSIP, on_gossip)
             receiver.hold_check = check
-            receiver.on_release = lambda peer, frame: released.append(number(peer, frame))
+
+            def release(peer, frame) -> None:
+                released.append(number(peer, frame))
+                if released[-1] == 6:
+                    raise RuntimeError("a broken release hook")
+
+            receiver.on_release = release
             async with (
                 open_tcp_transport(
                     alice,
@@ -310,5 +316,5 @@ async def test_a_hold_check_answers_frames_at_the_door_over_tcp() -> None:
                 await done.wait()
                 nursery.cancel_scope.cancel()
     assert handled == released == [0, 2, 4, 5, 6, 8, 10, 12, 14, 16, 18]
-    assert receiver.counters["hold_check_error"] == 1
+    assert receiver.counters["hold_check_error"] == receiver.counters["on_release_error"] == 1
     assert receiver.held == (0, 0)
