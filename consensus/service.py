@@ -56,7 +56,7 @@ import trio
 
 from fedchain.p2p.identity import PeerId
 from fedchain.p2p.node import Timer
-from fedchain.p2p.wire import Envelope, MessageType
+from fedchain.p2p.wire import Envelope, MessageType, peek
 
 from .block import Block, decode_block, decode_certificate, header_and_votes
 from .client_api import (
@@ -564,23 +564,15 @@ class LedgerService:
 def _submit_count(frame: bytes, peer: PeerId, max_txs: int) -> tuple[int, int] | None:
     """(request id, transactions) of a client SUBMIT frame sent by ``peer``
     over its authenticated link, read without decoding the transactions or
-    checking anything the handler checks (no signature, no canonical form:
+    checking anything the handler checks (:func:`~fedchain.p2p.wire.peek`:
     the answer only sizes the room, and a frame that is not what it seems
     is refused by its handler in turn); None for anything else, more than
     ``max_txs`` transactions included."""
+    peeked = peek(frame)
+    if peeked is None or peeked[0] != MessageType.CLIENT or peeked[1] != peer:
+        return None
+    body = peeked[2]
     try:
-        envelope = msgpack.Unpacker(max_buffer_size=max(1, len(frame)))
-        envelope.feed(frame)
-        # [version, type, sender, seq, body, signature] (``fedchain.p2p.wire``)
-        if envelope.read_array_header() != 6:
-            return None
-        envelope.skip()
-        if envelope.unpack() != MessageType.CLIENT or envelope.unpack() != peer:
-            return None
-        envelope.skip()
-        body = envelope.unpack()
-        if type(body) is not bytes:
-            return None
         fields = msgpack.Unpacker(max_buffer_size=max(1, len(body)))
         fields.feed(body)
         if fields.read_array_header() != 3 or fields.unpack() != ClientOp.SUBMIT:

@@ -71,6 +71,7 @@ __all__ = [
     "decode",
     "encode",
     "pack_body",
+    "peek",
     "sign",
     "unpack_body",
 ]
@@ -353,6 +354,29 @@ class SequenceWindow:
 
     def forget(self, sender: PeerId) -> None:
         self._state.pop(sender, None)
+
+
+def peek(frame: bytes) -> tuple[int, bytes, bytes] | None:
+    """``(type, sender, body)`` of a frame, read without any check: no
+    signature, no canonical form, no limits beyond the frame's own size.
+    For a node's bookkeeping before it handles the frame (sizing a queue,
+    answering busy), never for trusting what the frame says, which
+    :func:`decode` checks when it is handled. None if it is not shaped like
+    an envelope."""
+    try:
+        unpacker = msgpack.Unpacker(max_buffer_size=max(1, len(frame)))
+        unpacker.feed(frame)
+        if unpacker.read_array_header() != 6:
+            return None
+        unpacker.skip()  # version
+        msg_type, sender = unpacker.unpack(), unpacker.unpack()
+        unpacker.skip()  # seq
+        body = unpacker.unpack()
+    except (ValueError, msgpack.UnpackException):
+        return None
+    if type(msg_type) is not int or type(sender) is not bytes or type(body) is not bytes:
+        return None
+    return msg_type, sender, body
 
 
 def unpack_body(

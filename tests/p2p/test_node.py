@@ -183,6 +183,38 @@ async def test_register_twice_is_a_programming_error(net, make_identities):
         node.register(MessageType.PING, lambda p, e: None)
 
 
+async def _queue_then_run(
+    receiver: Node, alice, keys: list[bytes], config, frames: list[tuple[int, bytes]], done
+) -> None:
+    """Connect ``alice`` to ``receiver``'s TCP transport, send ``frames``
+    ((type, body) each) and let them all arrive, so they queue on the
+    receiver's side; then run the receiver until ``done`` is set."""
+    import numpy as np
+
+    from fedchain.p2p.tcp import open_tcp_transport
+
+    address = receiver.transport.listen_address
+    async with (
+        open_tcp_transport(
+            alice,
+            allowed=keys,
+            rng=np.random.default_rng(2),
+            listen=None,
+            peers={receiver.identity.public_key: address},
+            config=config,
+        ) as alice_transport,
+        open_node(alice, alice_transport) as sender,
+        trio.open_nursery() as nursery,
+    ):
+        await alice_transport.wait_connected(receiver.identity.public_key)
+        for msg_type, body in frames:
+            sender.send(receiver.identity.public_key, msg_type, body)
+        await trio.sleep(0.05)  # everything is on the receiver's side
+        nursery.start_soon(receiver.run)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+
+
 async def test_priority_types_overtake_a_queue_of_others_over_tcp() -> None:
     """A busy node with ``priority={CONSENSUS}`` handles a CONSENSUS frame
     that arrived behind a queue of GOSSIP frames before most of them; without
@@ -220,26 +252,9 @@ async def test_priority_types_overtake_a_queue_of_others_over_tcp() -> None:
                 receiver = Node(bob, bob_transport, priority=priority)
                 receiver.register(MessageType.GOSSIP, slow)
                 receiver.register(MessageType.CONSENSUS, urgent)
-                async with (
-                    open_tcp_transport(
-                        alice,
-                        allowed=keys,
-                        rng=np.random.default_rng(2),
-                        listen=None,
-                        peers={bob.public_key: bob_transport.listen_address},
-                        config=config,
-                    ) as alice_transport,
-                    open_node(alice, alice_transport) as sender,
-                    trio.open_nursery() as nursery,
-                ):
-                    await alice_transport.wait_connected(bob.public_key)
-                    for n in range(300):
-                        sender.send(bob.public_key, MessageType.GOSSIP, msgpack.packb(n))
-                    sender.send(bob.public_key, MessageType.CONSENSUS, msgpack.packb("now"))
-                    await trio.sleep(0.05)  # everything is on bob's side
-                    nursery.start_soon(receiver.run)
-                    await done.wait()
-                    nursery.cancel_scope.cancel()
+                frames = [(MessageType.GOSSIP, msgpack.packb(n)) for n in range(300)]
+                frames.append((MessageType.CONSENSUS, msgpack.packb("now")))
+                await _queue_then_run(receiver, alice, keys, config, frames, done)
         return seen.index(MessageType.CONSENSUS), held[0]
 
     position, held = await order_seen((MessageType.CONSENSUS,))
@@ -296,25 +311,8 @@ async def test_a_hold_check_answers_frames_at_the_door_over_tcp() -> None:
                     raise RuntimeError("a broken release hook")
 
             receiver.on_release = release
-            async with (
-                open_tcp_transport(
-                    alice,
-                    allowed=keys,
-                    rng=np.random.default_rng(4),
-                    listen=None,
-                    peers={bob.public_key: bob_transport.listen_address},
-                    config=config,
-                ) as alice_transport,
-                open_node(alice, alice_transport) as sender,
-                trio.open_nursery() as nursery,
-            ):
-                await alice_transport.wait_connected(bob.public_key)
-                for n in range(20):
-                    sender.send(bob.public_key, MessageType.GOSSIP, msgpack.packb(n))
-                await trio.sleep(0.05)
-                nursery.start_soon(receiver.run)
-                await done.wait()
-                nursery.cancel_scope.cancel()
+            frames = [(MessageType.GOSSIP, msgpack.packb(n)) for n in range(20)]
+            await _queue_then_run(receiver, alice, keys, config, frames, done)
     assert handled == released == [0, 2, 4, 5, 6, 8, 10, 12, 14, 16, 18]
     assert receiver.counters["hold_check_error"] == receiver.counters["on_release_error"] == 1
     assert receiver.held == (0, 0)

@@ -54,6 +54,23 @@ def test_decode_inverts_encode(identity, msg_type, seq, body):
     assert wire.encode(rebuilt) == frame  # encoding from fields, not the cached frame
 
 
+@given(identities, message_types, seqs, bodies)
+@settings(max_examples=100, deadline=None)
+def test_peek_reads_type_sender_and_body_of_a_frame(identity, msg_type, seq, body):
+    frame = wire.sign(identity, msg_type, seq, body).frame
+    assert wire.peek(frame) == (msg_type, identity.public_key, body)
+
+
+@given(st.binary(max_size=512), st.integers(0, 600))
+@settings(max_examples=1000, deadline=None)
+def test_peek_never_raises(data, cut):
+    """Any bytes, or a frame cut short: the three fields of the right types, or None."""
+    frame = wire.sign(ALICE, wire.MessageType.CLIENT, 1, data).frame
+    for candidate in (data, frame[:cut]):
+        peeked = wire.peek(candidate)
+        assert peeked is None or [type(x) for x in peeked] == [int, bytes, bytes]
+
+
 @given(st.binary(max_size=512))
 @settings(max_examples=2000, deadline=None)
 def test_any_bytes_decode_or_wire_error(data):
