@@ -109,8 +109,9 @@ class HandshakeError(TransportError):
     """The secure handshake with a peer failed; the connection is dropped.
 
     ``reason`` distinguishes a refused key (``not_allowed``), a bad proof
-    (``bad_proof``), a timeout (``handshake_timeout``) and a malformed
-    handshake message (``handshake_malformed``).
+    (``bad_proof``), a timeout (``handshake_timeout``), offers with no
+    cipher suite in common (``no_common_suite``) and a malformed handshake
+    message (``handshake_malformed``).
     """
 
     def __init__(self, message: str, reason: str = "handshake") -> None:

@@ -74,6 +74,7 @@ __all__ = [
     "LENGTH_BYTES",
     "PROTOCOL_VERSION",
     "SUITE_AES256GCM",
+    "SUITE_NAMES",
     "SUITE_PLAINTEXT",
     "SUITE_SEALED",
     "TAG_BYTES",
@@ -111,6 +112,12 @@ SUITE_AES256GCM = 2
 _OFFERS = frozenset(
     {SUITE_PLAINTEXT, SUITE_SEALED, SUITE_AES256GCM, SUITE_SEALED | SUITE_AES256GCM}
 )
+SUITE_NAMES = {
+    SUITE_PLAINTEXT: "plaintext",
+    SUITE_SEALED: "xsalsa20-poly1305",
+    SUITE_AES256GCM: "aes-256-gcm",
+}
+"""What operators and status lines call each suite."""
 
 LENGTH_BYTES = 4
 MAX_LENGTH = 2**32 - 1
@@ -422,17 +429,19 @@ def default_suites() -> int:
 def choose_suite(ours: int, theirs: int) -> int:
     """The suite two offers agree on: AES-256-GCM if both offer it, else
     XSalsa20-Poly1305; plaintext only if both offer exactly that (the
-    benchmark's baseline). Raises :class:`HandshakeError` when none is
-    common, or one side wants plaintext and the other does not."""
+    benchmark's baseline). Raises :class:`HandshakeError`
+    (``no_common_suite``) when none is common, or one side wants plaintext
+    and the other does not: two operators who pinned different suites see
+    that reason, not a malformed handshake."""
     if ours == SUITE_PLAINTEXT or theirs == SUITE_PLAINTEXT:
         if ours == theirs:
             return SUITE_PLAINTEXT
-        raise HandshakeError("one side offers only plaintext", "handshake_malformed")
+        raise HandshakeError("one side offers only plaintext", "no_common_suite")
     common = ours & theirs
     for suite in (SUITE_AES256GCM, SUITE_SEALED):
         if common & suite:
             return suite
-    raise HandshakeError("no cipher suite in common", "handshake_malformed")
+    raise HandshakeError("no cipher suite in common", "no_common_suite")
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from .handshake import (
     AUTH_BYTES,
     HELLO_BYTES,
     LENGTH_BYTES,
+    SUITE_NAMES,
     SUITE_PLAINTEXT,
     Handshake,
     HandshakeResult,
@@ -118,6 +119,8 @@ class ConnectionInfo:
     peer: PeerId
     dialer: PeerId
     remote_address: Address | None
+    suite: str
+    """The cipher suite the handshake chose (``handshake.SUITE_NAMES``)."""
 
 
 def backoff_delay(attempt: int, rng: np.random.Generator, config: TcpConfig) -> float:
@@ -390,7 +393,8 @@ class TcpTransport:
             conn = state.conn
             if conn is not None:
                 address = _remote_address(conn.stream)
-                out[peer] = ConnectionInfo(peer, conn.dialer, address)
+                suite = SUITE_NAMES[conn.session.suite]
+                out[peer] = ConnectionInfo(peer, conn.dialer, address, suite)
         return out
 
     # --- tasks ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ import statistics
 from pathlib import Path
 
 from .arguments import int_at_least, positive_ints, power_of_two, seconds
+from .node_cmd import add_cipher_argument
 
 DEFAULT_RATES = "250,500,1000,2000,4000,8000,16000"
 TICK = 0.01
@@ -89,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="validators keep CPython's default collector thresholds (fedchain node --default-gc)",
     )
+    add_cipher_argument(parser)
     parser.add_argument(
         "--state-buckets",
         type=power_of_two(2**20),
@@ -147,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         statuses = _last_statuses(Path(homes))
         handler_errors = _handler_errors(statuses)
         suspicions, views = _suspicions(statuses)
+        ciphers = _ciphers(statuses)
     # This machine's speed drifts over minutes (a shared VM: 8,600 to 15,700
     # verifications/s/core within one day), so the rate is measured before
     # the sweep, right before each point (validators idle) and after it: the
@@ -257,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
             "journal_sync": args.journal_sync,
             "batch_timeout_s": batch_timeouts[0] if len(batch_timeouts) == 1 else batch_timeouts,
             "default_gc": args.default_gc,
+            "cipher": args.cipher,
+            "validator_connections_by_cipher": ciphers,
             "state_buckets": args.state_buckets,
             "verify_per_s_per_core": round(verify_rate),
             "verify_per_s_per_core_samples": [round(r) for r in samples],
@@ -429,6 +434,7 @@ async def _start_validators(args: argparse.Namespace, tmp: Path):
             args.journal_sync,
         ]
         command += ["--default-gc"] if args.default_gc else []
+        command += ["--cipher", args.cipher]
         if args.batch_timeout is not None:
             command += ["--batch-timeout", str(args.batch_timeout)]
         with open(home / "node.log", "wb") as log:  # the child keeps its own copy
@@ -489,6 +495,16 @@ def _suspicions(statuses: list[dict]) -> tuple[dict[str, int], list[int | None]]
             total[reason] = total.get(reason, 0) + count
         views.append((last.get("pbft") or {}).get("view"))
     return total, views
+
+
+def _ciphers(statuses: list[dict]) -> dict[str, int]:
+    """The validators' live connections by cipher suite, from their last
+    status lines: which suite the figures were measured under."""
+    total: dict[str, int] = {}
+    for last in statuses:
+        for suite, count in last.get("ciphers", {}).items():
+            total[suite] = total.get(suite, 0) + count
+    return total
 
 
 def _rss_of(pid: int) -> int:

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from .arguments import int_at_least, seconds
+from .node_cmd import add_cipher_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--status-every", type=seconds(), default=5.0)
     parser.add_argument("--batch-size", type=int_at_least(1), default=1000)
     parser.add_argument("--view-timeout", type=seconds(), default=5.0)
+    add_cipher_argument(parser)
 
 
 def homes_in(directory: Path) -> list[Path]:
@@ -55,7 +57,7 @@ async def _launch(homes: list[Path], args: argparse.Namespace) -> int:
     async def one(home: Path, nursery: trio.Nursery) -> None:
         command = [sys.executable, "-m", "fedchain.sims.cli", "node", "--home", str(home)]
         command += ["--status-every", str(args.status_every), "--batch-size", str(args.batch_size)]
-        command += ["--view-timeout", str(args.view_timeout)]
+        command += ["--view-timeout", str(args.view_timeout), "--cipher", args.cipher]
         process = await trio.lowlevel.open_process(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )

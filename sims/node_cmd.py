@@ -5,7 +5,8 @@ Runs until interrupted (Ctrl-C or SIGTERM), storing blocks in
 catches up from its peers. Prints one JSON line when it is listening, then
 one status line every ``--status-every`` seconds on stderr (height, epoch and
 role, mempool, how much of it came from clients and their limit, PBFT's view
-and unexecuted slots, refusals, transport counters).
+and unexecuted slots, refusals, transport counters, live connections by
+cipher suite).
 """
 
 from __future__ import annotations
@@ -14,6 +15,21 @@ import argparse
 from pathlib import Path
 
 from .arguments import int_at_least, seconds
+
+CIPHERS = ("auto", "xsalsa20-poly1305", "aes-256-gcm")
+"""``--cipher`` choices: ``auto`` offers XSalsa20-Poly1305, and AES-256-GCM
+where this CPU has AES-NI (two such ends pick AES-256-GCM); a named suite is
+the only one offered, so a peer without it is refused (``no_common_suite``)."""
+
+
+def add_cipher_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cipher",
+        choices=CIPHERS,
+        default="auto",
+        help="records' cipher suite: auto (AES-256-GCM between AES-NI machines, else "
+        "XSalsa20-Poly1305) or one suite to insist on",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds without progress before a view change (doubles per unproductive view); "
         "must exceed one full batch's validation on the slowest validator",
     )
+    add_cipher_argument(parser)
     parser.add_argument(
         "--default-gc",
         action="store_true",
@@ -72,12 +89,26 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         home = load_home(args.home)
-    except HomeError as exc:
+        tcp = tcp_config(args.cipher)
+    except (HomeError, ValueError) as exc:
         raise SystemExit(f"fedchain node: {exc}") from exc
     if not args.default_gc:
         tune_for_throughput()
-    trio.run(serve, home, args)
+    trio.run(serve, home, args, tcp)
     return 0
+
+
+def tcp_config(cipher: str):
+    """The transport settings ``--cipher`` asks for; ``ValueError`` when this
+    CPU cannot keep the suite (AES-256-GCM without AES-NI)."""
+    from fedchain.p2p.handshake import SUITE_NAMES, check_suites
+    from fedchain.p2p.tcp import TcpConfig
+
+    if cipher == "auto":
+        return TcpConfig()
+    suites = {name: code for code, name in SUITE_NAMES.items()}[cipher]
+    check_suites(suites)
+    return TcpConfig(suites=suites)
 
 
 def pbft_status(replica) -> dict:
@@ -99,10 +130,11 @@ def pbft_status(replica) -> dict:
     }
 
 
-async def serve(home, args: argparse.Namespace) -> None:
+async def serve(home, args: argparse.Namespace, tcp) -> None:
     import json
     import signal
     import sys
+    from collections import Counter
 
     import trio
 
@@ -131,6 +163,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                 queue_seconds=args.queue_seconds or None,
                 journal_fsync=args.journal_sync == "full",
                 seed=home.index,
+                tcp=tcp,
             ) as running:
                 host, port = running.transport.listen_address
                 ready = {
@@ -140,6 +173,7 @@ async def serve(home, args: argparse.Namespace) -> None:
                     "height": store.tip(),
                     "batch_size": pbft.batch_size,
                     "batch_timeout_s": pbft.batch_timeout,
+                    "cipher": args.cipher,
                 }
                 print(json.dumps(ready), flush=True)
                 async with trio.open_nursery() as nursery:
@@ -168,6 +202,9 @@ async def serve(home, args: argparse.Namespace) -> None:
                                     if not k.startswith("accepted")
                                 },
                                 "transport": running.transport.stats(),
+                                "ciphers": Counter(
+                                    c.suite for c in running.transport.connections().values()
+                                ),
                             }
                             print(json.dumps(line), file=sys.stderr, flush=True)
 

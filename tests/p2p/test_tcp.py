@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,11 @@ from fedchain.p2p.handshake import (
     AUTH_BYTES,
     HELLO_BYTES,
     LENGTH_BYTES,
+    SUITE_AES256GCM,
+    SUITE_SEALED,
     Handshake,
     SealedSession,
+    aes256gcm_available,
     encode_length,
     parse_length,
     sealed_length,
@@ -209,6 +213,56 @@ async def test_honest_exchange_both_directions_with_a_peer_process():
         assert stats["handshakes_ok"] == 1 and stats["connections"] == 1
         assert stats["frames_sent"] == 7 and stats["frames_received"] == 11
         assert transport.connections()[peer.key].dialer == NODE.public_key
+
+
+# --- TCP-SUITE -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "chosen"),
+    [
+        (None, None, "aes-256-gcm"),  # the default offers, on AES-NI machines (CI's too)
+        (None, SUITE_SEALED, "xsalsa20-poly1305"),  # an operator pinned the other suite
+        (SUITE_AES256GCM, None, "aes-256-gcm"),
+    ],
+)
+async def test_each_connection_reports_the_suite_the_offers_chose(ours, theirs, chosen):
+    assert aes256gcm_available()  # the development and CI machines have AES-NI
+    async with (
+        node(replace(FAST, suites=ours)) as a,
+        open_tcp_transport(
+            PEER, allowed=ALLOWED, rng=np.random.default_rng(1), config=replace(FAST, suites=theirs)
+        ) as b,
+    ):
+        b.connect(NODE.public_key, a.listen_address)
+        with trio.fail_after(10):
+            await b.wait_connected(NODE.public_key)
+            await a.wait_connected(PEER.public_key)
+            assert b.send_nowait(NODE.public_key, b"x" * 70_000)  # two chunks
+            assert await a.receive() == (PEER.public_key, b"x" * 70_000)
+        assert a.connections()[PEER.public_key].suite == chosen
+        assert b.connections()[NODE.public_key].suite == chosen
+
+
+async def test_pinned_suites_with_nothing_in_common_are_refused_and_counted():
+    async with (
+        node(replace(FAST, suites=SUITE_AES256GCM, backoff_initial=10.0)) as a,
+        open_tcp_transport(
+            PEER,
+            allowed=ALLOWED,
+            rng=np.random.default_rng(1),
+            config=replace(FAST, suites=SUITE_SEALED, backoff_initial=10.0),
+        ) as b,
+    ):
+        b.connect(NODE.public_key, a.listen_address)
+        with trio.fail_after(10):
+            while not (
+                a.stats().get("disconnect_no_common_suite")
+                and b.stats().get("disconnect_no_common_suite")
+            ):
+                await trio.sleep(0.01)
+        assert a.connections() == {} and b.connections() == {}
+        assert a.stats().get("handshakes_ok", 0) == b.stats().get("handshakes_ok", 0) == 0
 
 
 # --- TCP-AUTH, TCP-SEAL, TCP-BOUND: hostile clients ------------------------------------

@@ -189,10 +189,15 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
     figures = _last_json_line(
         ["bench", "consensus", "--skip-virtual", "--rates", "100", "--seconds", "1",
          "--query-rates", "200", "--out", str(tmp_path), "--journal-sync", "normal",
-         "--batch-timeout", "0.03", "--state-buckets", "64",
+         "--batch-timeout", "0.03", "--state-buckets", "64", "--cipher", "xsalsa20-poly1305",
          "--keep", str(tmp_path / "homes")]
     )  # fmt: skip
     assert figures["benchmark"] == "consensus" and figures["queue_seconds"] == 2.0
+    # Validators that insist on XSalsa20-Poly1305 use it with every peer, AES-NI or not:
+    # each other validator at least, and the load generator's clients.
+    assert figures["cipher"] == "xsalsa20-poly1305"
+    by_cipher = figures["validator_connections_by_cipher"]
+    assert by_cipher.keys() == {"xsalsa20-poly1305"} and by_cipher["xsalsa20-poly1305"] >= 12
     assert figures["state_buckets"] == 64
     assert figures["journal_sync"] == "normal"
     assert figures["batch_timeout_s"] == 0.03  # as each validator reported it
@@ -261,6 +266,8 @@ def test_bench_consensus_real_clock_at_tiny_scale(tmp_path):
         ["testnet", "--state-buckets", "1000"],
         ["testnet", "--max-block-txs", "2000000000000"],
         ["node", "--home", ".", "--batch-timeout", "-1"],
+        ["node", "--home", ".", "--cipher", "rc4"],
+        ["launch", ".", "--cipher", "none"],
         ["client", "--timeout", "nan"],
         ["chain", "sample", ".", "--blocks", "0"],
         ["demo", "--seed", "-3"],

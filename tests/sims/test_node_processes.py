@@ -143,7 +143,7 @@ async def test_launch_runs_a_testnet_and_stops_it(tmp_path) -> None:
     loaded = [load_home(h) for h in homes]
     keys = [h.identity.public_key for h in loaded]
     command = [sys.executable, "-m", "fedchain.sims.cli", "launch", str(tmp_path)]
-    command += ["--status-every", "3600", "--batch-size", "10"]
+    command += ["--status-every", "3600", "--batch-size", "10", "--cipher", "xsalsa20-poly1305"]
     launcher = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
     bob = Identity(b"b" * 32)
     tx = sign_transaction(bob, "launch", type="kv", content=kv_set("k", 1), nonce=0, timestamp=0)
@@ -155,7 +155,11 @@ async def test_launch_runs_a_testnet_and_stops_it(tmp_path) -> None:
                 assert chunk, "the launcher exited early"
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
-                seen.update(line.split(b" ")[0] for line in lines if b'"listen"' in line)
+                for line in lines:
+                    if b'"listen"' in line:
+                        name, ready = line.split(b" ", 1)
+                        assert json.loads(ready)["cipher"] == "xsalsa20-poly1305"
+                        seen.add(name)
             assert seen == {b"node0", b"node1", b"node2", b"node3"}
             async with (
                 open_tcp_transport(
@@ -170,6 +174,8 @@ async def test_launch_runs_a_testnet_and_stops_it(tmp_path) -> None:
             ):
                 client = LedgerClient(node, keys[2], "launch", loaded[0].genesis.validators)
                 await transport.wait_connected(keys[2])
+                # The node insists on XSalsa20-Poly1305, so an AES-NI client uses it too.
+                assert transport.connections()[keys[2]].suite == "xsalsa20-poly1305"
                 await client.submit(tx.encoded)
                 proof = await client.wait_committed(tx.encoded)
                 assert proof.height >= 1
