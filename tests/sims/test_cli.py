@@ -166,6 +166,19 @@ def test_bench_transport_at_tiny_scale():
     assert figures["ratio_default_plain_1MiB"] == figures["ratio_aesgcm_plain_1MiB"]
     assert figures["handshakes_per_s"] > 0
     assert figures["peak_rss_bytes"] > 0
+    # The raw-socket reference ran (every byte it sent arrived, or the bench
+    # raises) and each suite is also set against it.
+    assert figures["raw_1MiB_MBps"] > 0 and figures["raw_1MiB_sender_cpu_ms_per_MiB"] > 0
+    for suite in ("plain", "sealed", "aesgcm"):
+        ratio = figures[f"{suite}_1MiB_MBps"] / figures["raw_1MiB_MBps"]
+        assert abs(figures[f"ratio_{suite}_raw_1MiB"] - ratio) < 0.002
+
+
+def test_bench_transport_measures_the_raw_reference_only_at_1_mib():
+    argv = ["bench", "transport", "--seconds", "0.2", "--rounds", "1", "--sizes", "1KiB"]
+    figures = _last_json_line([*argv, "--window-mib", "1", "--handshake-concurrency", "1"])
+    assert "raw_1MiB_MBps" not in figures and "ratio_plain_raw_1MiB" not in figures
+    assert figures["plain_1KiB_MBps"] > 0
 
 
 def test_bench_consensus_sizes_the_state_to_its_sweep():
