@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from .arguments import seconds
+from .node_cmd import add_cipher_argument, tcp_config
 
 EXIT_FAILED = 1
 """The node refused, timed out or could not be reached."""
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="put: seconds before the transaction also goes to the other validators "
         "(then twice as long, and so on), as PBFT clients retransmit",
     )
+    add_cipher_argument(parser)
     sub = parser.add_subparsers(dest="client_command", required=True, metavar="ACTION")
     keygen = sub.add_parser("keygen", help="write a new client key (hex seed, mode 0600)")
     keygen.add_argument("path", type=Path)
@@ -132,7 +134,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
     try:
         home = load_home(args.home)
-    except HomeError as exc:
+        tcp = tcp_config(args.cipher)
+    except (HomeError, ValueError) as exc:
         raise SystemExit(f"fedchain client: {exc}") from exc
     me = _load_key(args.key)
     if args.client_command == "put" and me is None:
@@ -157,6 +160,7 @@ async def _serve(args: argparse.Namespace) -> int:
             rng=np.random.default_rng(),
             listen=None,
             peers={**others, server: home.listen},
+            config=tcp,
         ) as transport,
         open_node(identity, transport) as node,
     ):
@@ -168,10 +172,12 @@ async def _serve(args: argparse.Namespace) -> int:
         reader = server
         if server not in transport.connections():
             if not others:
-                return _fail(EXIT_FAILED, f"no connection to the node at {host}:{port}")
+                why = _why_not_connected(transport)
+                return _fail(EXIT_FAILED, f"no connection to the node at {host}:{port}{why}")
             reader = await _first_connected(transport, list(others), min(args.timeout, 10.0))
             if reader is None:
-                return _fail(EXIT_FAILED, "no connection to any validator the home names")
+                why = _why_not_connected(transport)
+                return _fail(EXIT_FAILED, f"no connection to any validator the home names{why}")
         try:
             line = await _act(args, client, identity, genesis.chain_id, list(others), reader)
         except UntrustedAnswer as exc:
@@ -186,6 +192,21 @@ async def _serve(args: argparse.Namespace) -> int:
             return _fail(EXIT_FAILED, str(exc))
     print(json.dumps(line))
     return 0
+
+
+def _why_not_connected(transport) -> str:
+    """What the transport counted while it failed to connect: dials that
+    found nobody, or the handshake's reason (``no_common_suite`` for a node
+    that insists on a suite this client does not offer, say)."""
+    stats = transport.stats()
+    reasons = {
+        k.removeprefix("disconnect_"): n
+        for k, n in stats.items()
+        if k.startswith("disconnect_") and n
+    }
+    if stats.get("dial_failed"):
+        reasons["dial_failed"] = stats["dial_failed"]
+    return f" ({', '.join(f'{k} x{n}' for k, n in sorted(reasons.items()))})" if reasons else ""
 
 
 async def _first_connected(transport, peers: list, limit: float):

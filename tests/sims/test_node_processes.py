@@ -199,8 +199,8 @@ async def _fedchain_client(*arguments: object) -> tuple[int, dict | None, str]:
 async def _use_the_client_command(tmp_path: Path, homes: list[Path]) -> None:
     """``fedchain client`` against the running testnet: a value put through
     one node is read, proved, through another; a missing key is proved
-    absent; a float, an unreachable node and a genesis the node's chain does
-    not follow are clear errors."""
+    absent; a float, an unreachable node, a cipher suite the node does not
+    accept and a genesis the node's chain does not follow are clear errors."""
     key = tmp_path / "carol.key"
     status, made, _ = await _fedchain_client("keygen", key)
     assert status == 0 and key.stat().st_mode & 0o777 == 0o600
@@ -217,7 +217,17 @@ async def _use_the_client_command(tmp_path: Path, homes: list[Path]) -> None:
     # A home whose node is not running, and one whose genesis is another chain's.
     (elsewhere,) = write_testnet(tmp_path / "other", 1, chain_id="launch", seed=9, ports=[1])
     status, _, why = await _fedchain_client("--home", elsewhere, "--timeout", "1", "query", "k")
-    assert status == 1 and "no connection" in why
+    assert status == 1 and "no connection" in why and "dial_failed" in why
+    # The nodes insist on XSalsa20-Poly1305: a client that insists on AES-256-GCM
+    # is told why it cannot connect; one that asks for XSalsa20-Poly1305 reads.
+    aes = ("--cipher", "aes-256-gcm", "--timeout", "1")
+    status, _, why = await _fedchain_client("--home", homes[2], *aes, "query", "sys/validators")
+    assert status == 1 and "no_common_suite" in why
+    xsalsa = ("--cipher", "xsalsa20-poly1305")
+    status, got, _ = await _fedchain_client(
+        "--home", homes[2], *xsalsa, "get", "t", "--owner", owner
+    )
+    assert status == 0 and got["value"] == [1, 2]
     impostor = tmp_path / "impostor"
     shutil.copytree(homes[0], impostor, ignore=shutil.ignore_patterns("chain.sqlite*"))
     shutil.copy(elsewhere / "genesis.bin", impostor / "genesis.bin")
