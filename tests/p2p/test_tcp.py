@@ -469,8 +469,10 @@ async def test_outbound_queue_is_bounded_and_never_blocks():
 
 
 async def test_a_slow_reader_pushes_back_through_tcp():
+    """Also: a reader held back by its full inbox waits on no socket, so
+    being held back for three idle periods is not idleness."""
     inbound = 2
-    config = TcpConfig(inbound_queue_frames=inbound, read_buffer_bytes=1 << 20)
+    config = TcpConfig(inbound_queue_frames=inbound, read_buffer_bytes=1 << 20, idle_timeout=0.3)
     frame = os.urandom(256 * 1024)
     sender = TcpConfig(outbound_queue_bytes=4 * len(frame))
     async with (
@@ -503,6 +505,8 @@ async def test_a_slow_reader_pushes_back_through_tcp():
                 sender, got = await slow.receive()
                 assert sender == PEER.public_key and got == frame
         assert slow.stats()["inbound_queued"] == 0
+        assert slow.stats().get("disconnect_idle", 0) == 0
+        assert slow.connections().keys() == {PEER.public_key}
 
 
 # --- TCP-ONE-LINK ----------------------------------------------------------------------
