@@ -65,6 +65,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from nacl import bindings
 from nacl._sodium import ffi, lib
@@ -117,12 +118,14 @@ SUITE_AES256GCM = 2
 _OFFERS = frozenset(
     {SUITE_PLAINTEXT, SUITE_SEALED, SUITE_AES256GCM, SUITE_SEALED | SUITE_AES256GCM}
 )
-SUITE_NAMES = {
-    SUITE_PLAINTEXT: "plaintext",
-    SUITE_SEALED: "xsalsa20-poly1305",
-    SUITE_AES256GCM: "aes-256-gcm",
-}
-"""What operators and status lines call each suite."""
+SUITE_NAMES = MappingProxyType(
+    {
+        SUITE_PLAINTEXT: "plaintext",
+        SUITE_SEALED: "xsalsa20-poly1305",
+        SUITE_AES256GCM: "aes-256-gcm",
+    }
+)
+"""What operators and status lines call each suite (read-only)."""
 
 LENGTH_BYTES = 4
 MAX_LENGTH = 2**32 - 1

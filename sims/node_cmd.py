@@ -106,6 +106,8 @@ def tcp_config(cipher: str):
 
     if cipher == "auto":
         return TcpConfig()
+    if cipher not in CIPHERS:  # never plaintext: that is the benchmark's alone
+        raise ValueError(f"unknown cipher suite {cipher!r}: choose from {', '.join(CIPHERS)}")
     suites = {name: code for code, name in SUITE_NAMES.items()}[cipher]
     check_suites(suites)
     return TcpConfig(suites=suites)

@@ -363,3 +363,14 @@ def test_suspicions_and_views_are_read_from_the_last_status_lines(tmp_path):
         {"request timeout": 1, "equivocation": 1},
         [2, 1, None],
     )
+
+
+def test_cipher_choices_map_to_the_suites_a_transport_offers():
+    from fedchain.p2p.handshake import SUITE_AES256GCM, SUITE_SEALED
+    from fedchain.sims.node_cmd import tcp_config
+
+    assert tcp_config("auto").suites is None  # handshake.default_suites()
+    assert tcp_config("xsalsa20-poly1305").suites == SUITE_SEALED
+    assert tcp_config("aes-256-gcm").suites == SUITE_AES256GCM  # CI's CPUs have AES-NI
+    with pytest.raises(ValueError, match="unknown cipher suite"):
+        tcp_config("plaintext")  # the benchmark's baseline, never a node's
