@@ -2,13 +2,20 @@
 
 The header is the msgpack array::
 
-    [height, prev_hash, timestamp, view, proposer, tx_root, results_root, state_root]
+    [height, prev_hash, timestamp, view, proposer, tx_count, tx_root, results_root,
+     state_root]
 
 and the block hash is SHA-256 of its canonical bytes. ``tx_root`` is the
 RFC 6962 root over the transactions' full encodings (signatures included,
-so nobody can swap a signature under a final block); ``results_root`` is
-the root over each transaction's encoded result (status, reason), and
-``state_root`` is the state *after* this block. A block is::
+so nobody can swap a signature under a final block), and ``tx_count`` the
+number of its leaves. The count is in the header for the reason Certificate
+Transparency signs the tree size beside the root: an RFC 6962 inclusion
+path verifies the same way for several (index, size) pairs (the path for
+leaf 4 of 5 is also one for leaf 1 of 2), so without the count a prover
+could name a transaction's position and the block's size wrongly and
+still verify. ``results_root`` is the root over each transaction's
+encoded result (status, reason), and ``state_root`` is the state *after*
+this block. A block is::
 
     [header, [tx bytes, ...], [[status, reason], ...], [view, votes] or nil]
 
@@ -82,6 +89,8 @@ class BlockHeader:
     """Proposer's time in ms since the Unix epoch, at least the parent's."""
     view: int
     proposer: PeerId
+    tx_count: int
+    """Leaves under ``tx_root``: what binds a commit proof's index and size."""
     tx_root: bytes
     results_root: bytes
     state_root: bytes
@@ -93,6 +102,7 @@ class BlockHeader:
             self.timestamp,
             self.view,
             self.proposer,
+            self.tx_count,
             self.tx_root,
             self.results_root,
             self.state_root,
@@ -184,16 +194,16 @@ def _is_hash(value: object) -> bool:
 
 def decode_header(fields: object) -> BlockHeader:
     """A header from its msgpack array (shape and types only)."""
-    if type(fields) is not list or len(fields) != 8:
-        raise MalformedMessage("a header is an array of 8 fields")
-    height, prev, timestamp, view, proposer, txr, resr, stater = fields
-    if not (_is_u63(height) and _is_u63(timestamp) and _is_u63(view)):
-        raise MalformedMessage("height, timestamp and view are 63-bit integers")
+    if type(fields) is not list or len(fields) != 9:
+        raise MalformedMessage("a header is an array of 9 fields")
+    height, prev, timestamp, view, proposer, count, txr, resr, stater = fields
+    if not (_is_u63(height) and _is_u63(timestamp) and _is_u63(view) and _is_u63(count)):
+        raise MalformedMessage("height, timestamp, view and tx_count are 63-bit integers")
     if not (_is_hash(prev) and _is_hash(txr) and _is_hash(resr) and _is_hash(stater)):
         raise MalformedMessage("hashes and roots are 32 bytes")
     if type(proposer) is not bytes or len(proposer) != PUBLIC_KEY_BYTES:
         raise MalformedMessage("proposer is a 32-byte key")
-    return BlockHeader(height, prev, timestamp, view, proposer, txr, resr, stater)
+    return BlockHeader(height, prev, timestamp, view, proposer, count, txr, resr, stater)
 
 
 def decode_block(
@@ -309,6 +319,8 @@ def check_body(block: Block) -> None:
     """Raise InvalidBlock unless the header's roots match the body."""
     if len(block.txs) != len(block.results):
         raise InvalidBlock("one result per transaction")
+    if len(block.txs) != block.header.tx_count:
+        raise InvalidBlock("the header's tx_count does not match the body")
     if tx_root(block.txs) != block.header.tx_root:
         raise InvalidBlock("transaction Merkle root does not match the body")
     if results_root(block.results) != block.header.results_root:

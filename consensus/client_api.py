@@ -233,10 +233,17 @@ class CommitProof:
         (the header itself is vouched for by its certificate, or by a later
         trusted header it is an ancestor of: :class:`HeaderChain`)."""
         header = self.header
-        return merkle.verify_inclusion(
-            tx_bytes, self.index, self.size, self.tx_path, header.tx_root
-        ) and merkle.verify_inclusion(
-            self.result.encode(), self.index, self.size, self.result_path, header.results_root
+        # The size must be the header's count: RFC 6962 paths alone verify for
+        # several (index, size) pairs, and a prover could otherwise misplace
+        # the transaction (block module docstring).
+        return (
+            self.size == header.tx_count
+            and merkle.verify_inclusion(
+                tx_bytes, self.index, self.size, self.tx_path, header.tx_root
+            )
+            and merkle.verify_inclusion(
+                self.result.encode(), self.index, self.size, self.result_path, header.results_root
+            )
         )
 
     def as_list(self) -> list[object]:

@@ -46,6 +46,7 @@ def sample(n_txs: int = 3, certified: bool = True) -> Block:
         timestamp=1234,
         view=2,
         proposer=VALIDATORS[0].public_key,
+        tx_count=n_txs,
         tx_root=tx_root(txs),
         results_root=results_root(results),
         state_root=b"\x22" * 32,
@@ -118,6 +119,8 @@ def test_decoder_refuses_bad_shapes() -> None:
         (0, [*good[0][:1], b"short", *good[0][2:]]),
         (0, [-1, *good[0][1:]]),
         (0, [*good[0][:4], b"\x00" * 31, *good[0][5:]]),
+        (0, [*good[0][:5], -1, *good[0][6:]]),  # tx_count
+        (0, [*good[0][:5], "3", *good[0][6:]]),
         (1, good[1][:2]),  # one result per transaction
         (1, [*good[1][:2], b"junk"]),
         (2, [[0, ""], [2, "x"], [0, ""]]),
@@ -160,6 +163,10 @@ def test_check_body_catches_swapped_transactions_and_results() -> None:
         check_body(replace(block, results=block.results[1:] + block.results[:1]))
     with pytest.raises(InvalidBlock, match="one result per transaction"):
         check_body(replace(block, results=block.results[:2]))
+    # The roots match, the count does not: what a commit proof's size is checked against.
+    for count in (len(block.txs) - 1, len(block.txs) + 1):
+        with pytest.raises(InvalidBlock, match="tx_count"):
+            check_body(replace(block, header=replace(block.header, tx_count=count)))
 
 
 @settings(max_examples=300, deadline=None)

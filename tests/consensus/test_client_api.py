@@ -89,6 +89,32 @@ def _null_certificate(height: int) -> CommitCertificate:
     return CommitCertificate.of(height, NULL_DIGEST, votes, view=1)
 
 
+@pytest.mark.parametrize(("index", "claimed_index", "claimed_size"), [(2, 2, 6), (4, 1, 2)])
+def test_a_commit_proof_cannot_misstate_the_blocks_size_or_the_transactions_place(
+    index: int, claimed_index: int, claimed_size: int
+) -> None:
+    """RFC 6962 paths alone verify for several (index, size) pairs: in a block
+    of 5, leaf 2's path is also one for leaf 2 of 6, and leaf 4's for leaf 1
+    of 2. The header's tx_count binds them, as Certificate Transparency's
+    signed tree size does. (A deep run of the structural-mutation property
+    test below found a proof with its size changed from 5 to 6 accepted.)"""
+    block, _, txs = _certified_block()
+    assert block.header.tx_count == len(txs) == 5
+    honest = CommitProof.of_block(block, index)
+    tx = txs[index].encoded
+    assert honest.verify(tx, CHAIN, KEYS)
+    lie = dataclasses.replace(honest, index=claimed_index, size=claimed_size)
+    # Both paths still verify as Merkle paths under the lie...
+    assert merkle.verify_inclusion(
+        tx, claimed_index, claimed_size, lie.tx_path, block.header.tx_root
+    )
+    result = lie.result.encode()
+    root = block.header.results_root
+    assert merkle.verify_inclusion(result, claimed_index, claimed_size, lie.result_path, root)
+    # ...but the proof is refused: the certified header says 5.
+    assert not lie.includes(tx) and not lie.verify(tx, CHAIN, KEYS)
+
+
 def test_a_null_certificate_vouches_for_no_header() -> None:
     """A node holding a real null height's certificate could otherwise pass
     off any header carrying the null marker: a transaction never committed,
@@ -103,6 +129,7 @@ def test_a_null_certificate_vouches_for_no_header() -> None:
         height=2,
         prev_hash=block.hash,
         proposer=NULL_PROPOSER,
+        tx_count=1,
         tx_root=merkle.root([stranger.encoded]),
         results_root=merkle.root([result.encode()]),
     )
