@@ -122,6 +122,7 @@ from .errors import (
     ConsensusError,
     InvalidBlock,
     MalformedMessage,
+    StoreCorrupted,
 )
 from .mempool import Mempool
 from .pbft import (
@@ -187,7 +188,12 @@ def replay_store(
         stored = store.get(height)
         if stored is None:
             raise InvalidBlock(f"the store has no block at height {height}")
-        block = decode_block(stored.data, max_bytes=executor.params.max_block_bytes + 1024 * 1024)
+        try:
+            block = decode_block(
+                stored.data, max_bytes=executor.params.max_block_bytes + 1024 * 1024
+            )
+        except MalformedMessage as exc:  # bytes no block decodes from: damage, or a format
+            raise StoreCorrupted(f"stored block {height} does not decode: {exc}") from exc
         try:
             after = executor.apply_final(tip, block)
         except ConsensusError as exc:

@@ -92,10 +92,26 @@ def run(args: argparse.Namespace) -> int:
         tcp = tcp_config(args.cipher)
     except (HomeError, ValueError) as exc:
         raise SystemExit(f"fedchain node: {exc}") from exc
+    from fedchain.consensus.errors import ConsensusError
+
     if not args.default_gc:
         tune_for_throughput()
-    trio.run(serve, home, args, tcp)
+    try:
+        trio.run(serve, home, args, tcp)
+    except* ConsensusError as group:  # the stored chain does not replay
+        raise SystemExit(
+            f"fedchain node: the chain in {home.store_path} does not replay: "
+            f"{_first_leaf(group)} (damaged, or written by another fedchain version; "
+            f"`fedchain chain verify {args.home}` says where it breaks)"
+        ) from None
     return 0
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 def tcp_config(cipher: str):

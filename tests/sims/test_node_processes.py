@@ -356,3 +356,22 @@ async def test_a_node_process_outlives_hostile_client_messages(tmp_path) -> None
                 assert process.returncode is None
     finally:
         await _stop([process])
+
+
+def test_a_store_that_does_not_replay_stops_the_node_with_a_clear_message(tmp_path) -> None:
+    """A chain.sqlite holding bytes that are no block (damage, or a store a
+    fedchain with another block format wrote): the node says which height and
+    how to look, and exits non-zero, with no traceback."""
+    from fedchain.consensus.store import SqliteBlockStore, StoredBlock
+
+    (home,) = write_testnet(tmp_path, 1, chain_id="old", seed=3, ports=_free_ports(1))
+    loaded = load_home(home)
+    with SqliteBlockStore(loaded.store_path) as store:
+        genesis = loaded.genesis
+        store.append(StoredBlock(0, genesis.hash, genesis.encode()))
+        store.append(StoredBlock(1, b"\x07" * 32, b"\x98not a block of this version"))
+    command = [sys.executable, "-m", "fedchain.sims.cli", "node", "--home", str(home)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "does not replay: stored block 1 does not decode" in done.stderr
+    assert "fedchain chain verify" in done.stderr and "Traceback" not in done.stderr
