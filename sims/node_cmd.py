@@ -98,11 +98,11 @@ def run(args: argparse.Namespace) -> int:
         tune_for_throughput()
     try:
         trio.run(serve, home, args, tcp)
-    except* ConsensusError as group:  # the stored chain does not replay
+    except* ConsensusError as group:  # a stored chain that does not replay, a store failing
         raise SystemExit(
-            f"fedchain node: the chain in {home.store_path} does not replay: "
-            f"{_first_leaf(group)} (damaged, or written by another fedchain version; "
-            f"`fedchain chain verify {args.home}` says where it breaks)"
+            f"fedchain node: stopped on its chain in {home.store_path}: {_first_leaf(group)} "
+            f"(`fedchain chain verify {args.home}` checks the stored chain block by block; "
+            "a store written by another fedchain version does not decode)"
         ) from None
     return 0
 
