@@ -488,22 +488,22 @@ def _suspicions(statuses: list[dict]) -> tuple[dict[str, int], list[int | None]]
     summed) and the view each ended in, from their last status lines: a
     benchmark whose load made honest validators change views (a request
     timer too short for its queues, say) says so."""
-    total: dict[str, int] = {}
-    views = []
-    for last in statuses:
-        for reason, count in last.get("suspects", {}).items():
-            total[reason] = total.get(reason, 0) + count
-        views.append((last.get("pbft") or {}).get("view"))
-    return total, views
+    views = [(last.get("pbft") or {}).get("view") for last in statuses]
+    return _summed(statuses, "suspects"), views
 
 
 def _ciphers(statuses: list[dict]) -> dict[str, int]:
     """The validators' live connections by cipher suite, from their last
     status lines: which suite the figures were measured under."""
+    return _summed(statuses, "ciphers")
+
+
+def _summed(statuses: list[dict], field: str) -> dict[str, int]:
+    """The counts under ``field`` of each status line, added up by name."""
     total: dict[str, int] = {}
     for last in statuses:
-        for suite, count in last.get("ciphers", {}).items():
-            total[suite] = total.get(suite, 0) + count
+        for name, count in last.get(field, {}).items():
+            total[name] = total.get(name, 0) + count
     return total
 
 

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .arguments import int_at_least, names_from, seconds
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     figures = trio.run(_measure, args)
     if raw is not None:
         _add_raw(figures, raw)
+        _add_cipher_alone(figures)
     _report(figures, json_only=args.json_only)
     return 0
 
@@ -505,6 +508,54 @@ def _add_raw(figures: dict[str, Any], raw: dict[str, Any]) -> None:
         )
 
 
+# --- the cipher alone ------------------------------------------------------------------
+
+
+def _add_cipher_alone(figures: dict[str, Any]) -> None:
+    """Time each suite's sealing and opening of 1 MiB with no socket, and
+    the most any implementation of the suite could reach against this run's
+    plain transport (``ratio_bound_*``): the sender is one thread that must
+    at least seal each MiB and send it as the raw socket does, the receiver
+    one that must receive and open it, and the two share at most two cores.
+    A suite whose bound is under the target cannot meet it on this machine,
+    however its records are sealed."""
+    from fedchain.p2p.handshake import LENGTH_BYTES, AesGcmSession, SealedSession
+
+    key, frame = bytes(range(32)), bytes(MIB)
+    raw_send = figures["raw_1MiB_sender_cpu_ms_per_MiB"]
+    raw_receive = figures["raw_1MiB_receiver_cpu_ms_per_MiB"]
+    for suite, session in (("sealed", SealedSession), ("aesgcm", AesGcmSession)):
+        sender = session(key, key)
+        first = bytes(sender.seal_record(frame)[LENGTH_BYTES:])  # counter 0
+        buffer = bytearray(len(first))
+
+        def open_first(session=session, first=first, buffer=buffer) -> None:
+            buffer[:] = first  # opened in place, so restored each time (one copy)
+            session(key, key).open_body(buffer)
+
+        seal = _best_ms(lambda sender=sender: sender.seal_record(frame))
+        opening = _best_ms(open_first)
+        figures[f"{suite}_seal_alone_ms_per_MiB"] = round(seal, 3)
+        figures[f"{suite}_open_alone_ms_per_MiB"] = round(opening, 3)
+        mib_per_ms = min(
+            1 / (seal + raw_send),
+            1 / (opening + raw_receive),
+            min(2, os.cpu_count() or 1) / (seal + raw_send + opening + raw_receive),
+        )
+        bound = mib_per_ms * MIB * 1e3 / 1e6 / figures["plain_1MiB_MBps"]
+        figures[f"ratio_bound_{suite}_plain_1MiB"] = round(bound, 3)
+
+
+def _best_ms(work: Callable[[], object], repeat: int = 7, number: int = 20) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            work()
+        best = min(best, (time.perf_counter() - start) / number)
+    return best * 1e3
+
+
 def _report(figures: dict[str, Any], *, json_only: bool) -> None:
     from fedchain.sims.report import emit_json, print_table
 
@@ -543,6 +594,14 @@ def _report(figures: dict[str, Any], *, json_only: bool) -> None:
                     ),
                     ("AES-256-GCM/raw socket at 1 MiB", figures.get("ratio_aesgcm_raw_1MiB")),
                     ("XSalsa20-Poly1305/raw socket at 1 MiB", figures.get("ratio_sealed_raw_1MiB")),
+                    (
+                        "XSalsa20-Poly1305/plain at 1 MiB, the most any code could reach here",
+                        figures.get("ratio_bound_sealed_plain_1MiB"),
+                    ),
+                    (
+                        "AES-256-GCM/plain at 1 MiB, the most any code could reach here",
+                        figures.get("ratio_bound_aesgcm_plain_1MiB"),
+                    ),
                     ("handshakes/s", figures["handshakes_per_s"]),
                 )
                 if value is not None  # a size not measured

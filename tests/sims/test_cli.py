@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -172,6 +173,21 @@ def test_bench_transport_at_tiny_scale():
     for suite in ("plain", "sealed", "aesgcm"):
         ratio = figures[f"{suite}_1MiB_MBps"] / figures["raw_1MiB_MBps"]
         assert abs(figures[f"ratio_{suite}_raw_1MiB"] - ratio) < 0.002
+    # Each cipher timed alone, and the bound that cost and the raw socket's set.
+    send, receive = (
+        figures["raw_1MiB_sender_cpu_ms_per_MiB"],
+        figures["raw_1MiB_receiver_cpu_ms_per_MiB"],
+    )
+    for suite in ("sealed", "aesgcm"):
+        seal = figures[f"{suite}_seal_alone_ms_per_MiB"]
+        opening = figures[f"{suite}_open_alone_ms_per_MiB"]
+        assert seal > 0 and opening > 0
+        cores = min(2, os.cpu_count() or 1)  # a sender and a receiver thread
+        per_ms = min(
+            1 / (seal + send), 1 / (opening + receive), cores / (seal + send + opening + receive)
+        )
+        bound = per_ms * 1024 * 1024 * 1e3 / 1e6 / figures["plain_1MiB_MBps"]
+        assert abs(figures[f"ratio_bound_{suite}_plain_1MiB"] - bound) < 0.01 * bound + 0.002
 
 
 def test_bench_transport_measures_the_raw_reference_only_at_1_mib():
